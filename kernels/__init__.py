@@ -1,0 +1,34 @@
+"""Triton kernels of sparsediff (installed as ``sparsediff.kernels``).
+
+Only ``@triton.jit`` code and thin launch wrappers live here; torch glue, the custom op and the
+reference twins live in ``sparsediff/``. Importing this package never fails without Triton:
+:func:`triton_available` says whether the kernels can be used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+__all__ = ["triton_available", "interpreter_enabled", "not_supported_reasons", "block_sparse_attention_fwd"]
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """Triton's CPU interpreter is decided when kernels are defined (import time) by TRITON_INTERPRET."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def not_supported_reasons(q, block_size) -> list[str]:
+    from .block_sparse_attn import not_supported_reasons as _r
+
+    return _r(q, block_size)
+
+
+def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, *, block_q, block_kv, scale):
+    from .block_sparse_attn import block_sparse_attention_fwd as _f
+
+    return _f(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale)

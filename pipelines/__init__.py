@@ -1,0 +1,1 @@
+"""Per-model adapters for diffusers pipelines (installed as ``sparsediff.pipelines``)."""

@@ -1,0 +1,175 @@
+"""The public block-sparse attention op: input checks, backend dispatch and the ``torch.library`` op.
+
+Dispatch (``backend="auto"``): the Triton kernel for CUDA tensors, and for CPU tensors when the Triton
+interpreter is on (``TRITON_INTERPRET=1`` at import time, the way CI runs kernels); otherwise the
+pure-PyTorch twin :func:`sparsediff.reference.block_sparse_attention`. ``backend="triton"`` or
+``"reference"`` forces one (a readable error says why Triton cannot run, if it cannot).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from . import reference
+from .mask import BlockSparseMask
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["block_sparse_attention", "check_inputs", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "triton_reasons"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Largest head dim the kernel takes (it pads any head dim up to the next power of two >= 16).
+MAX_HEAD_DIM = 256
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask) -> None:
+    """Raise a readable error when q/k/v/mask do not fit together. Shapes only; no data is read."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16, float32")
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"mask must be a sparsediff.BlockSparseMask, got {type(mask).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if mask.device.type != q.device.type:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
+    B, H, Nq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or v.shape[0] != B or v.shape[1] != H:
+        raise ValueError(
+            f"batch/heads differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "(layout is [B, H, N, D]; pass x.transpose(1, 2) for diffusers' [B, N, H, D])"
+        )
+    if k.shape[3] != D:
+        raise ValueError(f"q and k head dims differ: {D} vs {k.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"k and v sequence lengths differ: {k.shape[2]} vs {v.shape[2]}")
+    if v.shape[3] != D:
+        raise ValueError(f"v head dim {v.shape[3]} != q/k head dim {D} (equal head dims are required)")
+    if D < 1 or D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is not supported; supported head dims are 1..{MAX_HEAD_DIM}")
+    Nk = k.shape[2]
+    if tuple(mask.seq_lens) != (Nq, Nk):
+        raise ValueError(
+            f"mask was built for seq_lens {tuple(mask.seq_lens)} but q/k have (Nq, Nk)=({Nq}, {Nk})"
+        )
+    if mask.heads != H:
+        raise ValueError(f"mask has {mask.heads} heads but q has {H}")
+    if mask.batch not in (1, B):
+        raise ValueError(f"mask batch {mask.batch} must be 1 (shared) or the input batch {B}")
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """Import the Triton kernels lazily; returns the module or the import error."""
+    try:
+        from . import kernels  # sparsediff.kernels, i.e. the top-level kernels/ folder
+    except Exception as e:  # pragma: no cover - depends on platform
+        return e
+    return kernels
+
+
+def triton_reasons(q: torch.Tensor, mask: BlockSparseMask | None = None) -> list[str]:
+    """Why the Triton kernel cannot run these inputs (empty list = it can)."""
+    mod = _kernels()
+    if isinstance(mod, Exception):
+        return [f"sparsediff.kernels failed to import: {mod}"]
+    if not mod.triton_available():
+        return ["triton is not installed (pip install triton; Linux only)"]
+    reasons = []
+    if q.device.type == "cpu" and not mod.interpreter_enabled():
+        reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before import)")
+    elif q.device.type not in ("cpu", "cuda"):
+        reasons.append(f"device {q.device.type} is not supported by the Triton kernel")
+    if mask is not None and not reasons:
+        reasons += mod.not_supported_reasons(q, mask.block_size)
+    return reasons
+
+
+def _run(q, k, v, kv_indices, kv_counts, block_q, block_kv, seq_q, seq_k, scale, backend):
+    mask = BlockSparseMask(kv_indices, kv_counts, (block_q, block_kv), (seq_q, seq_k), validate=False)
+    if backend == "auto":
+        backend = "triton" if not triton_reasons(q, mask) else "reference"
+    if backend == "triton":
+        reasons = triton_reasons(q, mask)
+        if reasons:
+            raise RuntimeError("the Triton kernel cannot run these inputs: " + "; ".join(reasons))
+        return _kernels().block_sparse_attention_fwd(
+            q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale
+        )
+    return reference._forward(q, k, v, mask, scale)
+
+
+@torch.library.custom_op("sparsediff::block_sparse_attn", mutates_args=())
+def _block_sparse_attn_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run(q, k, v, kv_indices, kv_counts, block_q, block_kv, q.shape[2], k.shape[2], scale, backend)
+
+
+@_block_sparse_attn_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, backend):
+    B, H, Nq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockSparseMask,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse scaled-dot-product attention.
+
+    Args:
+        q: ``[B, H, Nq, D]`` query, the ``F.scaled_dot_product_attention`` convention. Any strides: a
+            ``x.transpose(1, 2)`` view of diffusers' ``[B, N, H, D]`` tensors is read in place, no copy.
+        k: ``[B, H, Nk, D]``; v: ``[B, H, Nk, D]``. Same dtype (fp16, bf16, fp32) and device as q.
+        mask: :class:`BlockSparseMask` for ``(Nq, Nk)`` with ``H`` heads and batch 1 (shared) or B.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp (natural log) ``[B, H, Nq]`` float32.
+        backend: ``"auto"`` (Triton on CUDA / under ``TRITON_INTERPRET=1``, else the PyTorch twin),
+            ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``out`` -- same shape, dtype and memory layout as ``q`` -- or ``(out, lse)``.
+        Query rows whose mask row lists no key block get ``out = 0`` and ``lse = -inf`` (never NaN).
+        Any ``Nq``/``Nk``: ragged last blocks are masked inside the kernel.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_inputs(q, k, v, mask)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    bq, bk = mask.block_size
+    out, lse = _block_sparse_attn_op(
+        q, k, v, mask.kv_indices, mask.kv_counts, bq, bk, float(scale), backend
+    )
+    return (out, lse) if return_lse else out
+
+
+def interpreter_requested() -> bool:
+    """True when TRITON_INTERPRET=1 is set in the environment (informational)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
