@@ -1,0 +1,59 @@
+"""The ``sparsediff`` command line: ``sparsediff demo``, ``sparsediff bench``, ``sparsediff info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="sparsediff info", description="Versions and backend support.").parse_args(argv)
+    import torch
+
+    import sparsediff
+    from sparsediff import kernels
+
+    print(f"sparsediff {sparsediff.__version__}")
+    print(f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()})")
+    if kernels.triton_available():
+        import triton
+
+        print(f"triton {triton.__version__} (interpreter: {kernels.interpreter_enabled()})")
+    else:
+        print("triton not installed: the PyTorch reference path is used")
+    try:
+        from sparsediff.pipelines.base import supported_transformer_classes
+    except ImportError:
+        return 0
+    print("supported transformers: " + ", ".join(sorted(supported_transformer_classes())))
+    return 0
+
+
+_COMMANDS = {
+    "demo": ("sparsediff.demo", "generate dense vs sparse on the embedded tiny video pipeline"),
+    "bench": ("sparsediff.bench", "time the block-sparse op against dense SDPA / FlexAttention"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "sparsediff <command> [options]\n\ncommands:\n" + "\n".join(
+        f"  {name:<8} {help_}" for name, (_, help_) in _COMMANDS.items()
+    ) + "\n  info     versions and backend support"
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: " + usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
+        return _info(rest)
+    if cmd not in _COMMANDS:
+        print(f"sparsediff: unknown command {cmd!r}\nusage: {usage}", file=sys.stderr)
+        return 2
+    import importlib
+
+    mod = importlib.import_module(_COMMANDS[cmd][0])
+    return int(mod.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
