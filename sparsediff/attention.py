@@ -1,0 +1,502 @@
+"""``sparse_attention``: per-head sparse attention for one attention layer call.
+
+This is the function the diffusers integration calls. For every distinct :class:`HeadSpec` among the
+layer's heads (heads with identical specs share all work) it builds or fetches that group's token
+permutation and block mask, then gathers q/k/v into the per-head orders, runs
+:func:`sparsediff.block_sparse_attention` **once** for all heads, and scatters the output back.
+
+State lives in explicit objects, never in globals:
+
+* :class:`MaskCache` -- bounded LRU of static masks/permutations keyed by
+  ``(layout, spec, block size, device)``; one per enabled transformer.
+* :class:`LayerState` -- one per (transformer, layer, and CFG branch if the pipeline runs branches in
+  separate calls): cached LSE, cached lse_cache block indices, skip-head outputs, k-means centroids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+
+from .layout import TokenLayout
+from .mask import BlockSparseMask
+from .ops import block_sparse_attention
+from .patterns import (
+    cluster_permutations,
+    cluster_topp_block_bool,
+    lse_cache_select,
+    reordered_permutation,
+    static_mask,
+    tile_permutation,
+    topp_block_bool,
+)
+from .patterns.common import cdiv
+from .patterns.tile import default_tile
+from .permute import Permutation, gather_tokens
+from .specs import DenseSchedule, HeadSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["sparse_attention", "LayerState", "MaskCache", "DenseSchedule", "DEFAULT_BLOCK_SIZE", "plan_heads"]
+
+#: Default block size (tokens per query/key block) on every device.
+DEFAULT_BLOCK_SIZE = 64
+
+
+class MaskCache:
+    """Bounded LRU cache of static masks and permutations.
+
+    Keys always include the :class:`TokenLayout` (hence the resolution and text length), the
+    normalised :class:`HeadSpec`, the block size and the device -- a mask is never reused for another
+    resolution. One cache per enabled transformer; never a global.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        if key in self._d:
+            self._d.move_to_end(key)
+            self.hits += 1
+            return self._d[key]
+        self.misses += 1
+        val = build()
+        self._d[key] = val
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+        return val
+
+    def get(self, key: Hashable) -> Any:
+        """The cached value or None (counts a hit/miss like :meth:`get_or_build`)."""
+        if key in self._d:
+            self._d.move_to_end(key)
+            self.hits += 1
+            return self._d[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._d
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __repr__(self) -> str:
+        return f"MaskCache(entries={len(self)}/{self.max_entries}, hits={self.hits}, misses={self.misses})"
+
+
+class LayerState:
+    """Mutable per-layer state across denoising steps (explicit; see module docstring).
+
+    Attributes:
+        lse: ``[B, H, N]`` float32 LSE of the last dense / refresh pass (natural order), or None.
+        lse_valid: bool ``[H]`` -- which heads' ``lse`` entries are current enough to use.
+        indices: ``{(spec, heads): (mask, refresh_step)}`` -- lse_cache block masks and when they were built.
+            lse_cache heads' ``lse`` entries are overwritten with the op's LSE on every call.
+        skip_out: ``{head: [B, N, D] tensor}`` -- outputs cached at the last dense pass for skip heads.
+        centroids: ``{(spec, heads): (cq, ck)}`` -- k-means warm starts for cluster-reordered heads.
+        last_recall: ``{(spec, heads): [B, Hg, Qb]}`` -- recall achieved at the last refresh (diagnostics).
+        key: ``(layout, B, H, device)`` the state was filled for; a call with another key resets it.
+        last_mask: the mask of the last call, each head in its own (permuted) order -- diagnostics
+            (``last_mask.density_per_head()``); skip heads served from the cache show density 0.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.lse: torch.Tensor | None = None
+        self.lse_valid: torch.Tensor | None = None
+        self.indices: dict[Hashable, tuple[BlockSparseMask, int | None]] = {}
+        self.skip_out: dict[int, torch.Tensor] = {}
+        self.centroids: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_recall: dict[Hashable, torch.Tensor] = {}
+        self.key: tuple | None = None
+        self.last_step: int | None = None
+        self.last_mask: BlockSparseMask | None = None
+
+    def _bind(self, layout: TokenLayout, q: torch.Tensor, step: int | None) -> None:
+        key = (layout, q.shape[0], q.shape[1], q.device)
+        if self.key != key or (step is not None and self.last_step is not None and step < self.last_step):
+            # another resolution / batch, or a new pipeline call that did not reset: start over
+            self.reset()
+            self.key = key
+        self.last_step = step
+
+    def _store_lse(self, lse: torch.Tensor, heads: Sequence[int]) -> None:
+        B, H, N = lse.shape
+        if self.lse is None:
+            self.lse = torch.full((B, H, N), -math.inf, dtype=torch.float32, device=lse.device)
+            self.lse_valid = torch.zeros(H, dtype=torch.bool)
+        h = list(heads)
+        self.lse[:, h] = lse[:, h].float()
+        self.lse_valid[h] = True
+
+    def _has_lse(self, heads: Sequence[int]) -> bool:
+        return self.lse is not None and bool(self.lse_valid[list(heads)].all())
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerState(layout={self.key[0] if self.key else None}, lse={'yes' if self.lse is not None else 'no'}, "
+            f"lse_groups={len(self.indices)}, skip_heads={sorted(self.skip_out)}, step={self.last_step})"
+        )
+
+
+def plan_heads(head_specs: Sequence[HeadSpec]) -> OrderedDict[HeadSpec, tuple[int, ...]]:
+    """Group head indices by (normalised) spec, in order of first appearance."""
+    groups: OrderedDict[HeadSpec, list[int]] = OrderedDict()
+    for h, s in enumerate(head_specs):
+        if not isinstance(s, HeadSpec):
+            raise TypeError(f"head_specs[{h}] must be a HeadSpec, got {type(s).__name__}")
+        groups.setdefault(s.normalized(), []).append(h)
+    return OrderedDict((s, tuple(hs)) for s, hs in groups.items())
+
+
+def _expand_heads(m: BlockSparseMask, hg: int) -> BlockSparseMask:
+    if m.heads == hg:
+        return m
+    return BlockSparseMask(
+        m.kv_indices.expand(m.batch, hg, -1, -1),
+        m.kv_counts.expand(m.batch, hg, -1),
+        m.block_size,
+        m.seq_lens,
+        validate=False,
+    )
+
+
+def _full_mask(n: int, bs: int, heads: int, device) -> BlockSparseMask:
+    """All blocks for ``heads`` heads, built directly (no sort, no host sync)."""
+    nb = cdiv(n, bs)
+    idx = torch.arange(nb, dtype=torch.int32, device=device).expand(1, heads, nb, nb)
+    cnt = torch.full((1, heads, nb), nb, dtype=torch.int32, device=device)
+    return BlockSparseMask(idx, cnt, bs, (n, n), validate=False)
+
+
+def _empty_mask(n: int, bs: int, heads: int, device) -> BlockSparseMask:
+    nb = cdiv(n, bs)
+    idx = torch.zeros(1, heads, nb, 1, dtype=torch.int32, device=device)
+    return BlockSparseMask(
+        idx, torch.zeros(1, heads, nb, dtype=torch.int32, device=device), bs, (n, n), validate=False
+    )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    head_specs: Sequence[HeadSpec],
+    state: LayerState | None = None,
+    *,
+    step: int | None = None,
+    force_dense: bool = False,
+    scale: float | None = None,
+    block_size: int | None = None,
+    cache: MaskCache | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-head sparse self-attention of one layer call.
+
+    Args:
+        q, k, v: ``[B, H, N, D]``, any strides (diffusers' ``[B, N, H, D]`` ``.transpose(1, 2)`` views are
+            fine), ``N == layout.num_tokens``.
+        layout: the :class:`TokenLayout` of the sequence.
+        head_specs: one :class:`HeadSpec` per head (``len == H``).
+        state: the layer's :class:`LayerState`. Required by ``lse_cache`` and ``skip`` heads and by the
+            k-means warm start of ``reordered(order="cluster")``; without it ``lse_cache`` heads run
+            dense and ``skip`` heads are computed densely (logged at debug level).
+        step: denoising step index (0-based) for the lse_cache refresh schedule; ``None`` = refresh every call.
+        force_dense: exact dense attention for all heads (warm-up steps/layers), while updating the caches
+            that sparse heads need (LSE for lse_cache heads, outputs for skip heads).
+        scale: softmax scale (default ``D ** -0.5``).
+        block_size: tokens per block (default :data:`DEFAULT_BLOCK_SIZE` = 64).
+        cache: :class:`MaskCache` for static masks/permutations; ``None`` = build every call.
+        backend: passed to :func:`sparsediff.block_sparse_attention`.
+
+    Returns:
+        ``out`` with q's shape, dtype and memory layout.
+
+    Semantics per pattern: see :mod:`sparsediff.specs`. Rows/cols of non-grid tokens (text) are dense in
+    every sparse pattern. One op launch serves all heads; permuted heads are gathered into their order
+    before and scattered back after.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, N, D], got shape {tuple(q.shape)}")
+    B, H, N, D = q.shape
+    if N != layout.num_tokens:
+        raise ValueError(f"q has N={N} tokens but {layout} has {layout.num_tokens}")
+    if k.shape[2] != N:
+        raise ValueError(f"sparse_attention is self-attention: k has {k.shape[2]} tokens, q has {N}")
+    if len(head_specs) != H:
+        raise ValueError(f"got {len(head_specs)} head specs for {H} heads")
+    bs = int(block_size or DEFAULT_BLOCK_SIZE)
+    if bs < 1:
+        raise ValueError(f"block_size must be >= 1, got {bs}")
+    scale = float(D**-0.5 if scale is None else scale)
+    dev = q.device
+    groups = plan_heads(head_specs)
+    if state is not None:
+        state._bind(layout, q, step)
+
+    def cached(key, build):
+        return cache.get_or_build(key, build) if cache is not None else build()
+
+    # ------------------------------------------------------------------ warm-up / forced dense
+    if force_dense or all(s.pattern == "dense" for s in groups):
+        full = cached(
+            ("full", layout, bs, str(dev), H),
+            lambda: _full_mask(N, bs, H, dev),
+        )
+        out, lse = block_sparse_attention(q, k, v, full, scale=scale, return_lse=True, backend=backend)
+        if state is not None:
+            state.last_mask = full
+            state._store_lse(lse, range(H))
+            for spec, heads in groups.items():
+                if spec.pattern == "skip":
+                    for h in heads:
+                        state.skip_out[h] = out[:, h].detach().clone()
+        return out
+
+    dense_tokens_nat = layout.dense_mask(dev)
+    grid_first_dense = None  # dense-token flags in grid-first orders (same for every grid-first perm)
+
+    def gf_dense():
+        nonlocal grid_first_dense
+        if grid_first_dense is None:
+            ng = layout.grid_len
+            grid_first_dense = torch.arange(N, device=dev) >= ng
+        return grid_first_dense
+
+    group_masks: list[tuple[tuple[int, ...], BlockSparseMask]] = []
+    perms_q: list[tuple[tuple[int, ...], Permutation]] = []
+    perms_k: list[tuple[tuple[int, ...], Permutation]] = []
+    need_lse_for: list[tuple[int, ...]] = []  # lse_cache heads: store the LSE the op returns
+    skip_fill: list[int] = []  # skip heads whose output comes from state
+    skip_store: list[int] = []  # skip heads computed dense this call (store their output)
+
+    static_key = None
+    if cache is not None and all(_is_static(sp) for sp in groups):
+        static_key = ("assembled", layout, tuple(groups.items()), bs, str(dev))
+    prebuilt = cache.get(static_key) if static_key is not None else None
+    if prebuilt is not None:
+        mask, qi, ki = prebuilt
+    else:
+        for spec, heads in groups.items():
+            hg = len(heads)
+            p = spec.pattern
+            if p in ("dense", "radial") or (p == "tile" and layout.grid is None):
+                m = cached(
+                    ("mask", layout, spec, bs, str(dev)), lambda spec=spec: static_mask(layout, spec, bs, dev)
+                )
+                group_masks.append((heads, _expand_heads(m, hg)))
+            elif p == "tile":
+                tile = spec.get("tile") or default_tile(layout.grid, bs)
+                perm = cached(
+                    ("perm", layout, "tile", tuple(tile), str(dev)),
+                    lambda t=tile: tile_permutation(layout, t, dev),
+                )
+                m = cached(
+                    ("mask", layout, spec, bs, str(dev)), lambda spec=spec: static_mask(layout, spec, bs, dev)
+                )
+                perms_q.append((heads, perm))
+                perms_k.append((heads, perm))
+                group_masks.append((heads, _expand_heads(m, hg)))
+            elif p == "reordered":
+                order, select = spec.get("order"), spec.get("select")
+                if select not in ("static", "topp"):
+                    raise ValueError(f"{spec}: select must be 'static' or 'topp'")
+                if layout.grid is None:
+                    raise ValueError(f"{spec} needs a layout with a video/image grid, got {layout}")
+                if order == "cluster":
+                    hl = list(heads)
+                    ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(layout.grid_len, bs)))
+                    ckey = (spec, heads)
+                    init = state.centroids.get(ckey) if state is not None else None
+                    pq, pk, cents, labels = cluster_permutations(
+                        q[:, hl], k[:, hl], layout, ncl, int(spec.get("kmeans_iters")), init
+                    )
+                    if state is not None:
+                        state.centroids[ckey] = cents
+                else:
+                    pq = pk = cached(
+                        ("perm", layout, order, str(dev)),
+                        lambda o=order: reordered_permutation(layout, o, dev),
+                    )
+                perms_q.append((heads, pq))
+                perms_k.append((heads, pk))
+                if select == "topp" and order == "cluster":
+                    bb = cluster_topp_block_bool(
+                        cents,
+                        labels,
+                        layout,
+                        bs,
+                        top_p=float(spec.get("top_p")),
+                        min_frac=float(spec.get("min_frac")),
+                        scale=scale,
+                    )
+                    group_masks.append((heads, BlockSparseMask.from_dense(bb, bs, (N, N))))
+                elif select == "static":
+                    m = cached(
+                        ("mask", layout, spec, bs, str(dev)),
+                        lambda spec=spec: static_mask(layout, spec, bs, dev),
+                    )
+                    group_masks.append((heads, _expand_heads(m, hg)))
+                else:
+                    hl = list(heads)
+                    qp = gather_tokens(q[:, hl], pq.perm)
+                    kp = gather_tokens(k[:, hl], pk.perm)
+                    bb = topp_block_bool(
+                        qp,
+                        kp,
+                        gf_dense(),
+                        bs,
+                        top_p=float(spec.get("top_p")),
+                        min_frac=float(spec.get("min_frac")),
+                        scale=scale,
+                    )
+                    group_masks.append((heads, BlockSparseMask.from_dense(bb, bs, (N, N))))
+            elif p == "topp":
+                hl = list(heads)
+                bb = topp_block_bool(
+                    q[:, hl],
+                    k[:, hl],
+                    dense_tokens_nat,
+                    bs,
+                    top_p=float(spec.get("top_p")),
+                    min_frac=float(spec.get("min_frac")),
+                    scale=scale,
+                )
+                group_masks.append((heads, BlockSparseMask.from_dense(bb, bs, (N, N))))
+            elif p == "lse_cache":
+                group_masks.append(
+                    (
+                        heads,
+                        _lse_cache_group(
+                            q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend
+                        ),
+                    )
+                )
+            elif p == "skip":
+                if state is not None and all(
+                    h in state.skip_out and state.skip_out[h].shape == (B, N, v.shape[3]) for h in heads
+                ):
+                    group_masks.append((heads, _empty_mask(N, bs, hg, dev)))
+                    skip_fill.extend(heads)
+                else:
+                    logger.debug("skip heads %s have no cached output yet: computed densely", heads)
+                    full = _full_mask(N, bs, hg, dev)
+                    group_masks.append((heads, full))
+                    skip_store.extend(heads)
+            else:  # pragma: no cover - HeadSpec validates names
+                raise ValueError(f"unknown pattern {p!r}")
+
+        # -------------------------------------------------------------- assemble one mask for all heads
+        order = [h for heads, _ in group_masks for h in heads]
+        mask = BlockSparseMask.cat_heads([m for _, m in group_masks])
+        if order != list(range(H)):
+            inv = [0] * H
+            for i, h in enumerate(order):
+                inv[h] = i
+            mask = mask[:, inv]
+
+        qi = _index_tensor(perms_q, B, H, N, dev)
+        ki = _index_tensor(perms_k, B, H, N, dev)
+        if static_key is not None:
+            cache.put(static_key, (mask, qi, ki))
+
+    # ------------------------------------------------------------------ permute, run once, un-permute
+    qq = q if qi is None else gather_tokens(q, qi[0])
+    kk = k if ki is None else gather_tokens(k, ki[0])
+    vv = v if ki is None else gather_tokens(v, ki[0])
+    out_p, lse_p = block_sparse_attention(qq, kk, vv, mask, scale=scale, return_lse=True, backend=backend)
+    if qi is None and not skip_fill:
+        out = out_p
+    else:
+        out = torch.empty_like(q)
+        out.copy_(out_p if qi is None else gather_tokens(out_p, qi[1]))
+    for h in skip_fill:
+        out[:, h] = state.skip_out[h]
+    if state is not None:
+        state.last_mask = mask
+        for heads in need_lse_for:  # lse_cache heads are never permuted: lse_p is in natural order
+            state._store_lse(lse_p, heads)
+        for h in skip_store:
+            state.skip_out[h] = out[:, h].detach().clone()
+    return out
+
+
+def _is_static(spec: HeadSpec) -> bool:
+    """Mask and permutation depend on (layout, spec, block size) only: the assembled result is cacheable."""
+    return spec.is_static
+
+
+def _index_tensor(perms, B, H, N, dev):
+    """Combine per-group permutations into one ``[Bi, H, N]`` gather index and its inverse (None if no group permutes)."""
+    if not perms:
+        return None
+    bi = max((p.perm.shape[0] if p.perm.dim() == 3 else 1) for _, p in perms)
+    idx = torch.arange(N, device=dev).expand(bi, H, N).clone()
+    inv = idx.clone()
+    for heads, p in perms:
+        hl = list(heads)
+        pp = p.perm if p.perm.dim() == 3 else p.perm.expand(bi, len(hl), N)
+        pi = p.inv if p.inv.dim() == 3 else p.inv.expand(bi, len(hl), N)
+        idx[:, hl] = pp.expand(bi, -1, -1)
+        inv[:, hl] = pi.expand(bi, -1, -1)
+    return idx, inv
+
+
+def _lse_cache_group(q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend):
+    """Mask for a group of lse_cache heads; refreshes per the schedule (see module docs)."""
+    N = q.shape[2]
+    hg = len(heads)
+    dev = q.device
+    if state is None:
+        logger.debug("lse_cache heads %s without a LayerState run dense", heads)
+        return _full_mask(N, bs, hg, dev)
+    need_lse_for.append(heads)  # the op's LSE refreshes the cache on every call
+    key = (spec, heads)
+    refresh = int(spec.get("refresh"))
+    cachedm = state.indices.get(key)
+    due = (
+        cachedm is None or step is None or cachedm[1] is None or refresh <= 1 or step - cachedm[1] >= refresh
+    )
+    if not due:
+        return cachedm[0]
+    if not state._has_lse(heads):  # no LSE yet: this call is dense and seeds the cache
+        state.indices.pop(key, None)
+        return _full_mask(N, bs, hg, dev)
+    hl = list(heads)
+    mask, achieved = lse_cache_select(
+        q[:, hl],
+        k[:, hl],
+        state.lse[:, hl],
+        layout.dense_mask(dev),
+        bs,
+        recall=float(spec.get("recall")),
+        min_frac=float(spec.get("min_frac")),
+        scale=scale,
+        backend=backend,
+    )
+    state.indices[key] = (mask, step)
+    state.last_recall[key] = achieved
+    return mask

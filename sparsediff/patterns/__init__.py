@@ -1,0 +1,60 @@
+"""Pattern builders. Each static builder is a pure function ``(layout, block_size, **params) -> BlockSparseMask``
+(batch 1, head 1); dynamic ones take q/k. :func:`static_mask` dispatches a :class:`~sparsediff.HeadSpec`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import TokenLayout
+from ..mask import BlockSparseMask
+from ..specs import HeadSpec
+from .common import cdiv, mask_from_bool
+from .lse_cache import lse_cache_select
+from .radial import radial_mask
+from .reordered import band_mask, cluster_permutations, cluster_topp_block_bool, reordered_permutation
+from .tile import default_tile, tile_mask, tile_permutation
+from .topp import topp_block_bool, topp_mask
+
+__all__ = [
+    "radial_mask",
+    "tile_mask",
+    "tile_permutation",
+    "default_tile",
+    "band_mask",
+    "reordered_permutation",
+    "cluster_permutations",
+    "cluster_topp_block_bool",
+    "topp_mask",
+    "topp_block_bool",
+    "lse_cache_select",
+    "static_mask",
+    "dense_mask",
+]
+
+
+def dense_mask(layout: TokenLayout, block_size: int = 64, device=None) -> BlockSparseMask:
+    n = layout.num_tokens
+    nb = cdiv(n, block_size)
+    return mask_from_bool(torch.ones(nb, nb, dtype=torch.bool, device=device), block_size, n)
+
+
+def static_mask(layout: TokenLayout, spec: HeadSpec, block_size: int = 64, device=None) -> BlockSparseMask:
+    """The ``[1, 1, Qb, Kb]`` mask of a static spec, in the order of its permutation (if any)."""
+    p = spec.pattern
+    if p == "dense":
+        return dense_mask(layout, block_size, device)
+    if p == "radial":
+        return radial_mask(
+            layout,
+            block_size,
+            decay=float(spec.get("decay")),
+            sink=bool(spec.get("sink")),
+            dense_dist=int(spec.get("dense_dist")),
+            device=device,
+        )
+    if p == "tile":
+        return tile_mask(layout, block_size, window=spec.get("window"), tile=spec.get("tile"), device=device)
+    if p == "reordered" and spec.get("select") == "static":
+        return band_mask(layout, block_size, band=int(spec.get("band")), device=device)
+    raise ValueError(f"{spec} has no static mask")

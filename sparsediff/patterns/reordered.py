@@ -1,0 +1,113 @@
+"""Token-reordered block-sparse attention: a per-head permutation, then block selection.
+
+Orders (``order=``): ``"frame"`` (position-major: a spatial position's frames adjacent -- temporal
+heads), the six axis orders ``"fhw" ... "whf"`` (PARO), ``"hilbert"`` (3D Hilbert curve), all static;
+and ``"cluster"`` (data dependent: k-means on the grid keys and, separately, on the grid queries, tokens
+sorted by cluster -- SVG2-style; centroids warm-started from the previous call when a state is given).
+Every order is grid-first (:func:`sparsediff.permute.lift` with ``grid_first=True``): grid tokens at
+positions ``[0, F*H*W)``, text after them.
+
+Selection (``select=``):
+* ``"static"``: token-level band ``|i - j| <= band`` on reordered *positions* of grid tokens
+  (non-grid tokens dense), reduced to blocks with the "any pair" rule. Independent of the data, so it is
+  cached even for ``order="cluster"`` (only the permutation changes per call).
+* ``"topp"``: dynamic. For the static orders: mean-pooled block scores on the reordered q/k
+  (:func:`sparsediff.patterns.topp.topp_block_bool`). For ``order="cluster"`` the selection is made
+  on *clusters* (SVG2): ``p = softmax_j(scale * c_q[i] · c_k[j] + log |key cluster j|)`` per query
+  cluster ``i``, key clusters kept up to cumulative ``top_p`` (at least ``ceil(min_frac * Kc)``), then a
+  block pair is kept when any (query cluster in the query block, key cluster in the key block) pair is
+  kept -- block pooling would mix clusters that share a block and lose mass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import TokenLayout
+from ..mask import BlockSparseMask
+from ..permute import Permutation, cluster_order, layout_order, lift
+from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
+
+__all__ = ["reordered_permutation", "band_mask", "cluster_permutations", "cluster_topp_block_bool"]
+
+
+def reordered_permutation(layout: TokenLayout, order: str, device=None) -> Permutation:
+    """Static grid-first permutation for ``order`` in ``"frame"``, axis orders, ``"hilbert"``."""
+    if order == "cluster":
+        raise ValueError("order='cluster' is data dependent: use cluster_permutations(q, k, ...)")
+    return layout_order(layout, order, device, grid_first=True)
+
+
+def band_mask(layout: TokenLayout, block_size: int = 64, *, band: int = 64, device=None) -> BlockSparseMask:
+    """``[1, 1, Qb, Kb]`` band ``|i - j| <= band`` on grid-first reordered positions (non-grid dense)."""
+    n = layout.num_tokens
+    nb = cdiv(n, block_size)
+    ng = layout.grid_len
+    pos = torch.arange(n, device=device)
+    groups = torch.where(pos < ng, torch.zeros_like(pos), torch.full_like(pos, -1))
+    seg = segments(groups, block_size)
+    lo, hi = seg.lo, seg.hi
+    keep = (lo.unsqueeze(0) <= hi.unsqueeze(1) + band) & (hi.unsqueeze(0) >= lo.unsqueeze(1) - band)
+    return mask_from_bool(reduce_segment_pairs(seg, seg, keep, nb, nb), block_size, n)
+
+
+def cluster_permutations(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: TokenLayout,
+    num_clusters: int,
+    iters: int = 4,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Permutation, Permutation, tuple[torch.Tensor, torch.Tensor]]:
+    """k-means orders for queries and keys ``[B, H, N, D]`` (grid tokens only, grid-first).
+
+    Returns ``(perm_q, perm_k, (centroids_q, centroids_k), (labels_q, labels_k))``; permutations are
+    ``[B, H, N]``; labels ``[B, H, F*H*W]`` give the cluster at each reordered grid position.
+    """
+    off, ng = layout.grid_offset, layout.grid_len
+    gq = q[:, :, off : off + ng]
+    gk = k[:, :, off : off + ng]
+    oq, cq, lq = cluster_order(gq, num_clusters, iters, None if init is None else init[0])
+    ok, ck, lk = cluster_order(gk, num_clusters, iters, None if init is None else init[1])
+    return lift(layout, oq, grid_first=True), lift(layout, ok, grid_first=True), (cq, ck), (lq, lk)
+
+
+def _cluster_hist(labels: torch.Tensor, num_clusters: int, n: int, block: int) -> torch.Tensor:
+    """``[B, H, Nb, K]`` float: does reordered block ``b`` hold a token of cluster ``c`` (grid-first)."""
+    B, H, ng = labels.shape
+    nb = cdiv(n, block)
+    blk = torch.arange(ng, device=labels.device) // block
+    hist = torch.zeros(B, H, nb * num_clusters, device=labels.device)
+    hist.scatter_add_(-1, blk * num_clusters + labels, torch.ones_like(labels, dtype=torch.float32))
+    return (hist.view(B, H, nb, num_clusters) > 0).float()
+
+
+def cluster_topp_block_bool(
+    centroids: tuple[torch.Tensor, torch.Tensor],
+    labels: tuple[torch.Tensor, torch.Tensor],
+    layout: TokenLayout,
+    block_size: int,
+    *,
+    top_p: float = 0.9,
+    min_frac: float = 0.05,
+    scale: float,
+) -> torch.Tensor:
+    """Cluster-level top-p selection reduced to ``[B, H, Nb, Nb]`` block bools (see module docstring)."""
+    from .common import apply_dense_tokens, dense_token_blocks, min_count, select_cumulative
+
+    cq, ck = centroids
+    lq, lk = labels
+    n, ng = layout.num_tokens, layout.grid_len
+    kq, kk = cq.shape[-2], ck.shape[-2]
+    size_k = torch.zeros(*lk.shape[:2], kk, device=lk.device)
+    size_k.scatter_add_(-1, lk, torch.ones_like(lk, dtype=torch.float32))
+    logits = (cq.float() @ ck.float().transpose(-1, -2)) * scale + torch.log(
+        size_k.clamp_min(1e-30)
+    ).unsqueeze(-2)
+    p = torch.softmax(logits, -1)
+    keepc = select_cumulative(p, top_p, min_count(min_frac, kk)).float()  # [B, H, Kq, Kk]
+    hq = _cluster_hist(lq, kq, n, block_size)
+    hk = _cluster_hist(lk, kk, n, block_size)
+    bb = (hq @ keepc @ hk.transpose(-1, -2)) > 0
+    dense_tok = torch.arange(n, device=bb.device) >= ng
+    return apply_dense_tokens(bb, dense_token_blocks(dense_tok, block_size))

@@ -1,0 +1,94 @@
+"""Sliding tile attention (3D windows counted in tiles) on the tiled token order.
+
+Order: :func:`tile_permutation` -- grid tokens re-tiled into ``(tf, th, tw)`` tiles (frame-major tile
+order, ragged edge tiles smaller, no padding), grid first, then all non-grid tokens (text) in their
+original order, so the first tile starts at position 0.
+
+Token-level definition: the query token in tile ``(a, b, c)`` attends the key token in tile
+``(a', b', c')`` iff on every axis ``x`` with ``n_x`` tiles and window ``w_x`` (in tiles, clipped to
+``n_x``) the key tile lies in ``[s_x, s_x + w_x)`` with ``s_x = clamp(a_x - w_x // 2, 0, n_x - w_x)`` --
+the window centre is clamped so the window stays inside the grid and always holds ``w_x`` tiles. Every
+tile pair is thus all-or-nothing. With ``tf*th*tw == block_size`` and no ragged tiles, tiles are exactly
+blocks; otherwise a block can span parts of two tiles and is kept when any of its tile pairs is
+(the "any pair" rule), which is a superset -- never a loss of accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import TokenLayout
+from ..mask import BlockSparseMask
+from ..permute import Permutation, lift, tile_ids, tile_order
+from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
+
+__all__ = ["default_tile", "tile_permutation", "tile_mask", "tile_window_rule"]
+
+
+def default_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
+    """Tile shape with ``tf*th*tw == block_size`` when the grid allows it.
+
+    Factors of two are handed to the currently smallest side (ties: h, w, f) while it stays within the
+    grid: 64 -> (4, 4, 4), 128 -> (4, 8, 4), images (F = 1) 64 -> (1, 8, 8). A block size that is not a
+    power of two, or a grid too small, gives a smaller tile (then blocks span tiles; still correct).
+    """
+    t = [1, 1, 1]
+    rem = block_size
+    # hand out factors of two round-robin: h, w, f
+    prio = (1, 2, 0)
+    progress = True
+    while rem % 2 == 0 and rem > 1 and progress:
+        progress = False
+        for ax in sorted(prio, key=lambda a: (t[a], prio.index(a))):
+            if t[ax] * 2 <= grid[ax]:
+                t[ax] *= 2
+                rem //= 2
+                progress = True
+                break
+    return (t[0], t[1], t[2])
+
+
+def tile_permutation(layout: TokenLayout, tile: tuple[int, int, int], device=None) -> Permutation:
+    """Grid-first tiled order (see module docstring)."""
+    if layout.grid is None:
+        return Permutation.identity(layout.num_tokens, device)
+    return lift(layout, tile_order(layout.grid, tile, device), grid_first=True)
+
+
+def tile_window_rule(
+    qt: torch.Tensor, kt: torch.Tensor, ntiles: tuple[int, int, int], window: tuple[int, int, int]
+) -> torch.Tensor:
+    """``qt [..., 3]``, ``kt [..., 3]`` tile coordinates (broadcast): bool, key tile inside the query's window."""
+    ok = torch.ones(torch.broadcast_shapes(qt.shape[:-1], kt.shape[:-1]), dtype=torch.bool, device=qt.device)
+    for ax in range(3):
+        n, w = ntiles[ax], max(1, min(int(window[ax]), ntiles[ax]))
+        s = (qt[..., ax] - w // 2).clamp(0, n - w)
+        ok = ok & (kt[..., ax] >= s) & (kt[..., ax] < s + w)
+    return ok
+
+
+def tile_mask(
+    layout: TokenLayout,
+    block_size: int = 64,
+    *,
+    window: tuple[int, int, int] = (3, 3, 3),
+    tile: tuple[int, int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> BlockSparseMask:
+    """Sliding-tile mask ``[1, 1, Qb, Kb]`` on the order of :func:`tile_permutation` (same ``tile``)."""
+    n = layout.num_tokens
+    nb = cdiv(n, block_size)
+    if layout.grid is None:
+        return mask_from_bool(torch.ones(nb, nb, dtype=torch.bool, device=device), block_size, n)
+    grid = layout.grid
+    tile = tuple(tile) if tile is not None else default_tile(grid, block_size)
+    ntiles = tuple(cdiv(grid[a], tile[a]) for a in range(3))
+    ng = layout.grid_len
+    tid_sorted = torch.sort(tile_ids(grid, tile, device)).values  # tile id at each grid position
+    groups = torch.full((n,), -1, dtype=torch.int64, device=device)
+    groups[:ng] = tid_sorted
+    seg = segments(groups, block_size)
+    g = seg.grp.clamp_min(0)
+    coords = torch.stack([g // (ntiles[1] * ntiles[2]), (g // ntiles[2]) % ntiles[1], g % ntiles[2]], -1)
+    keep = tile_window_rule(coords.unsqueeze(1), coords.unsqueeze(0), ntiles, window)
+    return mask_from_bool(reduce_segment_pairs(seg, seg, keep, nb, nb), block_size, n)

@@ -1,0 +1,198 @@
+"""Head specs (what one attention head computes) and the dense warm-up schedule.
+
+A :class:`HeadSpec` is a pattern name plus its parameters, frozen and hashable: it is the identity of
+the head's pattern and part of every mask-cache key. Parameters are stored sorted by name, with lists
+turned into tuples, so equal specs compare and hash equal however they were written.
+
+Patterns and their parameters (defaults in :data:`PATTERN_PARAMS`; unknown names are rejected):
+
+``dense``      exact attention.
+``skip``       the head's output is replaced by the output cached at the last dense pass of this
+               layer (``force_dense`` step); before any cache exists the head is computed densely.
+``radial``     static energy-decay mask. ``decay`` (spatial window factor), ``sink`` (key frame 0 always
+               kept), ``dense_dist`` (frame distance computed in full; 1 = neighbouring frames).
+``tile``       static 3D sliding-tile window. ``window=(wt, wh, ww)`` in tiles, ``tile=(tf, th, tw)`` in
+               tokens (``None`` = chosen from the block size).
+``reordered``  per-head permutation + block selection. ``order``: ``"frame"`` (position-major, temporal
+               heads), one of the six axis orders ``"fhw" "fwh" "hfw" "hwf" "wfh" "whf"``, ``"hilbert"``
+               or ``"cluster"``; ``select``: ``"static"`` (token band ``|i - j| <= band`` on the
+               reordered order) or ``"topp"`` (dynamic, ``top_p`` / ``min_frac``); ``clusters`` (k-means
+               clusters for ``order="cluster"``, 0 = one per block, at most 512), ``kmeans_iters``.
+``topp``       dynamic mean-pooled block scores on the natural order, softmax, keep key blocks up to a
+               cumulative ``top_p`` with at least ``min_frac`` of the key blocks.
+``lse_cache``  cached-LSE block selection. ``recall`` target, ``refresh`` (recompute the kept blocks
+               every ``refresh`` steps), ``min_frac``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["HeadSpec", "PATTERNS", "PATTERN_PARAMS", "AXIS_ORDERS", "DenseSchedule"]
+
+AXIS_ORDERS = ("fhw", "fwh", "hfw", "hwf", "wfh", "whf")
+
+#: Default parameters of every pattern. ``HeadSpec.make`` rejects names not listed here.
+PATTERN_PARAMS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "skip": {},
+    "radial": {"decay": 1.0, "sink": False, "dense_dist": 1},
+    "tile": {"window": (3, 3, 3), "tile": None},
+    "reordered": {
+        "order": "frame",
+        "select": "static",
+        "band": 64,
+        "top_p": 0.9,
+        "min_frac": 0.05,
+        "clusters": 0,
+        "kmeans_iters": 4,
+    },
+    "topp": {"top_p": 0.9, "min_frac": 0.05},
+    "lse_cache": {"recall": 0.95, "refresh": 5, "min_frac": 0.0},
+}
+PATTERNS = tuple(PATTERN_PARAMS)
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, Mapping):
+        raise TypeError("HeadSpec parameter values must be scalars, strings or (nested) tuples, not dicts")
+    return v
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head's pattern: ``HeadSpec(pattern, params)`` with ``params`` a sorted tuple of (name, value).
+
+    Build with :meth:`make` (``HeadSpec.make("radial", decay=0.2)``); parameters not given take the
+    defaults of :data:`PATTERN_PARAMS` when read with :meth:`get`, so ``make("radial")`` and
+    ``make("radial", decay=1.0)`` describe the same head but are distinct keys (use :meth:`normalized`
+    to fill defaults in explicitly).
+    """
+
+    pattern: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERN_PARAMS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; known patterns: {PATTERNS}")
+        items = []
+        for item in self.params:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"HeadSpec.params must be (name, value) pairs, got {item!r}")
+            items.append((item[0], _freeze(item[1])))
+        items.sort(key=lambda kv: kv[0])
+        names = [k for k, _ in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate parameter names in {names}")
+        allowed = PATTERN_PARAMS[self.pattern]
+        unknown = [k for k in names if k not in allowed]
+        if unknown:
+            raise ValueError(
+                f"pattern {self.pattern!r} has no parameter(s) {unknown}; its parameters are {sorted(allowed)}"
+            )
+        items_t = tuple(items)
+        try:
+            hash(items_t)
+        except TypeError as e:
+            raise TypeError(f"HeadSpec parameters must be hashable: {e}") from e
+        object.__setattr__(self, "params", items_t)
+
+    @classmethod
+    def make(cls, pattern: str, **params: Any) -> HeadSpec:
+        return cls(pattern, tuple(params.items()))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The parameter ``name``: its given value, else the pattern default, else ``default``."""
+        for k, v in self.params:
+            if k == name:
+                return v
+        return PATTERN_PARAMS[self.pattern].get(name, default)
+
+    def normalized(self) -> HeadSpec:
+        """The same spec with every default written out (canonical cache key)."""
+        full = dict(PATTERN_PARAMS[self.pattern])
+        full.update(dict(self.params))
+        return HeadSpec(self.pattern, tuple(full.items()))
+
+    @property
+    def is_static(self) -> bool:
+        """True when the mask depends on the layout and params only (cacheable)."""
+        if self.pattern in ("radial", "tile", "dense"):
+            return True
+        return (
+            self.pattern == "reordered" and self.get("select") == "static" and self.get("order") != "cluster"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict ``{"pattern": ..., "params": {...}}`` (tuples become lists)."""
+        return {
+            "pattern": self.pattern,
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HeadSpec:
+        if "pattern" not in d:
+            raise ValueError(f"a head spec dict needs a 'pattern' key, got keys {sorted(d)}")
+        extra = set(d) - {"pattern", "params"}
+        if extra:
+            raise ValueError(f"unexpected keys in head spec dict: {sorted(extra)}")
+        return cls(d["pattern"], tuple(dict(d.get("params", {})).items()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def __repr__(self) -> str:
+        p = ", ".join(f"{k}={v!r}" for k, v in self.params)
+        return f"HeadSpec({self.pattern}{', ' + p if p else ''})"
+
+
+@dataclass(frozen=True)
+class DenseSchedule:
+    """Dense warm-up: which (step, layer) run exact dense attention regardless of the plan.
+
+    Attributes:
+        dense_steps: the first ``dense_steps`` denoising steps are dense. An ``int`` counts steps; a
+            ``float`` in ``[0, 1]`` is a fraction of ``num_steps`` (rounded up: 0.25 of 50 -> 13).
+        dense_layers: layer indices that are always dense (e.g. ``(0,)``: the first layer).
+
+    ``is_dense(step, num_steps, layer)`` with ``step`` 0-based. ``step=None`` (unknown) is never dense
+    by the step rule. Published systems keep 10-25 % of steps dense (see ALGORITHMS.md).
+    """
+
+    dense_steps: int | float = 0
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        ds = self.dense_steps
+        if isinstance(ds, bool) or not isinstance(ds, (int, float)):
+            raise TypeError(f"dense_steps must be an int or a float fraction, got {ds!r}")
+        if isinstance(ds, float) and not 0.0 <= ds <= 1.0:
+            raise ValueError(f"a float dense_steps is a fraction in [0, 1], got {ds}")
+        if isinstance(ds, int) and ds < 0:
+            raise ValueError(f"dense_steps must be >= 0, got {ds}")
+        object.__setattr__(self, "dense_layers", tuple(int(x) for x in self.dense_layers))
+
+    def num_dense_steps(self, num_steps: int) -> int:
+        ds = self.dense_steps
+        if isinstance(ds, float):
+            import math
+
+            return min(num_steps, math.ceil(ds * num_steps - 1e-9))
+        return min(ds, num_steps)
+
+    def is_dense(self, step: int | None, num_steps: int | None, layer: int | None = None) -> bool:
+        if layer is not None and layer in self.dense_layers:
+            return True
+        if step is None:
+            return False
+        if isinstance(self.dense_steps, float):
+            if num_steps is None:
+                raise ValueError("a fractional dense_steps needs num_steps")
+            return step < self.num_dense_steps(num_steps)
+        return step < self.dense_steps
