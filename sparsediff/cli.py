@@ -7,7 +7,9 @@ import sys
 
 
 def _info(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="sparsediff info", description="Versions and backend support.").parse_args(argv)
+    argparse.ArgumentParser(prog="sparsediff info", description="Versions and backend support.").parse_args(
+        argv
+    )
     import torch
 
     import sparsediff
@@ -37,9 +39,11 @@ _COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "sparsediff <command> [options]\n\ncommands:\n" + "\n".join(
-        f"  {name:<8} {help_}" for name, (_, help_) in _COMMANDS.items()
-    ) + "\n  info     versions and backend support"
+    usage = (
+        "sparsediff <command> [options]\n\ncommands:\n"
+        + "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in _COMMANDS.items())
+        + "\n  info     versions and backend support"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: " + usage)
         return 0 if argv else 2

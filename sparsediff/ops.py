@@ -164,9 +164,7 @@ def block_sparse_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     bq, bk = mask.block_size
-    out, lse = _block_sparse_attn_op(
-        q, k, v, mask.kv_indices, mask.kv_counts, bq, bk, float(scale), backend
-    )
+    out, lse = _block_sparse_attn_op(q, k, v, mask.kv_indices, mask.kv_counts, bq, bk, float(scale), backend)
     return (out, lse) if return_lse else out
 
 

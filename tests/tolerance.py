@@ -29,11 +29,15 @@ def assert_close_to_oracle(
     computation (omit it for fp32 inputs or when only the floor applies). Infinite entries (lse of
     empty rows) must match exactly. NaN anywhere fails.
     """
-    assert actual.shape == oracle.shape, f"{what}: shape {tuple(actual.shape)} != oracle {tuple(oracle.shape)}"
+    assert actual.shape == oracle.shape, (
+        f"{what}: shape {tuple(actual.shape)} != oracle {tuple(oracle.shape)}"
+    )
     a, o = actual.float(), oracle.float()
     assert not torch.isnan(a).any(), f"{what}: NaN in result"
     inf_a, inf_o = torch.isinf(a), torch.isinf(o)
-    assert torch.equal(inf_a, inf_o), f"{what}: infinite entries differ ({int((inf_a ^ inf_o).sum())} mismatches)"
+    assert torch.equal(inf_a, inf_o), (
+        f"{what}: infinite entries differ ({int((inf_a ^ inf_o).sum())} mismatches)"
+    )
     if inf_a.any():
         assert torch.equal(a[inf_a], o[inf_o]), f"{what}: signs of infinite entries differ"
     fin = ~inf_o

@@ -1,0 +1,847 @@
+"""The diffusers integration: attention backend, processor subclasses, root hook and step tracker.
+
+How one self-attention call reaches sparsediff (diffusers 0.42)::
+
+    transformer.forward  ── root hook (HookRegistry, "sparsediff_root", stateful) ──────────────────┐
+      reads the token layout / timestep of this call (adapter), the step index (scheduler tracker)   │
+      block L ─ attention module ─ processor = Sparse<ModelProcessor> (subclass of the model's own)  │
+          __call__: publishes its LayerContext, then runs the model's own __call__ unchanged          │
+          (projections, norms, RoPE) ... dispatch_attention_fn(q, k, v, backend=self._attention_backend)
+          ─ ``_attention_backend`` is a property answering "sparsediff" ─► _sparsediff_backend(q, k, v, ...)
+              ─ LayerContext.attention: dense fallback (the backend the model would have used), or
+                sparsediff.attention.sparse_attention(q, k, v, layout, head_specs, state, ...)   ◄──┘
+
+* **Dense fallback is the model's own call.** Dense heads-only layers, warm-up steps, calls the sparse
+  path cannot serve (attention mask, cross-attention through the same processor, layout mismatch)
+  call the backend the processor would have used -- its own ``_attention_backend`` (a later
+  ``set_attention_backend`` lands there, through the property's setter) or the global active backend
+  (never sparsediff itself: that would recurse) -- with the same arguments, so they are bit-identical.
+* **Compile.** Nothing per layer is a Python constant the compiler specialises on: the layer is
+  identified by a small int64 tensor, and under ``torch.compile`` the whole layer attention is one opaque
+  ``torch.library`` op (``sparsediff_hooks::layer_attention``), so ``compile_repeated_blocks`` traces
+  one graph for all blocks. Mask building etc. runs eagerly inside the op.
+* **Steps.** ``scheduler.set_timesteps`` / ``scheduler.step`` of the pipeline's scheduler instance are
+  wrapped (signatures preserved, restored on disable): the step index is the number of ``step`` calls
+  since ``set_timesteps``; CFG as two transformer calls per step does not advance it. A transformer
+  enabled without a pipeline counts a new step whenever the timestep value of the call changes
+  (``num_steps`` from :class:`~sparsediff.config.SparseAttentionConfig`, needed for fractional warm-up).
+* **Context parallel (Ulysses).** With a parallel config the backend runs diffusers' templated
+  Ulysses attention with a sparsediff forward op: after the all-to-all each rank holds the full
+  sequence for heads ``rank*H_local ...``; the plan is sliced by that global head index.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models import attention_dispatch as _ad
+
+from .config import SparseAttentionConfig
+from .layout import TokenLayout
+from .plan import Plan
+from .specs import HeadSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKEND_NAME",
+    "ROOT_HOOK_NAME",
+    "ensure_backend_registered",
+    "TransformerState",
+    "LayerContext",
+    "StepTracker",
+    "apply_sparse_attention",
+    "remove_sparse_attention",
+    "get_state",
+]
+
+BACKEND_NAME = "sparsediff"
+ROOT_HOOK_NAME = "sparsediff_root"
+_STATE_ATTR = "_sparsediff_state"
+#: patterns whose state must be updated during dense (warm-up) passes: run them through sparse_attention
+_STATEFUL_PATTERNS = frozenset({"skip", "lse_cache"})
+
+# The layer whose processor is running (set for the duration of the processor's __call__).
+_CURRENT: list[LayerContext | None] = [None]
+_LAYERS: dict[int, weakref.ReferenceType[LayerContext]] = {}
+_NEXT_ID = [0]
+_LOCK = threading.Lock()
+_BACKEND_MEMBER: Any = None
+
+
+# ---------------------------------------------------------------------- backend registration
+def _add_enum_member(enum_cls: type, name: str, value: str) -> Any:
+    """Add ``name = value`` to a ``str`` Enum (diffusers' AttentionBackendName) in place."""
+    if value in enum_cls._value2member_map_:
+        return enum_cls._value2member_map_[value]
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(enum_cls._member_names_)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    type.__setattr__(enum_cls, name, member)
+    return member
+
+
+def ensure_backend_registered() -> Any:
+    """Register the ``"sparsediff"`` attention backend with diffusers (idempotent); returns its enum member."""
+    global _BACKEND_MEMBER
+    with _LOCK:
+        if _BACKEND_MEMBER is None:
+            member = _add_enum_member(_ad.AttentionBackendName, "SPARSEDIFF", BACKEND_NAME)
+            _ad._AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=True)(
+                _sparsediff_backend
+            )
+            _BACKEND_MEMBER = member
+    return _BACKEND_MEMBER
+
+
+def _fallback_backend(name: Any) -> tuple[Any, Any]:
+    """(enum member, function) of the dense backend ``name`` (None: the global active one; never us)."""
+    reg = _ad._AttentionBackendRegistry
+    if name is None:
+        name = reg._active_backend
+    member = name if isinstance(name, _ad.AttentionBackendName) else _ad.AttentionBackendName(name)
+    if member.value == BACKEND_NAME:
+        member = _ad.AttentionBackendName.NATIVE
+    return member, reg._backends[member]
+
+
+def _call_backend(name: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Call a registered dense backend exactly like ``dispatch_attention_fn`` would."""
+    member, fn = _fallback_backend(name)
+    allowed = _ad._AttentionBackendRegistry._supported_arg_names[member]
+    return fn(**{k: v for k, v in kwargs.items() if k in allowed})
+
+
+def _sparsediff_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    _parallel_config: Any = None,
+) -> torch.Tensor:
+    """The function diffusers dispatches to. q/k/v ``[B, N, H, D]``; returns ``[B, N, H, D]``."""
+    ctx = _CURRENT[0]
+    kwargs = {
+        "query": query,
+        "key": key,
+        "value": value,
+        "attn_mask": attn_mask,
+        "dropout_p": dropout_p,
+        "is_causal": is_causal,
+        "scale": scale,
+        "enable_gqa": enable_gqa,
+        "_parallel_config": _parallel_config,
+    }
+    if ctx is None:  # not one of our processors (e.g. the global backend was set to "sparsediff")
+        return _call_backend(None, kwargs)
+    if torch.compiler.is_compiling() and _parallel_config is None:
+        return torch.ops.sparsediff_hooks.layer_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, ctx.key
+        )
+    return ctx.attention(kwargs)
+
+
+@torch.library.custom_op("sparsediff_hooks::layer_attention", mutates_args=())
+def _layer_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    layer_key: torch.Tensor,
+) -> torch.Tensor:
+    ref = _LAYERS.get(int(layer_key.reshape(-1)[0]))
+    ctx = ref() if ref is not None else None
+    kwargs = {
+        "query": query,
+        "key": key,
+        "value": value,
+        "attn_mask": attn_mask,
+        "dropout_p": dropout_p,
+        "is_causal": is_causal,
+        "scale": scale,
+        "enable_gqa": enable_gqa,
+        "_parallel_config": None,
+    }
+    out = _call_backend(None, kwargs) if ctx is None else ctx.attention(kwargs)
+    res = torch.empty_like(query)  # the fake's strides; never alias an input
+    res.copy_(out)
+    return res
+
+
+@_layer_attention_op.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layer_key):
+    return torch.empty_like(query)
+
+
+# ---------------------------------------------------------------------- step tracking
+class StepTracker:
+    """Counts denoising steps of one scheduler instance by wrapping its ``set_timesteps`` and ``step``.
+
+    ``step`` = number of ``scheduler.step`` calls since the last ``set_timesteps`` (0-based index of the
+    step being computed); ``num_steps`` = ``len(scheduler.timesteps)`` after ``set_timesteps``. The
+    wrappers are instance attributes with ``functools.wraps`` (pipelines inspect these signatures).
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.step = 0
+        self.num_steps: int | None = None
+        self.listeners: list[TransformerState] = []
+        self._had = {n: n in vars(scheduler) for n in ("set_timesteps", "step")}
+        self._saved = {n: vars(scheduler).get(n) for n in ("set_timesteps", "step")}
+        orig_set, orig_step = scheduler.set_timesteps, scheduler.step
+
+        @functools.wraps(orig_set)
+        def set_timesteps(*args, **kwargs):
+            out = orig_set(*args, **kwargs)
+            self.step = 0
+            ts = getattr(scheduler, "timesteps", None)
+            self.num_steps = len(ts) if ts is not None else None
+            for state in list(self.listeners):
+                state.on_new_generation()
+            return out
+
+        @functools.wraps(orig_step)
+        def step(*args, **kwargs):
+            out = orig_step(*args, **kwargs)
+            self.step += 1
+            return out
+
+        scheduler.set_timesteps = set_timesteps
+        scheduler.step = step
+        scheduler._sparsediff_tracker = self
+
+    @classmethod
+    def attach(cls, scheduler: Any, state: TransformerState) -> StepTracker:
+        tracker = getattr(scheduler, "_sparsediff_tracker", None)
+        if tracker is None:
+            tracker = cls(scheduler)
+        tracker.listeners.append(state)
+        return tracker
+
+    def detach(self, state: TransformerState) -> None:
+        self.listeners = [s for s in self.listeners if s is not state]
+        if self.listeners:
+            return
+        sch = self.scheduler
+        for n in ("set_timesteps", "step"):
+            if self._had[n]:
+                setattr(sch, n, self._saved[n])
+            else:
+                vars(sch).pop(n, None)
+        vars(sch).pop("_sparsediff_tracker", None)
+
+
+# ---------------------------------------------------------------------- per-layer context
+class LayerContext:
+    """One self-attention layer while sparse attention is enabled (owned by its processor)."""
+
+    def __init__(self, root: TransformerState, index: int, name: str, num_heads: int) -> None:
+        self.root = root
+        self.index = index
+        self.name = name
+        self.num_heads = num_heads
+        with _LOCK:
+            self.id = _NEXT_ID[0]
+            _NEXT_ID[0] += 1
+            _LAYERS[self.id] = weakref.ref(self)
+        #: identifies the layer inside compiled graphs without specialising on it
+        self.key = torch.tensor([self.id], dtype=torch.int64)
+        self.fallback: Any = None  # the processor's own backend (None: the global active backend)
+        self.states: dict[int, Any] = {}  # LayerState per CFG branch (call index within a step)
+        self._specs: dict[tuple[int, int], tuple[HeadSpec, ...]] = {}
+
+    def close(self) -> None:
+        with _LOCK:
+            _LAYERS.pop(self.id, None)
+
+    def specs(self, num_heads: int, head_offset: int = 0) -> tuple[HeadSpec, ...]:
+        k = (num_heads, head_offset)
+        s = self._specs.get(k)
+        if s is None:
+            s = self._specs[k] = self.root.plan.head_specs(self.index, num_heads, head_offset)
+        return s
+
+    def state(self, branch: int) -> Any:
+        st = self.states.get(branch)
+        if st is None:
+            from .attention import LayerState
+
+            st = self.states[branch] = LayerState()
+        return st
+
+    def dense(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        return _call_backend(self.fallback, kwargs)
+
+    # ------------------------------------------------------------------ the attention product
+    def attention(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        root = self.root
+        q, k = kwargs["query"], kwargs["key"]
+        pc = kwargs.get("_parallel_config")
+        if not root.active:
+            return self.dense(kwargs)
+        if q.shape[1] != k.shape[1]:  # cross-attention through the same processor: not ours
+            return self.dense(kwargs)
+        layout = root.layout
+        if layout is None:
+            return self._fallback(kwargs, "the token layout of this call is unknown (root hook did not run)")
+        if pc is not None:
+            return self._context_parallel(kwargs, pc)
+        if q.shape[1] != layout.num_tokens:
+            return self._fallback(
+                kwargs, f"sequence length {q.shape[1]} != layout {layout} (adapter {root.adapter.name})"
+            )
+        return self._run(kwargs, layout, head_offset=0)
+
+    def _fallback(self, kwargs: dict[str, Any], reason: str) -> torch.Tensor:
+        self.root.note_fallback(reason)
+        return self.dense(kwargs)
+
+    def _run(self, kwargs: dict[str, Any], layout: TokenLayout, head_offset: int) -> torch.Tensor:
+        root = self.root
+        q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
+        heads = q.shape[2]
+        specs = self.specs(heads, head_offset)
+        if all(s.pattern == "dense" for s in specs):
+            return self.dense(kwargs)
+        if layout.num_tokens < root.plan.min_tokens:
+            return self.dense(kwargs)
+        step, num_steps = root.step_info()
+        stateful = any(s.pattern in _STATEFUL_PATTERNS for s in specs)
+        force_dense = self._force_dense(step, num_steps)
+        if force_dense and not stateful:
+            return self.dense(kwargs)
+        if stateful and step is not None and step in root.plan.refresh_steps:
+            force_dense = True  # refresh step: exact pass that refreshes LSE / skip caches
+        if kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+            return self._fallback(kwargs, "dropout / causal / GQA attention")
+        mask = kwargs.get("attn_mask")
+        if mask is not None:
+            mask = root.nontrivial_mask(mask)
+            if mask is not None:
+                return self._masked_run(kwargs, layout, head_offset, mask)
+        from .attention import sparse_attention
+
+        cfg = root.config
+        state = self.state(root.branch)
+        try:
+            out = sparse_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                layout,
+                specs,
+                state,
+                step=step,
+                force_dense=force_dense,
+                scale=kwargs.get("scale"),
+                block_size=cfg.block_size,
+                cache=root.mask_cache(),
+                backend=cfg.backend,
+            )
+        except (TypeError, ValueError, NotImplementedError) as e:
+            if cfg.strict:
+                raise
+            return self._fallback(kwargs, f"sparse attention rejected the call: {e}")
+        if not force_dense:
+            root.record_density(self.index, state)
+        return out.transpose(1, 2)
+
+    def _force_dense(self, step: int | None, num_steps: int | None) -> bool:
+        sched = self.root.plan.schedule
+        if self.index in sched.dense_layers:
+            return True
+        if step is None:
+            return False
+        if isinstance(sched.dense_steps, float) and num_steps is None:
+            self.root.note_fallback(
+                "a fractional dense_steps needs the number of steps: enable on the pipeline, or pass num_steps=; "
+                "warm-up disabled"
+            )
+            return False
+        return sched.is_dense(step, num_steps, self.index)
+
+    def _masked_run(self, kwargs: dict[str, Any], layout: TokenLayout, head_offset: int, mask: torch.Tensor):
+        """Key-padding masks (HunyuanVideo / QwenImage padded text): drop the masked text tokens, run the
+        sparse path on the kept tokens (layout with shortened text segments), and give the masked query
+        rows exact dense attention over the kept keys -- what masked dense attention computes."""
+        q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
+        B, N = q.shape[0], q.shape[1]
+        keep = _key_padding(mask, B, N)
+        if keep is None:
+            return self._fallback(kwargs, "an attention mask that is not a key-padding mask")
+        text = layout.text_mask(q.device)
+        if bool((~keep & ~text.unsqueeze(0)).any()):
+            return self._fallback(kwargs, "an attention mask that hides non-text tokens")
+        rows, inverse = torch.unique(keep, dim=0, return_inverse=True)
+        out = torch.empty_like(q)
+        offs, segs = layout.offsets, layout.segments
+        for r in range(rows.shape[0]):
+            samples = (inverse == r).nonzero().flatten()
+            kept = rows[r].nonzero().flatten()
+            dropped = (~rows[r]).nonzero().flatten()
+            counts = [
+                int(rows[r][o : o + s.length].sum()) if s.kind == "text" else s.length
+                for o, s in zip(offs, segs)
+            ]
+            sub_layout = TokenLayout(
+                tuple(s if s.kind != "text" else type(s).text(c) for s, c in zip(segs, counts) if c > 0)
+            )
+            qs, ks, vs = (x.index_select(0, samples) for x in (q, k, v))
+            ks, vs = ks.index_select(1, kept), vs.index_select(1, kept)
+            sub = {**kwargs, "query": qs.index_select(1, kept), "key": ks, "value": vs, "attn_mask": None}
+            o = self._run(sub, sub_layout, head_offset)
+            res = torch.empty_like(qs)
+            res[:, kept] = o.to(res.dtype)
+            if dropped.numel():
+                pad = {
+                    **kwargs,
+                    "query": qs.index_select(1, dropped),
+                    "key": ks,
+                    "value": vs,
+                    "attn_mask": None,
+                }
+                res[:, dropped] = self.dense(pad).to(res.dtype)
+            out[samples] = res
+        return out
+
+    # ------------------------------------------------------------------ context parallelism
+    def _context_parallel(self, kwargs: dict[str, Any], pc: Any) -> torch.Tensor:
+        cp = pc.context_parallel_config
+        if getattr(cp, "ring_degree", 1) > 1:
+            return self._fallback(kwargs, "ring attention context parallelism (only Ulysses is supported)")
+        layer = self
+
+        def forward_op(
+            ctx,
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=None,
+            enable_gqa=False,
+            return_lse=False,
+            _save_ctx=True,
+            _parallel_config=None,
+        ):
+            if return_lse:
+                raise ValueError("sparsediff context-parallel attention does not return the LSE")
+            world, rank = cp.ulysses_degree, cp._ulysses_local_rank
+            query, key, value = (_wait(x) for x in (query, key, value))
+            h_local = query.shape[2]
+            full = {
+                "query": query,
+                "key": key,
+                "value": value,
+                "attn_mask": attn_mask,
+                "dropout_p": dropout_p,
+                "is_causal": is_causal,
+                "scale": scale,
+                "enable_gqa": enable_gqa,
+                "_parallel_config": None,
+            }
+            layout = layer.root.layout
+            perm = layer.root.cp_permutation(world, query.shape[1], query.device)
+            if perm is None:
+                return layer._fallback(
+                    full,
+                    f"the gathered context-parallel sequence ({query.shape[1]} tokens) does not match the layout "
+                    f"{layout} -- enable context parallelism *before* sparse attention, so that the sparsediff "
+                    "root hook sees the unsplit inputs",
+                )
+            if perm is not False:
+                inv = torch.argsort(perm)
+                for n in ("query", "key", "value"):
+                    full[n] = full[n].index_select(1, perm)
+                out = layer._run(full, layout, head_offset=rank * h_local)
+                return out.index_select(1, inv)
+            return layer._run(full, layout, head_offset=rank * h_local)
+
+        def backward_op(*args, **kwargs):
+            raise NotImplementedError("sparsediff attention is inference-only (no backward)")
+
+        return _ad._templated_context_parallel_attention(
+            kwargs["query"],
+            kwargs["key"],
+            kwargs["value"],
+            kwargs.get("attn_mask"),
+            kwargs.get("dropout_p", 0.0),
+            kwargs.get("is_causal", False),
+            kwargs.get("scale"),
+            kwargs.get("enable_gqa", False),
+            False,
+            forward_op=forward_op,
+            backward_op=backward_op,
+            _parallel_config=pc,
+        )
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    """Materialise the result of an async functional collective (diffusers' all-to-all) before use."""
+    wait = getattr(x, "wait", None)
+    return wait() if callable(wait) else x
+
+
+def _key_padding(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
+    """Bool ``[B, N]`` of attended keys when ``mask`` only masks keys (same for every query row), else None."""
+    if mask.dim() == 2 and mask.shape == (batch, n):
+        m = mask
+    elif mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == n:
+        m = mask[:, 0, 0]
+    else:
+        return None
+    if m.dtype == torch.bool:
+        keep = m
+    else:
+        keep = m == 0
+        if not bool(((m == 0) | (m <= -1e4)).all()):  # soft biases are not padding
+            return None
+    if keep.shape[0] != batch:
+        keep = keep.expand(batch, n)
+    return keep
+
+
+def _drop_trivial_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """None when the mask masks nothing (bool all True, or additive all zero), else the mask."""
+    if mask.dtype == torch.bool:
+        return None if bool(mask.all()) else mask
+    return None if bool((mask == 0).all()) else mask
+
+
+# ---------------------------------------------------------------------- processor subclasses
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _sparse_processor_class(base: type) -> type:
+    """``Sparse<base>``: same ``__call__`` signature, publishes its layer, reports the sparsediff backend."""
+    sub = _SUBCLASSES.get(base)
+    if sub is not None:
+        return sub
+    orig_call = base.__call__
+
+    @functools.wraps(orig_call)
+    def __call__(self, *args, **kwargs):
+        prev = _CURRENT[0]
+        _CURRENT[0] = self._sd_ctx
+        try:
+            return orig_call(self, *args, **kwargs)
+        finally:
+            _CURRENT[0] = prev
+
+    __call__.__signature__ = inspect.signature(orig_call)
+
+    def _get_backend(self):
+        return _BACKEND_MEMBER
+
+    def _set_backend(self, value):
+        # set_attention_backend / reset_attention_backend land here: the new dense fallback
+        self._sd_ctx.fallback = value
+
+    sub = type(
+        f"Sparse{base.__name__}",
+        (base,),
+        {
+            "__call__": __call__,
+            "_attention_backend": property(_get_backend, _set_backend),
+            "__module__": __name__,
+            "_sparsediff_base": base,
+        },
+    )
+    _SUBCLASSES[base] = sub
+    return sub
+
+
+# ---------------------------------------------------------------------- the transformer-level state
+class TransformerState:
+    """Everything sparse attention keeps for one enabled transformer (also the root hook's state)."""
+
+    def __init__(self, transformer: torch.nn.Module, adapter: Any, plan: Plan, config: SparseAttentionConfig):
+        self.transformer_ref = weakref.ref(transformer)
+        self.transformer_class = type(transformer).__name__
+        self.adapter = adapter
+        self.plan = plan
+        self.config = config
+        self.layers: list[LayerContext] = []
+        self.processors: list[tuple[torch.nn.Module, Any, Any]] = []  # (module, original, ours)
+        self.tracker: StepTracker | None = None
+        self.active = True
+        self.layout: TokenLayout | None = None
+        self.branch = 0  # transformer calls so far in the current step (CFG as separate calls)
+        self._mask_cache = None
+        self._last_step: int | None = None
+        self._ts_step = -1  # step counter from timestep changes (no scheduler)
+        self._last_t: float | None = None
+        self._noted: set[str] = set()
+        self._density: dict[int, float] = {}
+        self._density_logged = False
+        self._layout_warned: set[TokenLayout] = set()
+        self._mask_memo: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    # ------------------------------------------------------------------ per call
+    @torch.compiler.disable
+    def begin_call(self, inputs: Mapping[str, Any]) -> None:
+        """Read the layout / timestep of one transformer call (eager: under a whole-model
+        ``torch.compile`` this is one graph break at the top of the forward)."""
+        self._mask_memo = None
+        try:
+            self.layout = self.adapter.layout(self.transformer_ref(), inputs)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            self.layout = None
+            self.note_fallback(f"adapter {self.adapter.name!r} could not read the token layout: {e}")
+        if self.layout is not None and self.layout not in self._layout_warned:
+            self._layout_warned.add(self.layout)
+            msg = self.plan.check_layout(self.layout)
+            if msg:
+                logger.warning("sparsediff: %s", msg)
+        if self.tracker is None:
+            t = self.adapter.timestep(inputs)
+            if t is not None:
+                tv = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+                if tv != self._last_t:
+                    self._last_t = tv
+                    self._ts_step += 1
+            else:
+                self._ts_step += 1
+        step, _ = self.step_info()
+        if step == self._last_step:
+            self.branch += 1
+        else:
+            self._last_step, self.branch = step, 0
+
+    def nontrivial_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """:func:`_drop_trivial_mask`, memoised for the mask object every layer of one call shares
+        (one device sync per transformer call instead of one per layer)."""
+        memo = self._mask_memo
+        if memo is not None and memo[0] is mask:
+            return memo[1]
+        res = _drop_trivial_mask(mask)
+        self._mask_memo = (mask, res)
+        return res
+
+    def step_info(self) -> tuple[int | None, int | None]:
+        """(step index, number of steps) -- either may be None when unknown."""
+        if self.tracker is not None:
+            return self.tracker.step, self.tracker.num_steps
+        return (self._ts_step if self._ts_step >= 0 else None), self.config.num_steps
+
+    def on_new_generation(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """End of a pipeline call: clear per-layer state (caches of dynamic patterns), step counters."""
+        self.flush_density_log()
+        for layer in self.layers:
+            for st in layer.states.values():
+                st.reset()
+            layer.states.clear()
+        self.layout = None
+        self._mask_memo = None
+        self.branch = 0
+        self._last_step = None
+        self._ts_step = -1
+        self._last_t = None
+
+    def mask_cache(self):
+        if self._mask_cache is None:
+            from .attention import MaskCache
+
+            self._mask_cache = MaskCache(max_entries=self.config.mask_cache_size)
+        return self._mask_cache
+
+    def cp_permutation(self, world: int, n: int, device: torch.device):
+        """Index ``perm`` with ``gathered[perm] == canonical`` order for a Ulysses-gathered sequence.
+
+        False when the gathered sequence is already in layout order, None when it does not fit.
+        Adapters with ``cp_split == "segments"`` (Flux: text and image split separately across ranks)
+        gather ``[text_0, image_0, text_1, image_1, ...]``.
+        """
+        layout = self.layout
+        if layout is None or n != layout.num_tokens:
+            return None
+        if getattr(self.adapter, "cp_split", "sequence") != "segments" or len(layout.segments) == 1:
+            return False
+        lens = [s.length for s in layout.segments]
+        if any(x % world for x in lens):
+            return None
+        offs = layout.offsets
+        # position in the gathered sequence of every canonical token
+        gathered_of = torch.empty(n, dtype=torch.int64)
+        pos = 0
+        for r in range(world):
+            for off, ln in zip(offs, lens):
+                c = ln // world
+                gathered_of[off + r * c : off + (r + 1) * c] = torch.arange(pos, pos + c)
+                pos += c
+        return gathered_of.to(device)
+
+    # ------------------------------------------------------------------ logging
+    def note_fallback(self, reason: str) -> None:
+        if self.config.strict:
+            raise RuntimeError(f"sparsediff (strict): cannot run sparse attention: {reason}")
+        if reason not in self._noted:
+            self._noted.add(reason)
+            logger.info("sparsediff: dense fallback for %s: %s", self.transformer_class, reason)
+
+    def record_density(self, layer: int, state: Any) -> None:
+        if not self.config.log_density or self._density_logged or layer in self._density:
+            return
+        mask = getattr(state, "last_mask", None)
+        if mask is not None:
+            self._density[layer] = float(mask.density())
+
+    def densities(self) -> dict[int, float]:
+        """Density of every layer measured on its first sparse call (of this enable)."""
+        return dict(self._density)
+
+    def flush_density_log(self) -> None:
+        if self._density_logged or not self._density or not self.config.log_density:
+            return
+        self._density_logged = True
+        d = self._density
+        mean = sum(d.values()) / len(d)
+        per = ", ".join(f"{k}:{v:.2f}" for k, v in sorted(d.items()))
+        logger.info(
+            "sparsediff: %s attention density (fraction of blocks computed) mean %.3f over %d sparse layers; per layer %s",
+            self.transformer_class,
+            mean,
+            len(d),
+            per,
+        )
+
+
+class SparseRootHook(ModelHook):
+    """Root hook on the transformer: reads the call's layout/timestep; reset at the end of a pipeline call."""
+
+    _is_stateful = True
+
+    def __init__(self, state: TransformerState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        from .pipelines.base import bind_forward_inputs
+
+        self.state.begin_call(bind_forward_inputs(module, args, kwargs))
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module):
+        self.state.reset()
+        return module
+
+
+# ---------------------------------------------------------------------- apply / remove
+def get_state(transformer: torch.nn.Module) -> TransformerState | None:
+    return getattr(transformer, _STATE_ATTR, None)
+
+
+def apply_sparse_attention(
+    transformer: torch.nn.Module,
+    plan: Plan,
+    config: SparseAttentionConfig,
+    adapter: Any = None,
+    scheduler: Any = None,
+) -> TransformerState:
+    """Install sparse attention on ``transformer`` (see the module docstring). Raises if already enabled."""
+    from .pipelines.base import get_adapter
+
+    if get_state(transformer) is not None:
+        raise RuntimeError(
+            f"sparse attention is already enabled on this {type(transformer).__name__}; "
+            "call disable_sparse_attention() first"
+        )
+    adapter = adapter or get_adapter(transformer)
+    ensure_backend_registered()
+    mods = adapter.attention_modules(transformer)
+    state = TransformerState(transformer, adapter, plan, config)
+
+    # resolve every processor class first, so a failure leaves the model untouched
+    bases = []
+    for name, mod in mods:
+        proc = mod.processor
+        if isinstance(proc, torch.nn.Module):
+            raise TypeError(
+                f"{name}: processor {type(proc).__name__} is an nn.Module (e.g. IP-adapter weights); "
+                "sparse attention does not support module processors"
+            )
+        if type(proc).__name__.startswith("Sparse") and hasattr(type(proc), "_sparsediff_base"):
+            raise RuntimeError(f"{name} already has a sparsediff processor")
+        base = adapter.dispatch_processors.get(type(proc).__name__, type(proc))
+        if not hasattr(base, "_attention_backend"):
+            raise TypeError(
+                f"adapter {adapter.name!r}: processor {type(proc).__name__} of {name} does not call "
+                "dispatch_attention_fn; the adapter needs a dispatch_processors entry for it"
+            )
+        bases.append(base)
+
+    for i, ((name, mod), base) in enumerate(zip(mods, bases)):
+        orig = mod.processor
+        ctx = LayerContext(state, i, name, int(mod.heads))
+        ctx.fallback = getattr(orig, "_attention_backend", None)
+        new = object.__new__(_sparse_processor_class(base))
+        d = dict(vars(orig))
+        d.pop("_attention_backend", None)
+        vars(new).update(d)
+        new._sd_ctx = ctx
+        mod.processor = new
+        state.layers.append(ctx)
+        state.processors.append((mod, orig, new))
+
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(SparseRootHook(state), ROOT_HOOK_NAME)
+    if scheduler is not None:
+        state.tracker = StepTracker.attach(scheduler, state)
+    setattr(transformer, _STATE_ATTR, state)
+    return state
+
+
+def remove_sparse_attention(transformer: torch.nn.Module) -> bool:
+    """Undo :func:`apply_sparse_attention`; returns False when it was not enabled."""
+    state = get_state(transformer)
+    if state is None:
+        return False
+    state.flush_density_log()
+    for mod, orig, ours in state.processors:
+        # keep what happened to the processor while enabled (set_attention_backend, enable_parallelism)
+        for k, v in vars(ours).items():
+            if not k.startswith("_sd_"):
+                setattr(orig, k, v)
+        fb = ours._sd_ctx.fallback
+        if fb is not None or "_attention_backend" in vars(orig):
+            orig._attention_backend = fb
+        if mod.processor is ours:
+            mod.processor = orig
+    for ctx in state.layers:
+        ctx.close()
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None:
+        registry.remove_hook(ROOT_HOOK_NAME, recurse=False)
+    if state.tracker is not None:
+        state.tracker.detach(state)
+        state.tracker = None
+    state.active = False
+    delattr(transformer, _STATE_ATTR)
+    return True
