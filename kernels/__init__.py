@@ -10,7 +10,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_available", "interpreter_enabled", "not_supported_reasons", "block_sparse_attention_fwd"]
+__all__ = [
+    "triton_available",
+    "interpreter_enabled",
+    "not_supported_reasons",
+    "block_sparse_attention_fwd",
+    "block_mass",
+]
 
 
 def triton_available() -> bool:
@@ -32,3 +38,11 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, *, block_q, block
     from .block_sparse_attn import block_sparse_attention_fwd as _f
 
     return _f(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale)
+
+
+def block_mass(q, k, lse, *, block_q, block_kv, scale):
+    # The kernel module is not called block_mass.py: importing a submodule of that name would replace
+    # this function with the module object on the package.
+    from .block_attn_mass import block_mass as _f
+
+    return _f(q, k, lse, block_q=block_q, block_kv=block_kv, scale=scale)

@@ -341,8 +341,11 @@ class BlockSparseMask:
     def to_flex_block_mask(self):
         """Convert to a FlexAttention ``BlockMask`` (needs ``torch.nn.attention.flex_attention``).
 
-        FlexAttention requires one block size for q and k; the mask's ragged tail is handled by a
-        ``mask_mod`` that bounds indices by the sequence lengths.
+        FlexAttention requires one block size for q and k. Listed blocks that lie fully inside both
+        sequences become *full* blocks (no ``mask_mod`` call in the fused kernel); the ragged last
+        row/column of blocks become *partial* blocks. The ``mask_mod`` encodes the whole mask (block
+        table lookup and ``< Nq`` / ``< Nk`` bounds), because FlexAttention's eager/CPU path ignores the
+        block lists and applies only ``mask_mod``.
         """
         try:
             from torch.nn.attention.flex_attention import BlockMask
@@ -352,12 +355,29 @@ class BlockSparseMask:
         nq, nk = self.seq_lens
         if bq != bk:
             raise ValueError(f"FlexAttention needs equal q/k block sizes, got {self.block_size}")
+        qb, kb = self.num_q_blocks, self.num_kv_blocks
+        dense = self.to_dense()  # [Bm, H, Qb, Kb]
+        q_full = torch.arange(qb, device=self.device) < nq // bq
+        k_full = torch.arange(kb, device=self.device) < nk // bk
+        full = dense & q_full[:, None] & k_full[None, :]
+        partial = dense & ~full
+
+        def lists(block_bool):
+            m = BlockSparseMask.from_dense(block_bool, (bq, bk), (nq, nk))
+            idx = torch.nn.functional.pad(m.kv_indices, (0, max(kb - m.kv_indices.shape[-1], 0)))
+            return m.kv_counts, idx.contiguous()
+
+        table = dense if self.batch > 1 else dense[0]
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx < nq) & (kv_idx < nk)
+            qi, ki = q_idx // bq, kv_idx // bk
+            hit = table[b, h, qi, ki] if self.batch > 1 else table[h, qi, ki]
+            return hit & (q_idx < nq) & (kv_idx < nk)
 
+        p_cnt, p_idx = lists(partial)
+        f_cnt, f_idx = lists(full)
         return BlockMask.from_kv_blocks(
-            self.kv_counts, self.kv_indices, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(nq, nk)
+            p_cnt, p_idx, f_cnt, f_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(nq, nk)
         )
 
     def to_image(self, path, *, batch: int = 0, heads: Sequence[int] | None = None, scale: int = 4) -> None:

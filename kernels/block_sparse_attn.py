@@ -1,0 +1,329 @@
+"""Block-sparse FlashAttention forward (Triton): each query block visits only its listed key blocks.
+
+Launch: one program per (query block, batch x head) -- grid ``(Qb, B * H)`` -- so all heads run in one
+launch even when their masks (and kv-block counts) differ. A program loads its ``BLOCK_Q x D`` query
+tile once, then loops ``for i in range(kv_counts[b, h, qb])`` over the key blocks listed in
+``kv_indices[b, h, qb, :]``, keeping an online softmax in fp32 (scores pre-multiplied by
+``scale * log2(e)`` so the exponentials are ``exp2``). P.V runs in the input dtype (fp32 for fp32 inputs,
+no TF32) with fp32 accumulation.
+
+Edge handling, all inside the kernel (callers never pad):
+- ragged last query / key block: loads masked with ``< Nq`` / ``< Nk``, out-of-range scores -> -inf;
+- head dim D: padded to ``BLOCK_D = max(16, next_pow2(D))`` with masked loads (``tl.dot`` needs >= 16);
+- empty rows (count 0): out = 0 and lse = -inf; the running max is guarded so -inf - -inf never occurs.
+
+Strides are passed for every tensor, so ``x.transpose(1, 2)`` views of diffusers' ``[B, N, H, D]``
+buffers are read in place; the output is ``torch.empty_like(q)`` (same layout as q).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["block_sparse_attention_fwd", "not_supported_reasons", "launch_config", "tune_launch_config"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2); constexpr so @triton.jit code may read it
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# DOT_MODE: how tl.dot runs (fp32 accumulation in every mode).
+_DOT_NATIVE = 0  # fp16 / bf16 tensor-core dot
+_DOT_IEEE = 1  # fp32 inputs: full-precision fp32 dot (no TF32), so fp32 results match the fp32 oracle
+_DOT_UPCAST = 2  # bf16 under the Triton interpreter, whose dot multiplies bf16 bit patterns as uint16
+#                 (triton 3.x numpy matmul on the raw storage); bf16 x bf16 products are exact in fp32,
+#                 so upcasting the operands gives the same result as a bf16 dot with fp32 accumulation.
+
+
+@triton.jit
+def _dot(a, b, DOT_MODE: tl.constexpr):
+    if DOT_MODE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _block_sparse_attn_fwd_kernel(
+    Q, K, V, Out, Lse, KvIdx, KvCnt,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    H, Nq, Nk,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,  # true head dim; constexpr so the d-mask folds away when HEAD_DIM == BLOCK_D
+    BLOCK_Q: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):  # fmt: skip
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_KV)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # kv_indices / kv_counts have batch stride 0 when the mask is shared by the batch.
+    idx_base = KvIdx + b * stride_ib + h * stride_ih + qb * stride_iq
+    count = tl.load(KvCnt + b * stride_cb + h * stride_ch + qb * stride_cq)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+
+    for i in range(count):
+        kb = tl.load(idx_base + i * stride_ik)
+        offs_k = kb * BLOCK_KV + offs_n
+        col_ok = offs_k < Nk
+        kt = tl.load(
+            k_base + offs_k[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=col_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_KV]
+        vv = tl.load(
+            v_base + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_KV, BLOCK_D]
+        s = _dot(q, kt, DOT_MODE)
+        s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row whose max is still -inf has seen no valid key: use 0 so that -inf - -inf is never formed.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, DOT_MODE)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(nonempty, m_i * _LN2 + tl.log(l_safe), float("-inf"))
+
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+
+
+def _dot_mode(q: torch.Tensor) -> int:
+    if q.dtype == torch.float32:
+        return _DOT_IEEE
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # CPU tensors only run under the interpreter
+        return _DOT_UPCAST
+    return _DOT_NATIVE
+
+
+def _is_pow2_ge16(x: int) -> bool:
+    return isinstance(x, int) and x >= 16 and (x & (x - 1)) == 0
+
+
+def not_supported_reasons(q: torch.Tensor, block_size) -> list[str]:
+    """Readable reasons why the kernel cannot run ``q`` with ``block_size=(block_q, block_kv)`` ([] = it can)."""
+    reasons = []
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    for name, v in (("block_q", bq), ("block_kv", bk)):
+        if not _is_pow2_ge16(v):
+            reasons.append(f"{name}={v} is not a power of two >= 16")
+    if q.dtype not in _DTYPES:
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} > {MAX_HEAD_DIM}")
+    elif d < 1:
+        reasons.append(f"head dim {d} < 1")
+    if q.device.type not in ("cuda", "cpu"):
+        reasons.append(f"device {q.device.type} is not supported by the Triton kernel")
+    if q.device.type == "cuda" and not reasons:
+        block_d = max(16, triton.next_power_of_2(d))
+        need = _smem_bytes(bq, bk, block_d, q.element_size(), 1)
+        if need > _smem_limit(q.device):
+            reasons.append(
+                f"{str(q.dtype).split('.')[-1]} tiles {bq}x{bk} at head dim {d} need {need // 1024} KiB of shared "
+                f"memory (> {_smem_limit(q.device) // 1024} KiB on this GPU); use bf16/fp16 or smaller blocks"
+            )
+    return reasons
+
+
+#: Default shared-memory budget (bytes) for choosing pipeline stages: fits A100 (163 KiB) and H100.
+_SMEM_BUDGET = 160 * 1024
+
+
+def _smem_bytes(block_q: int, block_kv: int, block_d: int, elem_bytes: int, num_stages: int) -> int:
+    """Conservative shared-memory estimate: a Q tile plus ``num_stages`` K and V tiles. Exact for one
+    stage and an upper bound for more (checked against Triton 3.9's sm_90 compiles of this kernel)."""
+    return (block_q + 2 * block_kv * num_stages) * block_d * elem_bytes
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or _SMEM_BUDGET)
+
+
+def launch_config(
+    block_q: int, block_kv: int, block_d: int, elem_bytes: int = 2, smem_budget: int = _SMEM_BUDGET
+) -> tuple[int, int]:
+    """Default ``(num_warps, num_stages)`` for a ``block_q x block_kv`` tile, padded head dim ``block_d``.
+
+    8 warps once the query tile reaches 128 x 128 elements (a 128-row tile at D = 128), else 4. Stages:
+    as many as :func:`_smem_bytes` fits in ``smem_budget`` (at most 3; 2 for 128 x 128 tiles), at least 1.
+    """
+    num_warps = 8 if block_q * block_d >= 128 * 128 else 4
+    num_stages = 2 if block_q * block_kv >= 128 * 128 else 3
+    while num_stages > 1 and _smem_bytes(block_q, block_kv, block_d, elem_bytes, num_stages) > smem_budget:
+        num_stages -= 1
+    return num_warps, num_stages
+
+
+#: (device, dtype, padded head dim, block_q, block_kv) -> (num_warps, num_stages), filled only by
+#: :func:`tune_launch_config` (autotuning is off unless that is called explicitly).
+_TUNED: dict[tuple, tuple[int, int]] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _config_key(q: torch.Tensor, block_q: int, block_kv: int) -> tuple:
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return (_device_name(q.device), q.dtype, block_d, block_q, block_kv)
+
+
+def tune_launch_config(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    candidates: tuple[tuple[int, int], ...] = ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)),
+) -> tuple[int, int]:
+    """Time ``(num_warps, num_stages)`` candidates on these CUDA inputs and cache the fastest.
+
+    The result is cached per (GPU name, dtype, padded head dim, block sizes) for this process, and every
+    later :func:`block_sparse_attention_fwd` call with that key uses it. Nothing tunes unless this is
+    called (e.g. once at start-up with a representative mask). Returns the chosen config.
+    """
+    if q.device.type != "cuda":
+        raise RuntimeError("tune_launch_config needs CUDA tensors (the interpreter has no timings)")
+    key = _config_key(q, block_q, block_kv)
+    if key in _TUNED:
+        return _TUNED[key]
+    from triton.testing import do_bench
+
+    best = None
+    for num_warps, num_stages in candidates:
+
+        def run(w=num_warps, s=num_stages):
+            return block_sparse_attention_fwd(
+                q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale,
+                num_warps=w, num_stages=s,
+            )  # fmt: skip
+
+        try:
+            ms = do_bench(run, warmup=10, rep=50)
+        except Exception:  # e.g. out of shared memory for this tile: skip the candidate
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, (num_warps, num_stages))
+    if best is None:
+        raise RuntimeError(f"no launch config in {candidates} ran for {key}")
+    _TUNED[key] = best[1]
+    return best[1]
+
+
+def block_sparse_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel. Inputs are assumed checked (``sparsediff.ops.check_inputs``); shapes:
+
+    q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]`` (any strides, one dtype); kv_indices ``[Bm, H, Qb, Kmax]``
+    int32 and kv_counts ``[Bm, H, Qb]`` int32 with ``Bm in {1, B}`` and ``Qb = ceil(Nq / block_q)``.
+
+    Returns ``(out, lse)``: out ``torch.empty_like(q)`` (q's layout), lse ``[B, H, Nq]`` float32, natural
+    log; empty rows give out 0 and lse -inf. ``num_warps`` / ``num_stages`` override the launch config
+    (default: the one cached by :func:`tune_launch_config`, else :func:`launch_config`).
+    """
+    reasons = not_supported_reasons(q, (block_q, block_kv))
+    if reasons:
+        raise ValueError("block_sparse_attention_fwd: " + "; ".join(reasons))
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Qb = -(-Nq // block_q)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if B * H * Nq == 0:
+        return out, lse
+    if kv_indices.shape[0] not in (1, B) or kv_counts.shape[0] != kv_indices.shape[0]:
+        raise ValueError(f"mask batch {kv_indices.shape[0]} must be 1 or {B}")
+    if tuple(kv_counts.shape[1:]) != (H, Qb) or tuple(kv_indices.shape[1:3]) != (H, Qb):
+        raise ValueError(
+            f"kv_indices {tuple(kv_indices.shape)} / kv_counts {tuple(kv_counts.shape)} do not match "
+            f"H={H}, Qb=ceil({Nq}/{block_q})={Qb}"
+        )
+    kv_indices = kv_indices.to(torch.int32)
+    kv_counts = kv_counts.to(torch.int32)
+    if Nk == 0:  # nothing to attend: every row is empty
+        out.zero_()
+        lse.fill_(-math.inf)
+        return out, lse
+
+    shared = kv_indices.shape[0] == 1
+    si = (0 if shared else kv_indices.stride(0),) + kv_indices.stride()[1:]
+    sc = (0 if shared else kv_counts.stride(0),) + kv_counts.stride()[1:]
+    block_d = max(16, triton.next_power_of_2(D))
+    smem = _smem_limit(q.device) if q.is_cuda else _SMEM_BUDGET
+    dw, ds = _TUNED.get(_config_key(q, block_q, block_kv)) or launch_config(
+        block_q, block_kv, block_d, q.element_size(), min(smem, _SMEM_BUDGET)
+    )
+    grid = (Qb, B * H)
+    _block_sparse_attn_fwd_kernel[grid](
+        q, k, v, out, lse, kv_indices, kv_counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *si, *sc,
+        H, Nq, Nk,
+        float(scale) * _LOG2E,
+        HEAD_DIM=D,
+        BLOCK_Q=block_q,
+        BLOCK_KV=block_kv,
+        BLOCK_D=block_d,
+        DOT_MODE=_dot_mode(q),
+        num_warps=num_warps or dw,
+        num_stages=num_stages or ds,
+    )  # fmt: skip
+    return out, lse
