@@ -79,7 +79,9 @@ class BlockSparseMask:
         if not isinstance(block_bool, torch.Tensor):
             raise TypeError(f"block_bool must be a torch.Tensor, got {type(block_bool).__name__}")
         if block_bool.dim() != 4:
-            raise ValueError(f"block_bool must be 4-D [B or 1, H, Qb, Kb], got shape {tuple(block_bool.shape)}")
+            raise ValueError(
+                f"block_bool must be 4-D [B or 1, H, Qb, Kb], got shape {tuple(block_bool.shape)}"
+            )
         qb, kb = _cdiv(nq, bq), _cdiv(nk, bk)
         if tuple(block_bool.shape[2:]) != (qb, kb):
             raise ValueError(
@@ -105,7 +107,10 @@ class BlockSparseMask:
     ) -> BlockSparseMask:
         """Build from index lists ``[Bm, H, Qb, Kmax]`` and counts ``[Bm, H, Qb]`` (validated)."""
         return cls(
-            kv_indices.to(torch.int32).contiguous(), kv_counts.to(torch.int32).contiguous(), block_size, seq_lens
+            kv_indices.to(torch.int32).contiguous(),
+            kv_counts.to(torch.int32).contiguous(),
+            block_size,
+            seq_lens,
         )
 
     @classmethod
@@ -121,7 +126,9 @@ class BlockSparseMask:
         bq, bk = _as_pair(block_size, "block_size")
         nq, nk = _as_pair(seq_lens, "seq_lens")
         qb, kb = _cdiv(nq, bq), _cdiv(nk, bk)
-        return cls.from_dense(torch.ones(batch, heads, qb, kb, dtype=torch.bool, device=device), (bq, bk), (nq, nk))
+        return cls.from_dense(
+            torch.ones(batch, heads, qb, kb, dtype=torch.bool, device=device), (bq, bk), (nq, nk)
+        )
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -170,7 +177,9 @@ class BlockSparseMask:
             if idx.shape[3] > 1:
                 inc = (idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]
                 if not bool(inc.all()):
-                    raise ValueError("kv_indices must be strictly increasing within each row's first kv_counts entries")
+                    raise ValueError(
+                        "kv_indices must be strictly increasing within each row's first kv_counts entries"
+                    )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -200,7 +209,11 @@ class BlockSparseMask:
 
     def to(self, device: torch.device | str) -> BlockSparseMask:
         return BlockSparseMask(
-            self.kv_indices.to(device), self.kv_counts.to(device), self.block_size, self.seq_lens, validate=False
+            self.kv_indices.to(device),
+            self.kv_counts.to(device),
+            self.block_size,
+            self.seq_lens,
+            validate=False,
         )
 
     # ------------------------------------------------------------------ conversions
@@ -211,7 +224,9 @@ class BlockSparseMask:
         out = torch.zeros(bm, h, qb, kb + 1, dtype=torch.bool, device=self.device)
         valid = torch.arange(kmax, device=self.device) < self.kv_counts.unsqueeze(-1)
         # invalid entries are routed to the scratch column kb, then dropped
-        idx = torch.where(valid, self.kv_indices.long(), torch.full_like(self.kv_indices, kb, dtype=torch.long))
+        idx = torch.where(
+            valid, self.kv_indices.long(), torch.full_like(self.kv_indices, kb, dtype=torch.long)
+        )
         out.scatter_(-1, idx, True)
         return out[..., :kb]
 
@@ -283,7 +298,9 @@ class BlockSparseMask:
         hk = norm(key[1]) if len(key) == 2 else slice(None)
         idx = self.kv_indices[bk][:, hk]
         cnt = self.kv_counts[bk][:, hk]
-        return BlockSparseMask(idx.contiguous(), cnt.contiguous(), self.block_size, self.seq_lens, validate=False)
+        return BlockSparseMask(
+            idx.contiguous(), cnt.contiguous(), self.block_size, self.seq_lens, validate=False
+        )
 
     def _check_compatible(self, other: BlockSparseMask) -> None:
         if self.block_size != other.block_size or self.seq_lens != other.seq_lens:
@@ -323,7 +340,10 @@ class BlockSparseMask:
             idx.append(i.expand(bm, -1, -1, -1))
             cnt.append(m.kv_counts.expand(bm, -1, -1))
         return BlockSparseMask(
-            torch.cat(idx, 1).contiguous(), torch.cat(cnt, 1).contiguous(), first.block_size, first.seq_lens,
+            torch.cat(idx, 1).contiguous(),
+            torch.cat(cnt, 1).contiguous(),
+            first.block_size,
+            first.seq_lens,
             validate=False,
         )
 
@@ -335,7 +355,9 @@ class BlockSparseMask:
         return BlockSparseMask(
             self.kv_indices.expand(batch, -1, -1, -1).contiguous(),
             self.kv_counts.expand(batch, -1, -1).contiguous(),
-            self.block_size, self.seq_lens, validate=False,
+            self.block_size,
+            self.seq_lens,
+            validate=False,
         )
 
     def to_flex_block_mask(self):
