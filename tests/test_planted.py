@@ -127,3 +127,8 @@ def test_print_planted_error_density_table():
             f"| {kd} | " + " | ".join(f"{res[n][h][0]:.3f} @ {res[n][h][1]:.2f}" for n in fams) + " |"
         )
     print("\n".join(lines))
+    for h, kd in enumerate(kinds):
+        if kd == "global":  # diffuse heads have no sparse family by construction
+            continue
+        best = min(res[n][h][0] for n in fams if res[n][h][1] <= 0.3)
+        assert best <= 0.05, f"{kd}: no family reaches rel error <= 0.05 at density <= 0.3 (best {best:.3f})"
