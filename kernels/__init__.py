@@ -34,10 +34,22 @@ def not_supported_reasons(q, block_size) -> list[str]:
     return _r(q, block_size)
 
 
+def _device_guard(t):
+    """Triton launches on the *current* CUDA device: make it the tensor's (multi-GPU, device_map)."""
+    import contextlib
+
+    if t.is_cuda:
+        import torch
+
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, *, block_q, block_kv, scale):
     from .block_sparse_attn import block_sparse_attention_fwd as _f
 
-    return _f(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale)
+    with _device_guard(q):
+        return _f(q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale)
 
 
 def block_mass(q, k, lse, *, block_q, block_kv, scale):
@@ -45,4 +57,5 @@ def block_mass(q, k, lse, *, block_q, block_kv, scale):
     # this function with the module object on the package.
     from .block_attn_mass import block_mass as _f
 
-    return _f(q, k, lse, block_q=block_q, block_kv=block_kv, scale=scale)
+    with _device_guard(q):
+        return _f(q, k, lse, block_q=block_q, block_kv=block_kv, scale=scale)

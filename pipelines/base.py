@@ -155,6 +155,14 @@ class Adapter:
             ranks: ``"sequence"`` (the whole sequence is split in contiguous chunks: gathered order ==
             layout order) or ``"segments"`` (every segment -- e.g. Flux's text and image -- is split on
             its own, so the gathered sequence is ``[seg0_rank0, seg1_rank0, seg0_rank1, ...]``).
+        refit_text: the self-attention calls of one transformer call may carry *another number of text
+            tokens* than :attr:`layout_fn` reports (Mochi: one attention call per sample with only its
+            valid prompt tokens; SD3.5: image-only ``attn2`` layers). When True, an attention call whose
+            sequence length differs from the layout runs sparse with the layout re-fitted to that length
+            (:meth:`~sparsediff.layout.TokenLayout.refit_text`: grids kept, the single text segment takes
+            the remaining tokens or is dropped) instead of falling back to dense. It is done at run time
+            from the call's static shapes inside :mod:`sparsediff.hooks`, so it holds under
+            ``torch.compile`` too.
         notes: free text shown by ``list_adapters()`` (supported variants, caveats).
     """
 
@@ -169,6 +177,7 @@ class Adapter:
     dispatch_processors: Mapping[str, type] = field(default_factory=dict)
     default_plan: Mapping[str, Any] = field(default_factory=dict)
     cp_split: str = "sequence"
+    refit_text: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:

@@ -7,8 +7,9 @@
   for each sample it keeps only the *valid* prompt tokens (``encoder_attention_mask[b]``), attends
   ``[video, valid text]`` with ``F.scaled_dot_product_attention`` (B = 1) and zero-pads the text part
   back. :func:`~sparsediff.pipelines.sdpa.dispatch_processor` routes each of those calls through
-  ``dispatch_attention_fn``; built with ``per_call_layout=True``, every call gets the layout
-  "grid + its own text length" (the CFG branches have different prompt lengths).
+  ``dispatch_attention_fn``. The adapter sets ``refit_text=True``: every call runs with the layout
+  "grid + its own text length" (the CFG branches have different prompt lengths), re-fitted by
+  :mod:`sparsediff.hooks` at run time (eager and ``torch.compile``).
 * Layout: ``hidden_states [B, C, F, H, W]`` -> grid ``(F, H / p, W / p)`` (``p = config.patch_size``,
   no temporal patch); text **after** the video. The layout read from the call uses the longest valid
   prompt of the batch; each attention call re-fits the text length.
@@ -54,7 +55,7 @@ def mochi_layout(transformer: torch.nn.Module, inputs: Mapping[str, Any]) -> Tok
 def _processors() -> dict[str, type]:
     from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
-    return {"MochiAttnProcessor2_0": dispatch_processor(MochiAttnProcessor2_0, per_call_layout=True)}
+    return {"MochiAttnProcessor2_0": dispatch_processor(MochiAttnProcessor2_0)}
 
 
 MOCHI_ADAPTER = register_adapter(
@@ -68,6 +69,7 @@ MOCHI_ADAPTER = register_adapter(
         timestep_units="steps",
         cfg="batch",
         dispatch_processors=_processors(),
+        refit_text=True,
         notes="Mochi 1 (preview); per-sample prompt lengths handled per attention call",
     )
 )

@@ -5,8 +5,9 @@
   are numbered in ``named_modules()`` order (``attn`` then ``attn2`` within a block).
 * Processor: ``JointAttnProcessor2_0`` (``diffusers.models.attention_processor``) calls
   ``F.scaled_dot_product_attention`` itself; :func:`~sparsediff.pipelines.sdpa.dispatch_processor`
-  routes that call through ``dispatch_attention_fn``; ``per_call_layout=True`` lets the image-only
-  ``attn2`` calls use the layout without the text segment.
+  routes that call through ``dispatch_attention_fn``; ``refit_text=True`` lets the image-only
+  ``attn2`` calls run with the layout without the text segment (re-fitted by :mod:`sparsediff.hooks`
+  at run time, eager and ``torch.compile``).
 * Layout: ``hidden_states [B, C, H, W]`` -> grid ``(1, H / p, W / p)`` (``PatchEmbed``, row-major);
   text (``encoder_hidden_states.shape[1]`` = 77 CLIP + T5 ``max_sequence_length`` tokens) **after** the
   image (the processor concatenates ``[image, text]``).
@@ -46,7 +47,7 @@ def sd3_layout(transformer: torch.nn.Module, inputs: Mapping[str, Any]) -> Token
 def _processors() -> dict[str, type]:
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    return {"JointAttnProcessor2_0": dispatch_processor(JointAttnProcessor2_0, per_call_layout=True)}
+    return {"JointAttnProcessor2_0": dispatch_processor(JointAttnProcessor2_0)}
 
 
 SD3_ADAPTER = register_adapter(
@@ -60,6 +61,7 @@ SD3_ADAPTER = register_adapter(
         timestep_units="steps",
         cfg="batch",
         dispatch_processors=_processors(),
+        refit_text=True,
         notes="SD3 medium, SD3.5 large/medium (joint attn + dual-attention attn2 layers)",
     )
 )

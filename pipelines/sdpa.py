@@ -30,35 +30,28 @@ Properties:
 * **Compile-friendly.** A plain Python function and a module attribute: ``torch.compile`` traces it like
   the original (no torch-function mode, no global mutation).
 
-Per-call layout (:func:`adjust_layout`): the root hook reads *one* layout per transformer call, but
-some of these models show the attention op other sequences within that call -- Mochi drops each
-sample's padded prompt tokens (one SDPA call per sample, text length differs per sample / CFG branch),
-SD3.5's ``attn2`` layers are image-only. A drop-in built with ``per_call_layout=True`` derives the
-layout of each attention call from its sequence length (the grid is kept, the text segment takes the
-remaining tokens or is dropped) and publishes it for that call only (eager mode; under
-``torch.compile`` such calls take the generic dense fallback until the layer context re-fits layouts
-itself at run time).
+Per-call layouts are not this module's business: some of these models show the attention op other
+sequences than the transformer call's layout (Mochi drops each sample's padded prompt tokens -- one
+SDPA call per sample; SD3.5's ``attn2`` layers are image-only). Their adapters set
+:attr:`sparsediff.pipelines.base.Adapter.refit_text`, and :mod:`sparsediff.hooks` re-fits the layout
+to each attention call's length at run time (also under ``torch.compile``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from sparsediff.layout import Segment, TokenLayout
-
-__all__ = ["SDPA_F", "dispatch_processor", "adjust_layout", "layout_override"]
+__all__ = ["SDPA_F", "dispatch_processor"]
 
 _SDPA = F.scaled_dot_product_attention
 #: The drop-in processor whose ``__call__`` is running (innermost last); read by :func:`_sdpa`.
-_ACTIVE: list[tuple[Any, bool]] = []
+_ACTIVE: list[Any] = []
 
 
 def _sdpa(
@@ -85,21 +78,19 @@ def _sdpa(
         )
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    proc, per_call_layout = _ACTIVE[-1]
-    guard = layout_override(query.shape[-2]) if per_call_layout else contextlib.nullcontext()
-    with guard:
-        out = dispatch_attention_fn(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-            backend=proc._attention_backend,
-            parallel_config=proc._parallel_config,
-        )
+    proc = _ACTIVE[-1]
+    out = dispatch_attention_fn(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        backend=proc._attention_backend,
+        parallel_config=proc._parallel_config,
+    )
     return out.transpose(1, 2)
 
 
@@ -117,56 +108,7 @@ def _make_sdpa_module() -> types.ModuleType:
 SDPA_F = _make_sdpa_module()
 
 
-def adjust_layout(layout: TokenLayout, num_tokens: int) -> TokenLayout | None:
-    """``layout`` re-fitted to a sequence of ``num_tokens`` tokens, or None when it cannot be.
-
-    Unchanged when the length matches. Otherwise the grid segments are kept in order and the text
-    segments absorb the difference: with no room left for text they are dropped (image-only attention,
-    SD3.5 ``attn2``); with exactly one text segment it gets the remaining tokens (Mochi: valid prompt
-    tokens of one sample). Anything else (several text segments, fewer tokens than the grids) -> None.
-    """
-    if num_tokens == layout.num_tokens:
-        return layout
-    grids = [s for s in layout.segments if s.kind != "text"]
-    texts = [s for s in layout.segments if s.kind == "text"]
-    rest = num_tokens - sum(s.length for s in grids)
-    if rest < 0 or not grids:
-        return None
-    if rest == 0:
-        return TokenLayout(tuple(grids))
-    if len(texts) != 1:
-        return None
-    return TokenLayout(tuple(Segment.text(rest) if s.kind == "text" else s for s in layout.segments))
-
-
-@contextlib.contextmanager
-def layout_override(num_tokens: int) -> Iterator[None]:
-    """While sparse attention is running this layer, make its transformer's layout fit ``num_tokens``.
-
-    A no-op when sparsediff is not running the current processor (``sparsediff.hooks`` has no current
-    layer) or when the layout already fits / cannot be re-fitted (the generic code then falls back to
-    dense with its own message). The previous layout is restored on exit.
-    """
-    from sparsediff import hooks
-
-    if torch.compiler.is_compiling():  # a trace-time mutation would not happen at run time
-        yield
-        return
-    ctx = hooks._CURRENT[0]
-    root = getattr(ctx, "root", None)
-    layout = getattr(root, "layout", None)
-    new = adjust_layout(layout, num_tokens) if layout is not None else None
-    if new is None or new is layout:
-        yield
-        return
-    root.layout = new
-    try:
-        yield
-    finally:
-        root.layout = layout
-
-
-_CLASSES: dict[tuple[type, bool], type] = {}
+_CLASSES: dict[type, type] = {}
 _GLOBALS: dict[str, dict[str, Any]] = {}
 
 
@@ -191,7 +133,7 @@ def _rebound_globals(orig: dict[str, Any]) -> dict[str, Any]:
     return g
 
 
-def dispatch_processor(base: type, *, per_call_layout: bool = False) -> type:
+def dispatch_processor(base: type) -> type:
     """The drop-in ``Dispatch<base>`` class for an SDPA-calling processor class (cached per class).
 
     Instances are created by sparsediff without calling ``__init__`` (the original processor's
@@ -200,8 +142,7 @@ def dispatch_processor(base: type, *, per_call_layout: bool = False) -> type:
     Raises ``TypeError`` when ``base.__call__`` is not a plain function that reads ``F`` from its
     module globals (then this mechanism does not apply).
     """
-    key = (base, per_call_layout)
-    cls = _CLASSES.get(key)
+    cls = _CLASSES.get(base)
     if cls is not None:
         return cls
     orig = base.__call__
@@ -216,7 +157,7 @@ def dispatch_processor(base: type, *, per_call_layout: bool = False) -> type:
     rebound.__doc__ = orig.__doc__
 
     def __call__(self, *args, **kwargs):
-        _ACTIVE.append((self, per_call_layout))
+        _ACTIVE.append(self)
         try:
             return rebound(self, *args, **kwargs)
         finally:
@@ -236,5 +177,5 @@ def dispatch_processor(base: type, *, per_call_layout: bool = False) -> type:
             "(sparsediff.pipelines.sdpa).",
         },
     )
-    _CLASSES[key] = cls
+    _CLASSES[base] = cls
     return cls

@@ -75,6 +75,10 @@ def block_mass(
         if not reasons:
             from . import kernels
 
+            reasons = kernels.not_supported_reasons(q, (block_q, block_kv))
+        if not reasons:
+            from . import kernels
+
             return kernels.block_mass(q, k, lse, block_q=block_q, block_kv=block_kv, scale=scale)
         if backend == "triton":
             raise RuntimeError("the Triton block_mass kernel cannot run: " + "; ".join(reasons))

@@ -11,6 +11,11 @@ How one self-attention call reaches sparsediff (diffusers 0.42)::
               ─ LayerContext.attention: dense fallback (the backend the model would have used), or
                 sparsediff.attention.sparse_attention(q, k, v, layout, head_specs, state, ...)   ◄──┘
 
+* **Per-call layouts.** The root hook reads one layout per transformer call. Adapters with
+  ``refit_text`` (Mochi: one attention call per sample with its own valid prompt length; SD3.5:
+  image-only ``attn2``) see attention calls of other lengths: :meth:`TransformerState.fit_layout`
+  re-fits the layout's text to the call's length at run time (also inside the compiled op), before
+  any dense fallback.
 * **Dense fallback is the model's own call.** Dense heads-only layers, warm-up steps, calls the sparse
   path cannot serve (attention mask, cross-attention through the same processor, layout mismatch)
   call the backend the processor would have used -- its own ``_attention_backend`` (a later
@@ -309,11 +314,12 @@ class LayerContext:
             return self._fallback(kwargs, "the token layout of this call is unknown (root hook did not run)")
         if pc is not None:
             return self._context_parallel(kwargs, pc)
-        if q.shape[1] != layout.num_tokens:
+        fitted = root.fit_layout(q.shape[1])
+        if fitted is None:
             return self._fallback(
                 kwargs, f"sequence length {q.shape[1]} != layout {layout} (adapter {root.adapter.name})"
             )
-        return self._run(kwargs, layout, head_offset=0)
+        return self._run(kwargs, fitted, head_offset=0)
 
     def _fallback(self, kwargs: dict[str, Any], reason: str) -> torch.Tensor:
         self.root.note_fallback(reason)
@@ -464,13 +470,13 @@ class LayerContext:
                 "enable_gqa": enable_gqa,
                 "_parallel_config": None,
             }
-            layout = layer.root.layout
-            perm = layer.root.cp_permutation(world, query.shape[1], query.device)
+            layout = layer.root.fit_layout(query.shape[1])
+            perm = None if layout is None else layer.root.cp_permutation(world, layout, query.device)
             if perm is None:
                 return layer._fallback(
                     full,
                     f"the gathered context-parallel sequence ({query.shape[1]} tokens) does not match the layout "
-                    f"{layout} -- enable context parallelism *before* sparse attention, so that the sparsediff "
+                    f"{layer.root.layout} -- enable context parallelism *before* sparse attention, so that the sparsediff "
                     "root hook sees the unsplit inputs",
                 )
             if perm is not False:
@@ -672,16 +678,33 @@ class TransformerState:
             self._mask_cache = MaskCache(max_entries=self.config.mask_cache_size)
         return self._mask_cache
 
-    def cp_permutation(self, world: int, n: int, device: torch.device):
-        """Index ``perm`` with ``gathered[perm] == canonical`` order for a Ulysses-gathered sequence.
+    def fit_layout(self, num_tokens: int) -> TokenLayout | None:
+        """The layout of one attention call of ``num_tokens`` tokens within the current transformer call.
+
+        The call's layout when the length matches; for adapters with ``refit_text`` (Mochi's per-sample
+        prompts, SD3.5's image-only ``attn2``) the layout with its text re-fitted to the length
+        (:meth:`TokenLayout.refit_text`); otherwise None (the caller falls back to dense). Runs at run
+        time -- eagerly, or inside the opaque ``layer_attention`` op under ``torch.compile`` -- from the
+        call's static shapes, so compiled graphs never bake a per-call layout in.
+        """
+        layout = self.layout
+        if layout is None:
+            return None
+        if num_tokens == layout.num_tokens:
+            return layout
+        if not getattr(self.adapter, "refit_text", False):
+            return None
+        return layout.refit_text(int(num_tokens))
+
+    def cp_permutation(self, world: int, layout: TokenLayout, device: torch.device):
+        """Index ``perm`` with ``gathered[perm] == canonical`` order for a Ulysses-gathered sequence
+        of ``layout`` (the call's layout, :meth:`fit_layout` of the gathered length).
 
         False when the gathered sequence is already in layout order, None when it does not fit.
         Adapters with ``cp_split == "segments"`` (Flux: text and image split separately across ranks)
         gather ``[text_0, image_0, text_1, image_1, ...]``.
         """
-        layout = self.layout
-        if layout is None or n != layout.num_tokens:
-            return None
+        n = layout.num_tokens
         if getattr(self.adapter, "cp_split", "sequence") != "segments" or len(layout.segments) == 1:
             return False
         lens = [s.length for s in layout.segments]

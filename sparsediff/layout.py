@@ -20,6 +20,7 @@ kept in full. :meth:`TokenLayout.text_mask` marks exactly those tokens that are 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -135,6 +136,17 @@ class TokenLayout:
         """A new layout with ``segment`` appended (e.g. reference-image tokens of an edit pipeline)."""
         return TokenLayout(self.segments + (segment,))
 
+    def refit_text(self, num_tokens: int) -> TokenLayout | None:
+        """This layout re-fitted to a sequence of ``num_tokens`` tokens by changing its text, or None.
+
+        ``self`` when the length already matches. Otherwise the grid segments are kept in order and the
+        text absorbs the difference: with exactly the grids' tokens the text segments are dropped
+        (image-only attention, SD3.5 ``attn2``); with more, a *single* text segment gets the remaining
+        tokens (Mochi: the valid prompt tokens of one sample). Anything else -- fewer tokens than the
+        grids, several text segments, no grid -- is ambiguous: None.
+        """
+        return _refit_text(self, num_tokens)
+
     # ------------------------------------------------------------------ properties
     @property
     def num_tokens(self) -> int:
@@ -201,3 +213,20 @@ class TokenLayout:
 
     def __repr__(self) -> str:
         return f"TokenLayout({' + '.join(repr(s) for s in self.segments)}; N={self.num_tokens})"
+
+
+@functools.lru_cache(maxsize=256)
+def _refit_text(layout: TokenLayout, num_tokens: int) -> TokenLayout | None:
+    # memoised: the same few (layout, length) pairs recur on every layer of every call
+    if num_tokens == layout.num_tokens:
+        return layout
+    grids = tuple(s for s in layout.segments if s.kind != "text")
+    n_text = sum(1 for s in layout.segments if s.kind == "text")
+    rest = num_tokens - sum(s.length for s in grids)
+    if rest < 0 or not grids:
+        return None
+    if rest == 0:
+        return TokenLayout(grids)
+    if n_text != 1:
+        return None
+    return TokenLayout(tuple(Segment.text(rest) if s.kind == "text" else s for s in layout.segments))

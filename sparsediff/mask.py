@@ -291,26 +291,35 @@ class BlockSparseMask:
         if len(key) > 2:
             raise IndexError("BlockSparseMask can be sliced by (batch, head) only")
 
-        def norm(k):
-            return slice(k, k + 1) if isinstance(k, int) else k
+        def norm(k, size: int, what: str):
+            if isinstance(k, bool) or not isinstance(k, int):
+                return k
+            if not -size <= k < size:
+                raise IndexError(f"{what} index {k} out of range for a mask with {what} size {size}")
+            k %= size
+            return slice(k, k + 1)
 
-        bk = norm(key[0])
-        hk = norm(key[1]) if len(key) == 2 else slice(None)
+        bk = norm(key[0], self.batch, "batch")
+        hk = norm(key[1], self.heads, "head") if len(key) == 2 else slice(None)
         idx = self.kv_indices[bk][:, hk]
         cnt = self.kv_counts[bk][:, hk]
         return BlockSparseMask(
             idx.contiguous(), cnt.contiguous(), self.block_size, self.seq_lens, validate=False
         )
 
-    def _check_compatible(self, other: BlockSparseMask) -> None:
+    def _check_compatible(self, other: BlockSparseMask, *, heads: bool = True) -> None:
         if self.block_size != other.block_size or self.seq_lens != other.seq_lens:
             raise ValueError(
                 f"masks differ: block_size {self.block_size} vs {other.block_size}, "
                 f"seq_lens {self.seq_lens} vs {other.seq_lens}"
             )
+        dims = [("batch", self.batch, other.batch)] + ([("heads", self.heads, other.heads)] if heads else [])
+        for what, a, b in dims:
+            if a != b and 1 not in (a, b):
+                raise ValueError(f"masks have {what} {a} and {b}; they must match or one must be 1")
 
     def union(self, other: BlockSparseMask) -> BlockSparseMask:
-        """Blocks computed by either mask (batch/head dims broadcast)."""
+        """Blocks computed by either mask (a batch or head dim of 1 broadcasts against the other)."""
         self._check_compatible(other)
         return BlockSparseMask.from_dense(self.to_dense() | other.to_dense(), self.block_size, self.seq_lens)
 
@@ -329,7 +338,7 @@ class BlockSparseMask:
             raise ValueError("cat_heads needs at least one mask")
         first = masks[0]
         for m in masks[1:]:
-            first._check_compatible(m)
+            first._check_compatible(m, heads=False)
         bm = max(m.batch for m in masks)
         kmax = max(m.kv_indices.shape[3] for m in masks)
         idx, cnt = [], []

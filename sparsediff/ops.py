@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 
@@ -42,7 +41,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockS
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if mask.device.type != q.device.type:
+    if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
     B, H, Nq, D = q.shape
     if k.shape[0] != B or k.shape[1] != H or v.shape[0] != B or v.shape[1] != H:
@@ -166,8 +165,3 @@ def block_sparse_attention(
     bq, bk = mask.block_size
     out, lse = _block_sparse_attn_op(q, k, v, mask.kv_indices, mask.kv_counts, bq, bk, float(scale), backend)
     return (out, lse) if return_lse else out
-
-
-def interpreter_requested() -> bool:
-    """True when TRITON_INTERPRET=1 is set in the environment (informational)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

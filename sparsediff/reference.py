@@ -33,7 +33,7 @@ def block_sparse_attention(
     """Reference block-sparse attention with the same contract as :func:`sparsediff.block_sparse_attention`.
 
     Args:
-        q: ``[B, H, Nq, D]`` (any strides). k: ``[B, H, Nk, D]``. v: ``[B, H, Nk, Dv]``.
+        q: ``[B, H, Nq, D]`` (any strides). k, v: ``[B, H, Nk, D]``.
         mask: :class:`BlockSparseMask` with ``seq_lens == (Nq, Nk)``, ``heads == H``, batch 1 or B.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the natural-log log-sum-exp ``[B, H, Nq]`` (float32).
@@ -104,6 +104,12 @@ def _forward(
         vg = torch.index_select(vp, 0, flat, out=vbuf[: n * bk * Dv].view(n, bk, Dv)).view(
             B * H * c, m * bk, Dv
         )
+        if not bool(valid_slot.all()):
+            # padding slots gathered block 0 with weight 0; zero them so that a NaN/inf in a block this
+            # row does not list cannot leak in through 0 * NaN (the kernel never reads those blocks)
+            pad = ~valid_slot.view(B * H * c, m, 1, 1)
+            kg.view(B * H * c, m, bk, D).masked_fill_(pad, 0.0)
+            vg.view(B * H * c, m, bk, Dv).masked_fill_(pad, 0.0)
         col_ok = (valid_slot.unsqueeze(-1) & key_in_range[ids]).view(B * H * c, 1, m * bk)
         bias = torch.zeros(col_ok.shape, dtype=torch.float32, device=dev).masked_fill_(~col_ok, -math.inf)
         qc = qp[:, :, q0:q1].reshape(B * H * c, bq, D)
@@ -114,7 +120,7 @@ def _forward(
         p = s.sub_(mx).exp_()
         denom = p.sum(-1, keepdim=True)
         o = torch.bmm(p, vg)
-        nonempty = denom > 0
+        nonempty = denom != 0  # NaN inputs give a NaN denominator: propagate, as dense attention does
         o = torch.where(nonempty, o / denom.clamp_min(1e-30), 0.0)
         lse_c = torch.where(nonempty, mx + torch.log(denom.clamp_min(1e-30)), -math.inf)
         out_b[:, :, q0:q1] = o.view(B, H, c, bq, Dv)

@@ -76,3 +76,87 @@ def test_flux_compile_repeated_blocks_one_graph_per_block_class(fresh_dynamo):
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(out, sparse_eager, rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, eager)
+
+
+def _flip_batch(call):
+    """The same transformer call with its batch reversed (Mochi: the two prompt lengths swap samples)."""
+    b = call["hidden_states"].shape[0]
+    return {
+        k: v.flip(0) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b else v for k, v in call.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["sd3", "mochi"])
+def test_compiled_refit_layouts_run_sparse(fresh_dynamo, monkeypatch, name):
+    """Adapters with ``refit_text`` under ``torch.compile``: SD3.5's image-only ``attn2`` (no text) and
+    Mochi's per-sample attention calls (batched CFG with two prompts of different valid lengths) re-fit
+    the layout at run time inside the opaque layer op, so with ``strict=True`` every self-attention
+    call of the compiled blocks runs sparse (no dense fallback) and matches eager sparse."""
+    from _integration import SPARSE_PLAN
+    from sparsediff.pipelines.base import get_adapter
+    from tiny_pipelines import build, capture_transformer_call
+
+    import sparsediff.attention as sa
+    from sparsediff.layout import TokenLayout
+
+    counters = fresh_dynamo
+    tiny = build(name)
+    t = tiny.pipe.transformer
+    n_layers = len(get_adapter(t).attention_modules(t))
+    grid = tiny.layout.grid
+    if name == "sd3":  # joint attn: [image, 93 text]; dual-attention attn2: image only
+        expected = {tiny.layout, TokenLayout.image(*grid[1:])}
+        calls_per_forward = n_layers  # CFG batched in one attention call per layer
+    else:  # one call per sample, each with its own valid prompt tokens
+        lens = {tiny.layout.text_len, tiny.extra["negative_text_len"]}
+        assert len(lens) == 2
+        expected = {TokenLayout.video(*grid, text_len=n, text_position="after") for n in lens}
+        calls_per_forward = 2 * n_layers
+    call = capture_transformer_call(tiny)  # the batched CFG call (batch 2)
+    call["return_dict"] = False
+    assert call["hidden_states"].shape[0] == 2
+    flipped = _flip_batch(call)
+
+    seen: list[tuple[TokenLayout, bool, float]] = []
+    orig = sa.sparse_attention
+
+    def spy(q, k, v, layout, head_specs, state=None, **kw):
+        out = orig(q, k, v, layout, head_specs, state, **kw)
+        seen.append((layout, kw.get("force_dense", False), float(state.last_mask.density())))
+        return out
+
+    monkeypatch.setattr(sa, "sparse_attention", spy)
+
+    def run(inputs):
+        seen.clear()
+        out = t(**inputs)[0]
+        assert len(seen) == calls_per_forward, (
+            f"{name}: {len(seen)} sparse calls, expected {calls_per_forward}"
+        )
+        assert {lay for lay, *_ in seen} == expected, seen
+        assert all(not fd and 0 < d < 1 for _, fd, d in seen), seen
+        return out, list(seen)
+
+    with torch.no_grad():
+        base = t(**call)[0]
+        api.enable_sparse_attention(t, SPARSE_PLAN, **SPARSE_KW, strict=True)
+        try:
+            eager = [run(c) for c in (call, flipped)]
+            if t._repeated_blocks:
+                t.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+            else:
+                for block in t.transformer_blocks:
+                    block.compile(fullgraph=True, backend="aot_eager")
+            # first call compiles every block (the last block is another graph: context_pre_only);
+            # the second, with the prompt lengths swapped between samples, must reuse those graphs
+            compiled = [run(call)]
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled.append(run(flipped))
+        finally:
+            api.disable_sparse_attention(t)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == len(t.transformer_blocks), dict(counters["stats"])
+    for (out_c, seen_c), (out_e, seen_e) in zip(compiled, eager):
+        assert [x[0] for x in seen_c] == [x[0] for x in seen_e]  # same layouts, same call order
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(eager[0][0], base, atol=1e-4)  # the sparse plan really changed the output

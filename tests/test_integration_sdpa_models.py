@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from _integration import three_run
 from sparsediff.pipelines.base import bind_forward_inputs, get_adapter
-from sparsediff.pipelines.sdpa import SDPA_F, adjust_layout, dispatch_processor
+from sparsediff.pipelines.sdpa import SDPA_F, dispatch_processor
 from tiny_pipelines import (
     build,
     capture_transformer_call,
@@ -92,7 +92,8 @@ def test_adapter_layout_is_token_order(tiny):
 
 
 def test_adapter_layout_batched_call():
-    """Mochi: the batched CFG call reports the longest valid prompt; each per-sample SDPA call re-fits it."""
+    """Mochi: the batched CFG call reports the longest valid prompt; each per-sample SDPA call re-fits it
+    (``Adapter.refit_text``, done by the hooks at run time)."""
     tiny = build("mochi")
     transformer = tiny.pipe.transformer
     call = capture_transformer_call(tiny)
@@ -100,19 +101,35 @@ def test_adapter_layout_batched_call():
     cond, neg = tiny.layout.segments[-1].length, tiny.extra["negative_text_len"]
     assert cond != neg  # the two CFG samples really have different prompt lengths
     assert layout == TokenLayout.video(*tiny.layout.grid, text_len=max(cond, neg), text_position="after")
-    assert adjust_layout(layout, tiny.layout.grid_len + neg) == TokenLayout.video(
+    assert get_adapter(transformer).refit_text
+    assert layout.refit_text(tiny.layout.grid_len + neg) == TokenLayout.video(
         *tiny.layout.grid, text_len=neg, text_position="after"
     )
 
 
-def test_adjust_layout():
-    lay = TokenLayout.image(8, 12, text_len=93, text_position="after")
-    assert adjust_layout(lay, 96 + 93) is lay
-    assert adjust_layout(lay, 96) == TokenLayout.image(8, 12)  # SD3.5 attn2: image only
-    assert adjust_layout(lay, 96 + 5) == TokenLayout.image(8, 12, text_len=5, text_position="after")
-    assert adjust_layout(lay, 95) is None  # fewer tokens than the grid
-    two = TokenLayout.video(2, 3, 4, text_len=3, text_position="before").append(lay.segments[1])
-    assert adjust_layout(two, 24 + 3 + 93 + 1) is None  # ambiguous: two text segments
+def test_refit_text_is_opt_in():
+    """Without ``Adapter.refit_text`` a call whose length differs from the layout (SD3.5 image-only
+    ``attn2``) is not re-fitted: it falls back to dense, which ``strict=True`` turns into an error."""
+    import dataclasses
+
+    from _integration import SPARSE_KW, SPARSE_PLAN
+
+    import sparsediff.api as api
+    from sparsediff.hooks import apply_sparse_attention, remove_sparse_attention
+
+    tiny = build("sd3")
+    t = tiny.pipe.transformer
+    call = last_sample(capture_transformer_call(tiny))
+    call["return_dict"] = False
+    adapter = dataclasses.replace(get_adapter(t), refit_text=False)
+    cfg = api.SparseAttentionConfig().updated(**SPARSE_KW, strict=True)
+    plan = api.resolve_plan(SPARSE_PLAN, adapter).with_overrides(dense_steps=0, dense_layers=(), min_tokens=0)
+    apply_sparse_attention(t, plan, cfg, adapter=adapter)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"sequence length 96 != layout"):
+            t(**call)
+    finally:
+        remove_sparse_attention(t)
 
 
 def test_redirect_is_local_to_the_drop_in():
@@ -143,7 +160,7 @@ def test_drop_in_is_bit_identical_without_sparsediff():
         try:
             for m in transformer.modules():
                 if hasattr(m, "processor"):
-                    new = object.__new__(dispatch_processor(type(m.processor), per_call_layout=True))
+                    new = object.__new__(dispatch_processor(type(m.processor)))
                     vars(new).update(vars(m.processor))
                     m.processor = new
             out = transformer(**call)[0]

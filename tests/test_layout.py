@@ -111,3 +111,24 @@ def test_dense_schedule():
         DenseSchedule(dense_steps=1.5)
     with pytest.raises(ValueError):
         f.is_dense(1, None)
+
+
+def test_refit_text():
+    """Per-attention-call layouts (SD3.5 image-only ``attn2``, Mochi per-sample prompt lengths)."""
+    lay = TokenLayout.image(8, 12, text_len=93, text_position="after")
+    assert lay.refit_text(96 + 93) is lay
+    assert lay.refit_text(96) == TokenLayout.image(8, 12)  # image only: text dropped
+    assert lay.refit_text(96 + 5) == TokenLayout.image(8, 12, text_len=5, text_position="after")
+    assert lay.refit_text(96 + 200) == TokenLayout.image(8, 12, text_len=200, text_position="after")
+    before = TokenLayout.video(2, 3, 4, text_len=7, text_position="before")
+    assert before.refit_text(24 + 2) == TokenLayout.video(2, 3, 4, text_len=2, text_position="before")
+    assert lay.refit_text(95) is None  # fewer tokens than the grid
+    two = TokenLayout.video(2, 3, 4, text_len=3, text_position="before").append(lay.segments[1])
+    assert two.refit_text(24 + 3 + 93 + 1) is None  # ambiguous: two text segments
+    assert two.refit_text(24) == TokenLayout.video(2, 3, 4)  # ... but dropping both is not
+    assert TokenLayout((Segment.text(5),)).refit_text(3) is None  # no grid
+    # no text at all: only the exact length fits; an extra image segment is kept as is
+    assert TokenLayout.video(2, 3, 4).refit_text(25) is None
+    edit = TokenLayout.image(4, 4, text_len=6).append(Segment.image_grid(4, 4))
+    assert edit.refit_text(32) == TokenLayout((Segment.image_grid(4, 4), Segment.image_grid(4, 4)))
+    assert hash(lay.refit_text(96)) == hash(TokenLayout.image(8, 12))  # usable as a cache key

@@ -223,7 +223,7 @@ def test_cat_heads_and_expand_batch():
     with pytest.raises(ValueError, match="at least one"):
         BlockSparseMask.cat_heads([])
     c3 = BlockSparseMask.from_dense(_random_block_bool(3, 1, 64, 80, 16), 16, (64, 80))
-    with pytest.raises(ValueError, match="cannot concatenate"):
+    with pytest.raises(ValueError, match="batch 2 and 3"):
         BlockSparseMask.cat_heads([m, c3])
 
 
