@@ -15,6 +15,7 @@ State lives in explicit objects, never in globals:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -162,13 +163,32 @@ class LayerState:
 
 
 def plan_heads(head_specs: Sequence[HeadSpec]) -> OrderedDict[HeadSpec, tuple[int, ...]]:
-    """Group head indices by (normalised) spec, in order of first appearance."""
+    """Group head indices by (normalised) spec, in order of first appearance.
+
+    Memoised on the ``head_specs`` tuple (a layer's specs are the same on every call); the returned
+    dict is a fresh copy the caller may modify.
+    """
+    return OrderedDict(_head_groups(tuple(head_specs)))
+
+
+def _head_groups(head_specs: tuple) -> tuple[tuple[HeadSpec, tuple[int, ...]], ...]:
+    """:func:`plan_heads` as an immutable tuple of ``(spec, heads)``, memoised (LRU) on ``head_specs``."""
+    try:
+        return _head_groups_cached(head_specs)
+    except TypeError:  # an unhashable entry (so not a HeadSpec): the uncached path names it
+        return _group_specs(head_specs)
+
+
+def _group_specs(head_specs: tuple) -> tuple[tuple[HeadSpec, tuple[int, ...]], ...]:
     groups: OrderedDict[HeadSpec, list[int]] = OrderedDict()
     for h, s in enumerate(head_specs):
         if not isinstance(s, HeadSpec):
             raise TypeError(f"head_specs[{h}] must be a HeadSpec, got {type(s).__name__}")
         groups.setdefault(s.normalized(), []).append(h)
-    return OrderedDict((s, tuple(hs)) for s, hs in groups.items())
+    return tuple((s, tuple(hs)) for s, hs in groups.items())
+
+
+_head_groups_cached = functools.lru_cache(maxsize=1024)(_group_specs)
 
 
 def _expand_heads(m: BlockSparseMask, hg: int) -> BlockSparseMask:
@@ -253,7 +273,8 @@ def sparse_attention(
         raise ValueError(f"block_size must be >= 1, got {bs}")
     scale = float(D**-0.5 if scale is None else scale)
     dev = q.device
-    groups = plan_heads(head_specs)
+    group_items = _head_groups(tuple(head_specs))
+    groups = dict(group_items)
     if state is not None:
         state._bind(layout, q, step)
 
@@ -276,15 +297,16 @@ def sparse_attention(
                         state.skip_out[h] = out[:, h].detach().clone()
         return out
 
-    dense_tokens_nat = layout.dense_mask(dev)
-    grid_first_dense = None  # dense-token flags in grid-first orders (same for every grid-first perm)
+    # dense-token flags [N] (natural order / grid-first orders): built only by the dynamic patterns
+    # that need them, and kept in the cache -- a fully cached static call creates no per-call tensors
+    def dense_nat():
+        return cached(("dense_tokens", layout, str(dev)), lambda: layout.dense_mask(dev))
 
     def gf_dense():
-        nonlocal grid_first_dense
-        if grid_first_dense is None:
-            ng = layout.grid_len
-            grid_first_dense = torch.arange(N, device=dev) >= ng
-        return grid_first_dense
+        return cached(
+            ("dense_tokens_grid_first", layout, str(dev)),
+            lambda: torch.arange(N, device=dev) >= layout.grid_len,
+        )
 
     group_masks: list[tuple[tuple[int, ...], BlockSparseMask]] = []
     perms_q: list[tuple[tuple[int, ...], Permutation]] = []
@@ -295,7 +317,7 @@ def sparse_attention(
 
     static_key = None
     if cache is not None and all(_is_static(sp) for sp in groups):
-        static_key = ("assembled", layout, tuple(groups.items()), bs, str(dev))
+        static_key = ("assembled", layout, group_items, bs, str(dev))
     prebuilt = cache.get(static_key) if static_key is not None else None
     if prebuilt is not None:
         mask, qi, ki = prebuilt
@@ -379,7 +401,7 @@ def sparse_attention(
                 bb = topp_block_bool(
                     q[:, hl],
                     k[:, hl],
-                    dense_tokens_nat,
+                    dense_nat(),
                     bs,
                     top_p=float(spec.get("top_p")),
                     min_frac=float(spec.get("min_frac")),
@@ -391,7 +413,18 @@ def sparse_attention(
                     (
                         heads,
                         _lse_cache_group(
-                            q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend
+                            q,
+                            k,
+                            layout,
+                            spec,
+                            heads,
+                            state,
+                            step,
+                            bs,
+                            scale,
+                            need_lse_for,
+                            backend,
+                            dense_nat,
                         ),
                     )
                 )
@@ -418,21 +451,28 @@ def sparse_attention(
                 inv[h] = i
             mask = mask[:, inv]
 
-        qi = _index_tensor(perms_q, B, H, N, dev)
-        ki = _index_tensor(perms_k, B, H, N, dev)
+        qi = _TokenIndex.of(perms_q, H, N)
+        same = len(perms_q) == len(perms_k) and all(
+            a[0] == b[0] and a[1] is b[1] for a, b in zip(perms_q, perms_k)
+        )
+        ki = qi if same else _TokenIndex.of(perms_k, H, N)
         if static_key is not None:
             cache.put(static_key, (mask, qi, ki))
 
     # ------------------------------------------------------------------ permute, run once, un-permute
-    qq = q if qi is None else gather_tokens(q, qi[0])
-    kk = k if ki is None else gather_tokens(k, ki[0])
-    vv = v if ki is None else gather_tokens(v, ki[0])
+    qq = q if qi is None else qi.apply(q)
+    kk = k if ki is None else ki.apply(k)
+    vv = v if ki is None else ki.apply(v)
     out_p, lse_p = block_sparse_attention(qq, kk, vv, mask, scale=scale, return_lse=True, backend=backend)
     if qi is None and not skip_fill:
         out = out_p
-    else:
+    elif qi is None:
         out = torch.empty_like(q)
-        out.copy_(out_p if qi is None else gather_tokens(out_p, qi[1]))
+        out.copy_(out_p)
+    else:
+        out = qi.apply(out_p, inverse=True)  # a fresh tensor, in out_p's (= q's) memory layout
+        if out.stride() != q.stride():
+            out = torch.empty_like(q).copy_(out)
     for h in skip_fill:
         out[:, h] = state.skip_out[h]
     if state is not None:
@@ -449,23 +489,77 @@ def _is_static(spec: HeadSpec) -> bool:
     return spec.is_static
 
 
-def _index_tensor(perms, B, H, N, dev):
-    """Combine per-group permutations into one ``[Bi, H, N]`` gather index and its inverse (None if no group permutes)."""
-    if not perms:
-        return None
-    bi = max((p.perm.shape[0] if p.perm.dim() == 3 else 1) for _, p in perms)
-    idx = torch.arange(N, device=dev).expand(bi, H, N).clone()
-    inv = idx.clone()
-    for heads, p in perms:
-        hl = list(heads)
-        pp = p.perm if p.perm.dim() == 3 else p.perm.expand(bi, len(hl), N)
-        pi = p.inv if p.inv.dim() == 3 else p.inv.expand(bi, len(hl), N)
-        idx[:, hl] = pp.expand(bi, -1, -1)
-        inv[:, hl] = pi.expand(bi, -1, -1)
-    return idx, inv
+class _TokenIndex:
+    """The per-head token orders of one call (each group's :class:`Permutation` on its heads, identity
+    on the others), applied to a ``[B, H, N, D]`` tensor as ONE row ``index_select`` over the tensor's
+    memory order.
+
+    Unpermuted heads cost a row copy, not a ``torch.gather`` with a ``[B, H, N, D]`` index (on CPU
+    ``gather`` is ~10x slower than a memcpy). The flat row indices are built once per memory layout
+    (heads outer ``[B, H, N, D]`` / heads inner ``[B, N, H, D]``, diffusers' layout) and batch, and kept
+    here -- the all-static assembled entry of the :class:`MaskCache` holds this object, so a cached call
+    builds no index. Indices are int32 when they fit.
+    """
+
+    __slots__ = ("groups", "heads", "tokens", "batch", "_flat")
+
+    def __init__(self, groups, heads: int, tokens: int) -> None:
+        self.groups = tuple(groups)  # ((heads, Permutation), ...)
+        self.heads, self.tokens = heads, tokens
+        #: batch of the per-batch orders (``[B, Hg, N]`` cluster orders), 1 when every order is shared
+        self.batch = max((p.perm.shape[0] if p.perm.dim() == 3 else 1) for _, p in self.groups)
+        self._flat: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, perms, heads: int, tokens: int) -> _TokenIndex | None:
+        return cls(perms, heads, tokens) if perms else None
+
+    def per_head(self, inverse: bool = False) -> torch.Tensor:
+        """int64 ``[Bi, H, N]``: source token of every (head, position) (``inverse``: the way back)."""
+        bi, H, N = self.batch, self.heads, self.tokens
+        dev = self.groups[0][1].perm.device
+        idx = torch.arange(N, device=dev).expand(bi, H, N).clone()
+        for heads, p in self.groups:
+            t = p.inv if inverse else p.perm
+            t = t if t.dim() == 3 else t.expand(bi, len(heads), N)
+            idx[:, list(heads)] = t.expand(bi, -1, -1)
+        return idx
+
+    def _flat_index(self, inverse: bool, heads_inner: bool, batch: int) -> torch.Tensor:
+        key = (inverse, heads_inner, batch if self.batch > 1 else 1)
+        f = self._flat.get(key)
+        if f is None:
+            idx = self.per_head(inverse)  # [Bi, H, N]
+            bi, H, N = idx.shape
+            h = torch.arange(H, device=idx.device).view(1, H, 1)
+            # row of (head h, token t): heads inner -> t * H + h ([B, N, H] order), else h * N + t
+            f = (idx * H + h).transpose(1, 2) if heads_inner else idx + h * N
+            if bi > 1:
+                if bi != batch:
+                    raise ValueError(f"per-batch token orders for batch {bi}, tensor has batch {batch}")
+                f = f + torch.arange(bi, device=idx.device).view(bi, 1, 1) * (H * N)
+            f = f.reshape(-1)
+            if bi * H * N < 2**31:
+                f = f.to(torch.int32)
+            self._flat[key] = f
+        return f
+
+    def apply(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``x [B, H, N, D]`` natural order -> every head in its order (``inverse``: back). A new tensor
+        in x's memory layout (heads inner or outer), whatever x's strides."""
+        B, H, N, D = x.shape
+        heads_inner = x.stride(1) < x.stride(2)
+        f = self._flat_index(inverse, heads_inner, B)
+        xm = x.transpose(1, 2) if heads_inner else x  # memory order [B, N, H, D] / [B, H, N, D]
+        if self.batch > 1:
+            y = xm.reshape(B * H * N, D).index_select(0, f)
+        else:
+            y = xm.reshape(B, H * N, D).index_select(1, f)
+        y = y.view(xm.shape)
+        return y.transpose(1, 2) if heads_inner else y
 
 
-def _lse_cache_group(q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend):
+def _lse_cache_group(q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend, dense_nat):
     """Mask for a group of lse_cache heads; refreshes per the schedule (see module docs)."""
     N = q.shape[2]
     hg = len(heads)
@@ -490,7 +584,7 @@ def _lse_cache_group(q, k, layout, spec, heads, state, step, bs, scale, need_lse
         q[:, hl],
         k[:, hl],
         state.lse[:, hl],
-        layout.dense_mask(dev),
+        dense_nat(),
         bs,
         recall=float(spec.get("recall")),
         min_frac=float(spec.get("min_frac")),

@@ -113,7 +113,11 @@ def axis_order(grid: tuple[int, int, int], order: str, device=None) -> torch.Ten
     if order == "frame":
         order = "hwf"
     if order not in AXIS_ORDERS:
-        raise ValueError(f"axis order must be 'frame' or one of {AXIS_ORDERS}, got {order!r}")
+        raise ValueError(
+            f"unknown order {order!r}: axis_order takes 'frame' or one of {AXIS_ORDERS}; the other token "
+            "orders are 'hilbert' (hilbert_order), 'tile' (tile_order), 'natural' (layout_order) and "
+            "'cluster' (cluster_order, data dependent)"
+        )
     F, H, W = grid
     nat = torch.arange(F * H * W, device=device).view(F, H, W)
     dims = ["fhw".index(c) for c in order]

@@ -9,7 +9,8 @@ A :class:`Plan` is a versioned JSON document (never a pickle)::
         "num_layers": 30, "num_heads": [12, ...], "head_dim": [128, ...],
         "config_hash": "sha256:...", "config": {...}
       },
-      "schedule": {"dense_steps": 0.25, "dense_layers": [0], "refresh_steps": []},
+      "schedule": {"dense_steps": 0.25, "dense_layers": [0], "refresh_steps": []},   # 0.25: a fraction;
+                                                  # an int (3) counts steps; 1.0 = every step dense
       "min_tokens": 0,                            # calls with fewer tokens run dense
       "default": {"pattern": "radial", "params": {}},   # every head not listed in "layers"
       "layers": [[{"pattern": ..., "params": {...}}, ...], ...] | null,   # per layer, per global head
@@ -17,6 +18,10 @@ A :class:`Plan` is a versioned JSON document (never a pickle)::
       "layout": {"segments": [...]} | null,       # the token layout the plan was searched for
       "meta": {...}                               # free-form (search settings, date, versions)
     }
+
+Unknown keys anywhere except the free-form ``meta``, ``model.config`` and ``stats`` entries are rejected
+(:class:`PlanError` naming the key and the allowed ones), as are head-spec parameter values outside their
+range (the error names the head: ``layers[3][7]: pattern 'topp': parameter 'top_p' = 1.5 ...``).
 
 Heads are indexed **globally** (``0 .. num_heads-1`` of the unsharded model); under context parallelism
 each rank asks :meth:`Plan.head_specs` for its contiguous slice. Patterns are functions of the token
@@ -131,6 +136,7 @@ class ModelIdentity:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelIdentity:
         _require(d, ("transformer_class", "adapter", "num_heads", "head_dim"), "model")
+        _reject_unknown(d, _MODEL_KEYS, "model")
         heads, dims = d["num_heads"], d["head_dim"]
         if isinstance(heads, int):
             heads = [heads] * int(d.get("num_layers", 0))
@@ -174,6 +180,47 @@ def _require(d: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
         raise PlanError(f"{where} is missing key(s) {missing}")
 
 
+#: Keys a plan document may hold (top level and nested objects); anything else is a :class:`PlanError`.
+_PLAN_KEYS = (
+    "format",
+    "version",
+    "model",
+    "schedule",
+    "min_tokens",
+    "default",
+    "layers",
+    "stats",
+    "layout",
+    "meta",
+)
+_SCHEDULE_KEYS = ("dense_steps", "dense_layers", "refresh_steps")
+_MODEL_KEYS = ("transformer_class", "adapter", "num_layers", "num_heads", "head_dim", "config_hash", "config")
+_LAYOUT_KEYS = ("segments",)
+_SEGMENT_KEYS = ("kind", "length", "grid")
+_SPEC_KEYS = ("pattern", "params")
+
+
+def _reject_unknown(d: Any, allowed: Sequence[str], where: str) -> None:
+    """:class:`PlanError` when ``d`` is not an object or has keys outside ``allowed`` (typos)."""
+    if not isinstance(d, Mapping):
+        raise PlanError(f"{where} must be a JSON object, got {type(d).__name__}")
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(allowed)}")
+
+
+def _spec_from_dict(s: Any, where: str) -> HeadSpec:
+    """A head spec of the plan document; errors name its place (``default``, ``layers[l][h]``)."""
+    _reject_unknown(s, _SPEC_KEYS, where)
+    params = s.get("params")
+    if params is not None and not isinstance(params, Mapping):
+        raise PlanError(f"{where}: params must be a JSON object, got {type(params).__name__}")
+    try:
+        return HeadSpec.from_dict(s)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{where}: {e}") from e
+
+
 # ---------------------------------------------------------------------- layout (de)serialisation
 def _layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
     return {
@@ -186,6 +233,9 @@ def _layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
 
 def _layout_from_dict(d: Mapping[str, Any]) -> TokenLayout:
     _require(d, ("segments",), "layout")
+    _reject_unknown(d, _LAYOUT_KEYS, "layout")
+    for i, s in enumerate(d["segments"] if isinstance(d["segments"], Sequence) else ()):
+        _reject_unknown(s, _SEGMENT_KEYS, f"layout.segments[{i}]")
     try:
         segs = tuple(
             Segment(s["kind"], int(s["length"]), tuple(s["grid"]) if s.get("grid") else None)
@@ -205,7 +255,12 @@ class Plan:
         default: spec of every head that ``layers`` does not list (the whole model for uniform plans).
         layers: ``layers[l][h]`` = spec of global head ``h`` of self-attention layer ``l``; ``None`` for a
             uniform plan. A per-head plan needs ``model`` (it is only valid for that model).
-        schedule: dense warm-up (:class:`~sparsediff.specs.DenseSchedule`).
+        schedule: dense warm-up (:class:`~sparsediff.specs.DenseSchedule`). ``dense_steps`` keeps its JSON
+            type: an **int** counts steps (``3`` = the first 3 steps dense) and a **float** is a fraction
+            of the run's steps in ``[0, 1]``, rounded up (``0.25`` of 50 steps = 13). Mind the decimal
+            point in a hand-written plan: ``1`` is one dense step but ``1.0`` makes **every** step dense
+            (and ``2.0`` is an error). ``from_dict``/``load`` keep ints and floats apart as ``json``
+            parses them, and ``to_json`` writes floats with a decimal point, so the round trip is exact.
         refresh_steps: denoising steps at which layers with cache-based heads (``lse_cache``, ``skip``) run
             one exact pass that refreshes their caches (LSE, skipped outputs); other layers ignore them.
         min_tokens: calls whose sequence is shorter run dense (sparsity does not pay on small inputs).
@@ -454,6 +509,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "plan") -> Plan:
+        """Parse and validate a plan document (see the module docstring).
+
+        Unknown keys -- at the top level, in ``schedule``, ``model``, ``layout`` (and its segments) and in
+        every head spec -- are errors, so a typo (``"shedule"``, ``"dense_layer"``) never goes unnoticed.
+        ``meta``, ``model.config`` and the ``stats`` entries are free-form. Every error is a
+        :class:`PlanError` that starts with ``source`` and names where in the document it is.
+        """
         if not isinstance(d, Mapping):
             raise PlanError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
         if d.get("format") != PLAN_FORMAT:
@@ -461,7 +523,7 @@ class Plan:
                 f"{source}: not a sparsediff plan (format={d.get('format')!r}, expected {PLAN_FORMAT!r})"
             )
         version = d.get("version")
-        if not isinstance(version, int) or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise PlanError(f"{source}: bad version {version!r}")
         if version > PLAN_VERSION:
             raise PlanError(
@@ -469,24 +531,45 @@ class Plan:
                 "upgrade sparsediff"
             )
         try:
-            sched = d.get("schedule") or {}
+            _reject_unknown(d, _PLAN_KEYS, "top level")
+            sched = d.get("schedule")
+            if sched is None:
+                sched = {}
+            _reject_unknown(sched, _SCHEDULE_KEYS, "schedule")
             ds = sched.get("dense_steps", 0)
-            schedule = DenseSchedule(ds, tuple(sched.get("dense_layers", ())))
-            default = HeadSpec.from_dict(d.get("default") or {"pattern": "dense"})
+            try:
+                schedule = DenseSchedule(ds, tuple(sched.get("dense_layers", ())))
+            except (TypeError, ValueError) as e:
+                raise PlanError(f"schedule: {e}") from e
+            default = _spec_from_dict(d.get("default") or {"pattern": "dense"}, "default")
             layers = d.get("layers")
             if layers is not None:
-                layers = tuple(tuple(HeadSpec.from_dict(s) for s in layer) for layer in layers)
+                if not isinstance(layers, Sequence) or isinstance(layers, str):
+                    raise PlanError(f"layers must be a list of layers (or null), got {type(layers).__name__}")
+                rows = []
+                for li, layer in enumerate(layers):
+                    if not isinstance(layer, Sequence) or isinstance(layer, str):
+                        raise PlanError(
+                            f"layers[{li}] must be a list of head specs, got {type(layer).__name__}"
+                        )
+                    rows.append(
+                        tuple(_spec_from_dict(s, f"layers[{li}][{hi}]") for hi, s in enumerate(layer))
+                    )
+                layers = tuple(rows)
             stats = d.get("stats")
             if stats is not None:
                 stats = tuple(tuple(dict(x) for x in layer) for layer in stats)
             model = None if d.get("model") is None else ModelIdentity.from_dict(d["model"])
             layout = None if d.get("layout") is None else _layout_from_dict(d["layout"])
+            min_tokens = d.get("min_tokens", 0)
+            if isinstance(min_tokens, bool) or not isinstance(min_tokens, int):
+                raise PlanError(f"min_tokens must be a non-negative int, got {min_tokens!r}")
             return cls(
                 default=default,
                 layers=layers,
                 schedule=schedule,
                 refresh_steps=tuple(sched.get("refresh_steps", ())),
-                min_tokens=int(d.get("min_tokens", 0)),
+                min_tokens=min_tokens,
                 model=model,
                 layout=layout,
                 stats=stats,

@@ -4,7 +4,9 @@ A :class:`HeadSpec` is a pattern name plus its parameters, frozen and hashable: 
 the head's pattern and part of every mask-cache key. Parameters are stored sorted by name, with lists
 turned into tuples, so equal specs compare and hash equal however they were written.
 
-Patterns and their parameters (defaults in :data:`PATTERN_PARAMS`; unknown names are rejected):
+Patterns and their parameters (defaults in :data:`PATTERN_PARAMS`; unknown names are rejected, and
+every value is checked at construction against :data:`PARAM_CHECKS` -- type and range -- so a bad value
+fails where the spec is written, not deep inside a pattern builder):
 
 ``dense``      exact attention.
 ``skip``       the head's output is replaced by the output cached at the last dense pass of this
@@ -27,13 +29,31 @@ Patterns and their parameters (defaults in :data:`PATTERN_PARAMS`; unknown names
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HeadSpec", "PATTERNS", "PATTERN_PARAMS", "AXIS_ORDERS", "DenseSchedule"]
+__all__ = [
+    "HeadSpec",
+    "PATTERNS",
+    "PATTERN_PARAMS",
+    "AXIS_ORDERS",
+    "REORDER_ORDERS",
+    "REORDER_SELECTS",
+    "MAX_CLUSTERS",
+    "PARAM_CHECKS",
+    "DenseSchedule",
+]
 
 AXIS_ORDERS = ("fhw", "fwh", "hfw", "hwf", "wfh", "whf")
+#: Orders of ``reordered`` heads.
+REORDER_ORDERS = ("frame", *AXIS_ORDERS, "hilbert", "cluster")
+#: Block selections of ``reordered`` heads.
+REORDER_SELECTS = ("static", "topp")
+#: Most k-means clusters a ``reordered(order="cluster")`` head may ask for.
+MAX_CLUSTERS = 512
 
 #: Default parameters of every pattern. ``HeadSpec.make`` rejects names not listed here.
 PATTERN_PARAMS: dict[str, dict[str, Any]] = {
@@ -54,6 +74,74 @@ PATTERN_PARAMS: dict[str, dict[str, Any]] = {
     "lse_cache": {"recall": 0.95, "refresh": 5, "min_frac": 0.0},
 }
 PATTERNS = tuple(PATTERN_PARAMS)
+
+
+# ---------------------------------------------------------------------- parameter value checks
+# Each check returns True when the value is allowed; the text says what is allowed (error messages).
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_ge(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"an int >= {lo}"
+
+
+def _frac(lo_open: bool) -> tuple[Callable[[Any], bool], str]:
+    if lo_open:
+        return (lambda v: _is_real(v) and 0 < v <= 1), "a number in (0, 1]"
+    return (lambda v: _is_real(v) and 0 <= v <= 1), "a number in [0, 1]"
+
+
+def _int3(v: Any) -> bool:
+    return isinstance(v, tuple) and len(v) == 3 and all(_is_int(x) and x >= 1 for x in v)
+
+
+#: ``PARAM_CHECKS[pattern][name] = (predicate, description of the allowed values)``.
+PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "dense": {},
+    "skip": {},
+    "radial": {
+        "decay": ((lambda v: _is_real(v) and v > 0), "a finite number > 0"),
+        "sink": ((lambda v: isinstance(v, bool)), "a bool"),
+        "dense_dist": _int_ge(0),
+    },
+    "tile": {
+        "window": (_int3, "three positive ints (wt, wh, ww), in tiles"),
+        "tile": ((lambda v: v is None or _int3(v)), "None or three positive ints (tf, th, tw), in tokens"),
+    },
+    "reordered": {
+        "order": ((lambda v: v in REORDER_ORDERS), f"one of {REORDER_ORDERS}"),
+        "select": ((lambda v: v in REORDER_SELECTS), f"one of {REORDER_SELECTS}"),
+        "band": _int_ge(0),
+        "top_p": _frac(True),
+        "min_frac": _frac(False),
+        "clusters": (
+            (lambda v: _is_int(v) and 0 <= v <= MAX_CLUSTERS),
+            f"an int in [0, {MAX_CLUSTERS}] (0 = one cluster per block)",
+        ),
+        "kmeans_iters": _int_ge(1),
+    },
+    "topp": {"top_p": _frac(True), "min_frac": _frac(False)},
+    "lse_cache": {"recall": _frac(True), "refresh": _int_ge(1), "min_frac": _frac(False)},
+}
+assert all(set(PARAM_CHECKS[p]) == set(PATTERN_PARAMS[p]) for p in PATTERN_PARAMS)
+
+
+def _check_value(pattern: str, name: str, value: Any) -> None:
+    ok, allowed = PARAM_CHECKS[pattern][name]
+    try:
+        good = bool(ok(value))
+    except TypeError:  # e.g. an unhashable / incomparable value
+        good = False
+    if not good:
+        raise ValueError(
+            f"pattern {pattern!r}: parameter {name!r} = {value!r} ({type(value).__name__}) is invalid; "
+            f"it must be {allowed}"
+        )
 
 
 def _freeze(v: Any) -> Any:
@@ -100,6 +188,8 @@ class HeadSpec:
             hash(items_t)
         except TypeError as e:
             raise TypeError(f"HeadSpec parameters must be hashable: {e}") from e
+        for k, v in items_t:
+            _check_value(self.pattern, k, v)
         object.__setattr__(self, "params", items_t)
 
     @classmethod
@@ -173,7 +263,10 @@ class DenseSchedule:
         if isinstance(ds, bool) or not isinstance(ds, (int, float)):
             raise TypeError(f"dense_steps must be an int or a float fraction, got {ds!r}")
         if isinstance(ds, float) and not 0.0 <= ds <= 1.0:
-            raise ValueError(f"a float dense_steps is a fraction in [0, 1], got {ds}")
+            raise ValueError(
+                f"a float dense_steps is a fraction in [0, 1], got {ds} (write an int such as "
+                f"{int(ds) if ds.is_integer() else 3} to count steps)"
+            )
         if isinstance(ds, int) and ds < 0:
             raise ValueError(f"dense_steps must be >= 0, got {ds}")
         object.__setattr__(self, "dense_layers", tuple(int(x) for x in self.dense_layers))

@@ -26,6 +26,7 @@ import torch
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..permute import Permutation, cluster_order, layout_order, lift
+from ..specs import AXIS_ORDERS
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
 
 __all__ = ["reordered_permutation", "band_mask", "cluster_permutations", "cluster_topp_block_bool"]
@@ -35,6 +36,11 @@ def reordered_permutation(layout: TokenLayout, order: str, device=None) -> Permu
     """Static grid-first permutation for ``order`` in ``"frame"``, axis orders, ``"hilbert"``."""
     if order == "cluster":
         raise ValueError("order='cluster' is data dependent: use cluster_permutations(q, k, ...)")
+    if order not in ("frame", *AXIS_ORDERS, "hilbert"):
+        raise ValueError(
+            f"unknown reordered order {order!r}; the orders are 'frame', the axis orders {AXIS_ORDERS}, "
+            "'hilbert' and 'cluster' (data dependent: cluster_permutations)"
+        )
     return layout_order(layout, order, device, grid_first=True)
 
 
@@ -58,7 +64,7 @@ def cluster_permutations(
     num_clusters: int,
     iters: int = 4,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[Permutation, Permutation, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[Permutation, Permutation, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """k-means orders for queries and keys ``[B, H, N, D]`` (grid tokens only, grid-first).
 
     Returns ``(perm_q, perm_k, (centroids_q, centroids_k), (labels_q, labels_k))``; permutations are
