@@ -144,7 +144,21 @@ def _sparsediff_backend(
 ) -> torch.Tensor:
     """The function diffusers dispatches to. q/k/v ``[B, N, H, D]``; returns ``[B, N, H, D]``."""
     ctx = _CURRENT[0]
-    kwargs = {
+    kwargs = _dispatch_kwargs(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config
+    )
+    if ctx is None:  # not one of our processors (e.g. the global backend was set to "sparsediff")
+        return _call_backend(None, kwargs)
+    if torch.compiler.is_compiling() and _parallel_config is None:
+        return torch.ops.sparsediff_hooks.layer_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, ctx.key
+        )
+    return ctx.attention(kwargs)
+
+
+def _dispatch_kwargs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config):
+    """The keyword arguments of diffusers' attention backend functions, as one dict."""
+    return {
         "query": query,
         "key": key,
         "value": value,
@@ -153,15 +167,8 @@ def _sparsediff_backend(
         "is_causal": is_causal,
         "scale": scale,
         "enable_gqa": enable_gqa,
-        "_parallel_config": _parallel_config,
+        "_parallel_config": parallel_config,
     }
-    if ctx is None:  # not one of our processors (e.g. the global backend was set to "sparsediff")
-        return _call_backend(None, kwargs)
-    if torch.compiler.is_compiling() and _parallel_config is None:
-        return torch.ops.sparsediff_hooks.layer_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, ctx.key
-        )
-    return ctx.attention(kwargs)
 
 
 @torch.library.custom_op("sparsediff_hooks::layer_attention", mutates_args=())
@@ -178,17 +185,7 @@ def _layer_attention_op(
 ) -> torch.Tensor:
     ref = _LAYERS.get(int(layer_key.reshape(-1)[0]))
     ctx = ref() if ref is not None else None
-    kwargs = {
-        "query": query,
-        "key": key,
-        "value": value,
-        "attn_mask": attn_mask,
-        "dropout_p": dropout_p,
-        "is_causal": is_causal,
-        "scale": scale,
-        "enable_gqa": enable_gqa,
-        "_parallel_config": None,
-    }
+    kwargs = _dispatch_kwargs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None)
     out = _call_backend(None, kwargs) if ctx is None else ctx.attention(kwargs)
     res = torch.empty_like(query)  # the fake's strides; never alias an input
     res.copy_(out)
