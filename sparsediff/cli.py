@@ -23,11 +23,9 @@ def _info(argv: list[str]) -> int:
         print(f"triton {triton.__version__} (interpreter: {kernels.interpreter_enabled()})")
     else:
         print("triton not installed: the PyTorch reference path is used")
-    try:
-        from sparsediff.pipelines.base import supported_transformer_classes
-    except ImportError:
-        return 0
-    print("supported transformers: " + ", ".join(sorted(supported_transformer_classes())))
+    from sparsediff.pipelines.base import supported_classes
+
+    print("supported transformers: " + ", ".join(sorted(supported_classes())))
     return 0
 
 
