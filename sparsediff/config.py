@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .specs import PATTERN_PARAMS
+from .specs import PATTERN_PARAMS, HeadSpec
 
 __all__ = ["SparseAttentionConfig"]
 
@@ -79,6 +79,10 @@ class SparseAttentionConfig:
                     f"pattern_params[{name!r}]: unknown parameter(s) {sorted(unknown)}; "
                     f"{name} takes {sorted(PATTERN_PARAMS[name])}"
                 )
+            try:  # values are checked now, not at the first attention call
+                HeadSpec.make(name, **params)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"pattern_params[{name!r}]: {e}") from None
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.block_size is not None and (

@@ -174,6 +174,8 @@ def test_config_validation():
         SparseAttentionConfig(dense_steps=1.5)
     with pytest.raises(ValueError, match="unknown parameter"):
         SparseAttentionConfig(pattern_params={"radial": {"window": 3}})
+    with pytest.raises(ValueError, match="top_p"):  # values checked at construction, not at the first call
+        SparseAttentionConfig(pattern_params={"topp": {"top_p": 1.5}})
     with pytest.raises(ValueError, match="backend"):
         SparseAttentionConfig(backend="cuda")
 
