@@ -272,7 +272,12 @@ class LayerContext:
         #: identifies the layer inside compiled graphs without specialising on it
         self.key = torch.tensor([self.id], dtype=torch.int64)
         self.fallback: Any = None  # the processor's own backend (None: the global active backend)
-        self.states: dict[int, Any] = {}  # LayerState per CFG branch (call index within a step)
+        #: LayerState per (CFG branch = transformer call within a step, attention call of this layer
+        #: within that transformer call). Mochi attends per sample and key-padding masks split a batch,
+        #: so one layer can run several calls per forward; each keeps its own caches across steps.
+        self.states: dict[tuple[int, int], Any] = {}
+        self._serial = -1  # root.call_serial of the transformer call the counter below belongs to
+        self._ncalls = 0
         self._specs: dict[tuple[int, int], tuple[HeadSpec, ...]] = {}
 
     def close(self) -> None:
@@ -286,13 +291,21 @@ class LayerContext:
             s = self._specs[k] = self.root.plan.head_specs(self.index, num_heads, head_offset)
         return s
 
-    def state(self, branch: int) -> Any:
-        st = self.states.get(branch)
+    def state(self, key: tuple[int, int]) -> Any:
+        st = self.states.get(key)
         if st is None:
             from .attention import LayerState
 
-            st = self.states[branch] = LayerState()
+            st = self.states[key] = LayerState()
         return st
+
+    def _next_call_index(self) -> int:
+        """Index of this attention call within the current transformer call (0, 1, ...)."""
+        serial = self.root.call_serial
+        if self._serial != serial:
+            self._serial, self._ncalls = serial, 0
+        self._ncalls += 1
+        return self._ncalls - 1
 
     def dense(self, kwargs: dict[str, Any]) -> torch.Tensor:
         return _call_backend(self.fallback, kwargs)
@@ -324,6 +337,7 @@ class LayerContext:
 
     def _run(self, kwargs: dict[str, Any], layout: TokenLayout, head_offset: int) -> torch.Tensor:
         root = self.root
+        call_index = self._next_call_index()
         q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
         heads = q.shape[2]
         specs = self.specs(heads, head_offset)
@@ -348,7 +362,7 @@ class LayerContext:
         from .attention import sparse_attention
 
         cfg = root.config
-        state = self.state(root.branch)
+        state = self.state((root.branch, call_index))
         try:
             out = sparse_attention(
                 q.transpose(1, 2),
@@ -594,6 +608,7 @@ class TransformerState:
         self.active = True
         self.layout: TokenLayout | None = None
         self.branch = 0  # transformer calls so far in the current step (CFG as separate calls)
+        self.call_serial = 0  # transformer calls so far (keys the per-layer call counters)
         self._mask_cache = None
         self._last_step: int | None = None
         self._ts_step = -1  # step counter from timestep changes (no scheduler)
@@ -610,6 +625,7 @@ class TransformerState:
         """Read the layout / timestep of one transformer call (eager: under a whole-model
         ``torch.compile`` this is one graph break at the top of the forward)."""
         self._mask_memo = None
+        self.call_serial += 1
         try:
             self.layout = self.adapter.layout(self.transformer_ref(), inputs)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:

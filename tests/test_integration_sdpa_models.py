@@ -213,3 +213,32 @@ def test_drop_in_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_mochi_per_sample_calls_keep_their_own_layer_state(monkeypatch):
+    """Mochi attends once per CFG sample, and the two prompts have different valid lengths: each of a
+    layer's attention calls must keep its own LayerState across steps (a shared one would be reset on
+    every call, and lse_cache heads would never reuse their cached block selection)."""
+    from sparsediff.attention import LayerState
+
+    tiny = build("mochi")
+    rebinds, used = [], {}
+    orig_bind = LayerState._bind
+
+    def spy(self, layout, q, step):
+        if self.key is not None and self.key[0] != layout:
+            rebinds.append((self.key[0], layout))
+        used.setdefault(id(self), set()).add(layout)
+        return orig_bind(self, layout, q, step)
+
+    monkeypatch.setattr(LayerState, "_bind", spy)
+    n_layers = len(_processors(tiny))
+    plan = Plan.uniform("lse_cache", recall=0.9, refresh=2, dense_steps=1, dense_layers=())
+    with tiny.pipe.enable_sparse_attention(plan, backend="reference", block_size=16, strict=True):
+        out = tiny(num_inference_steps=4)
+    assert torch.isfinite(out).all()
+    assert not rebinds, f"LayerState re-bound to another layout {len(rebinds)}x: {rebinds[:2]}"
+    # two states per layer (one per CFG sample), each bound to one layout; the two layouts differ
+    assert len(used) == 2 * n_layers, (len(used), n_layers)
+    assert all(len(layouts) == 1 for layouts in used.values())
+    assert len({next(iter(v)) for v in used.values()}) == 2
