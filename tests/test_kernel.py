@@ -1,7 +1,7 @@
 """Triton block-sparse kernel vs the PyTorch twin and the fp32 dense oracle.
 
 On CPU these run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), which is slow:
-shapes stay tiny (N <= ~256, H <= 2, D <= 64 except one D = 128 case). Tolerances follow the one rule
+shapes stay small (N <= ~256 mostly; the issue lengths 200 and 1023 once each; H <= 2). Tolerances follow the one rule
 in ``tests/tolerance.py``: error vs the fp32 oracle <= 2 x the naive same-dtype error + floor.
 """
 
@@ -93,6 +93,17 @@ def test_kernel_head_dim_128():
 def test_kernel_block_sizes(bs):
     q, k, v = _qkv(1, 2, 113, 97, 32, torch.float16)
     _check(q, k, v, _random_mask(1, 2, 113, 97, bs, p=0.5))
+
+
+@pytest.mark.parametrize(
+    "nq,nk,bs,dtype",
+    [(200, 200, 32, torch.float16), (1023, 1023, 128, torch.float32), (1023, 200, 64, torch.bfloat16)],
+    ids=["200-b32-fp16", "1023-b128-fp32", "1023x200-b64-bf16"],
+)
+def test_kernel_issue_lengths(nq, nk, bs, dtype):
+    # the issue's ugly lengths at block sizes 32/64/128 (GPU defaults), batch 2 with per-batch masks
+    q, k, v = _qkv(2, 2, nq, nk, 32, dtype)
+    _check(q, k, v, _random_mask(2, 2, nq, nk, bs, p=0.5))
 
 
 @pytest.mark.parametrize("D", [1, 8, 24])
