@@ -68,8 +68,11 @@ def _forward(
         return x.reshape(B * H * nb, bs, x.shape[-1])
 
     qp = blocked(q, Qb, bq).view(B, H, Qb, bq, D)
-    kp = blocked(k, Kb, bk)  # [B*H*Kb, bk, D]
-    vp = blocked(v, Kb, bk)
+    # [B*H*Kb + 1, bk, D]: the extra all-zero block is what padding slots gather, so a NaN/inf in a block
+    # a row does not list can never reach it through 0 * NaN (the kernel never reads those blocks)
+    kp = torch.cat([blocked(k, Kb, bk), k.new_zeros(1, bk, D, dtype=torch.float32)])
+    vp = torch.cat([blocked(v, Kb, bk), v.new_zeros(1, bk, Dv, dtype=torch.float32)])
+    zero_block = B * H * Kb
     idx = mask.kv_indices.to(dev).expand(B, H, -1, -1)
     cnt = mask.kv_counts.to(dev).expand(B, H, -1)
     key_in_range = (torch.arange(Kb * bk, device=dev) < Nk).view(Kb, bk)
@@ -99,17 +102,11 @@ def _forward(
         c, n = q1 - q0, B * H * (q1 - q0) * m
         valid_slot = torch.arange(m, device=dev) < cnt[:, :, q0:q1].unsqueeze(-1)  # [B, H, C, M]
         ids = torch.where(valid_slot, idx[:, :, q0:q1, :m].long(), 0)
-        flat = (ids + bh_offset).reshape(-1)
+        flat = torch.where(valid_slot, ids + bh_offset, zero_block).reshape(-1)
         kg = torch.index_select(kp, 0, flat, out=kbuf[: n * bk * D].view(n, bk, D)).view(B * H * c, m * bk, D)
         vg = torch.index_select(vp, 0, flat, out=vbuf[: n * bk * Dv].view(n, bk, Dv)).view(
             B * H * c, m * bk, Dv
         )
-        if not bool(valid_slot.all()):
-            # padding slots gathered block 0 with weight 0; zero them so that a NaN/inf in a block this
-            # row does not list cannot leak in through 0 * NaN (the kernel never reads those blocks)
-            pad = ~valid_slot.view(B * H * c, m, 1, 1)
-            kg.view(B * H * c, m, bk, D).masked_fill_(pad, 0.0)
-            vg.view(B * H * c, m, bk, Dv).masked_fill_(pad, 0.0)
         col_ok = (valid_slot.unsqueeze(-1) & key_in_range[ids]).view(B * H * c, 1, m * bk)
         bias = torch.zeros(col_ok.shape, dtype=torch.float32, device=dev).masked_fill_(~col_ok, -math.inf)
         qc = qp[:, :, q0:q1].reshape(B * H * c, bq, D)
