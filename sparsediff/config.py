@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -43,6 +43,11 @@ class SparseAttentionConfig:
             scheduler).
         check_config: compare the plan's config fingerprint with the model's (layer/head counts are
             always checked).
+        observer: optional callable, called with one :class:`sparsediff.hooks.AttentionCall` (layer index,
+            q/k/v ``[B, H, N, D]``, layout, step/branch context) by every self-attention call that reaches
+            the per-layer dispatch, *before* the attention is computed; its return value is ignored and the
+            call's result is unchanged. ``sparsediff search`` profiles a dense pipeline through it. It must
+            not modify the tensors. ``None`` (default): no observer.
     """
 
     dense_steps: int | float | None = None
@@ -56,6 +61,7 @@ class SparseAttentionConfig:
     mask_cache_size: int = 64
     num_steps: int | None = None
     check_config: bool = True
+    observer: Callable[[Any], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         ds = self.dense_steps
@@ -93,6 +99,8 @@ class SparseAttentionConfig:
             raise ValueError(f"mask_cache_size must be >= 1, got {self.mask_cache_size}")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.observer is not None and not callable(self.observer):
+            raise TypeError(f"observer must be callable, got {type(self.observer).__name__}")
 
     def updated(self, **overrides: Any) -> SparseAttentionConfig:
         """A copy with ``overrides`` applied; unknown names raise with the list of known ones."""

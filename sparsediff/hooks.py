@@ -43,6 +43,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ __all__ = [
     "ensure_backend_registered",
     "TransformerState",
     "LayerContext",
+    "AttentionCall",
     "StepTracker",
     "apply_sparse_attention",
     "remove_sparse_attention",
@@ -257,6 +259,34 @@ class StepTracker:
 
 
 # ---------------------------------------------------------------------- per-layer context
+@dataclass(frozen=True)
+class AttentionCall:
+    """What :attr:`SparseAttentionConfig.observer` receives for one self-attention call of one layer.
+
+    Attributes:
+        layer: self-attention layer index (adapter order, as in the plan).
+        query, key, value: ``[B, H, N, D]`` views of the call's tensors (do not modify them).
+        layout: the call's token layout (``N == layout.num_tokens``).
+        head_offset: global index of head 0 (context parallelism: this rank's slice; else 0).
+        step, num_steps: denoising step index / number of steps (None when unknown).
+        branch: transformer call within the step (CFG as separate calls: 0 = first branch).
+        call_index: attention call of this layer within the transformer call (Mochi per-sample calls).
+        scale: softmax scale (None: ``D ** -0.5``).
+    """
+
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    layout: TokenLayout
+    head_offset: int
+    step: int | None
+    num_steps: int | None
+    branch: int
+    call_index: int
+    scale: float | None
+
+
 class LayerContext:
     """One self-attention layer while sparse attention is enabled (owned by its processor)."""
 
@@ -339,6 +369,24 @@ class LayerContext:
         root = self.root
         call_index = self._next_call_index()
         q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
+        observer = root.config.observer
+        if observer is not None:
+            step, num_steps = root.step_info()
+            observer(
+                AttentionCall(
+                    self.index,
+                    q.transpose(1, 2),
+                    k.transpose(1, 2),
+                    v.transpose(1, 2),
+                    layout,
+                    head_offset,
+                    step,
+                    num_steps,
+                    root.branch,
+                    call_index,
+                    kwargs.get("scale"),
+                )
+            )
         heads = q.shape[2]
         specs = self.specs(heads, head_offset)
         if all(s.pattern == "dense" for s in specs):
