@@ -324,3 +324,58 @@ def test_probe_pipeline_runs_on_random_init():
         assert all(math.isfinite(x) for x in vals) and 0 < h.k90 <= 1 and 0 <= h.same_frame <= 1
         assert h.local_ratio < 5  # random init is near uniform: no local head
     assert "| layer | head |" in res.table()
+
+
+# ------------------------------------------------------------------------------------ coordinates, warm start
+def test_coordinate_channels_are_ramps_and_reach_the_transformer():
+    from sparsediff.embedded.pipeline import coord_channels_of, with_coordinates
+
+    x = torch.zeros(2, 3, 4, 6, 8)
+    y = with_coordinates(x, 3)
+    assert y.shape == (2, 6, 4, 6, 8) and torch.equal(y[:, :3], x)
+    t, r, c = y[0, 3], y[0, 4], y[0, 5]
+    # t varies over frames only, y over rows only, x over columns only, symmetric in [-1, 1].
+    assert torch.allclose(t[:, 0, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    assert torch.equal(t, t[:, :1, :1].expand_as(t)) and torch.equal(r, r[:1, :, :1].expand_as(r))
+    assert torch.allclose(c[0, 0], (torch.arange(8) + 0.5) / 8 * 2 - 1) and torch.equal(
+        c, c[:1, :1].expand_as(c)
+    )
+    with pytest.raises(ValueError, match="coord_channels"):
+        with_coordinates(x, 2)
+    pipe = tiny_random_pipeline(config=_tiny_config())
+    assert coord_channels_of(pipe.transformer) == 3 and pipe.transformer.config.in_channels == 6
+    # The coordinate channels change the prediction (they are read, not dropped): zeroing their patch
+    # weights changes the output of the same call.
+    z = torch.randn(1, 3, 4, 16, 16)
+    e = pipe.encode_prompt(PROMPT, device="cpu")
+    with torch.no_grad():
+        a = pipe.transformer(with_coordinates(z, 3), timestep=torch.tensor([900.0]), encoder_hidden_states=e)[
+            0
+        ]
+        pipe.transformer.patch_embedding.weight[:, 3:] = 0
+        b = pipe.transformer(with_coordinates(z, 3), timestep=torch.tensor([900.0]), encoder_hidden_states=e)[
+            0
+        ]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_warm_start_grows_the_patch_embedding_and_keeps_the_function():
+    from sparsediff.embedded.pipeline import build_pipeline, with_coordinates
+    from sparsediff.embedded.train import warm_start_state
+
+    old = build_pipeline(_tiny_config(coord_channels=0), seed=1).transformer
+    with torch.no_grad():
+        old.proj_out.weight.normal_()  # a non-trivial function (zero-init output would hide mistakes)
+    new = build_pipeline(_tiny_config(), seed=2).transformer
+    new.load_state_dict(warm_start_state(old.state_dict(), new.state_dict()))
+    x, e = torch.randn(1, 3, 4, 16, 16), torch.randn(1, 12, 16)
+    with torch.no_grad():
+        a = old(x, timestep=torch.tensor([500.0]), encoder_hidden_states=e, return_dict=False)[0]
+        b = new(
+            with_coordinates(x, 3), timestep=torch.tensor([500.0]), encoder_hidden_states=e, return_dict=False
+        )[0]
+    torch.testing.assert_close(a, b)
+    bad = dict(old.state_dict())
+    bad["proj_out.weight"] = bad["proj_out.weight"][:, :-1]
+    with pytest.raises(ValueError, match="proj_out.weight"):
+        warm_start_state(bad, new.state_dict())

@@ -2,8 +2,9 @@
 
 Components (``pipe.components``):
 
-* ``transformer`` -- a real ``diffusers.WanTransformer3DModel`` with ``in_channels = out_channels = 3``
-  working directly on pixels in [-1, 1] (no VAE), patch ``(1, 4, 4)``: a 16 x 64 x 64 clip is 16 x 16 x 16 =
+* ``transformer`` -- a real ``diffusers.WanTransformer3DModel`` with ``out_channels = 3`` working directly
+  on pixels in [-1, 1] (no VAE) and ``in_channels = 3 + 3`` (pixels plus fixed t/y/x coordinate ramps, see
+  :func:`with_coordinates`), patch ``(1, 4, 4)``: a 16 x 64 x 64 clip is 16 x 16 x 16 =
   4096 tokens. Because it *is* a Wan transformer, sparsediff's Wan adapter applies unchanged.
 * ``text_encoder`` -- :class:`~sparsediff.embedded.text.CaptionTextEncoder` (diffusers ``ModelMixin``).
 * ``tokenizer`` -- :class:`~sparsediff.embedded.text.CaptionTokenizer` (plain Python, JSON vocabulary).
@@ -45,6 +46,8 @@ __all__ = [
     "dtype_kwargs",
     "to_storage_dtype",
     "tokens_per_sample",
+    "with_coordinates",
+    "coord_channels_of",
 ]
 
 
@@ -89,6 +92,14 @@ class EmbeddedModelConfig:
     so shifting training towards high noise is what makes the text conditioning learn; in a 2-minute CPU
     run at 2 x 16 x 16 px, shift 1.0 left conditional and unconditional losses equal after 457 steps while
     shift 3.0 gave 50 % right colours after 474).
+
+    ``coord_channels`` (0 or 3): the transformer also reads fixed (t, y, x) coordinate ramps in [-1, 1]
+    concatenated to its pixel input (:func:`with_coordinates`). Wan has no absolute position embedding (RoPE
+    is relative only), so at high noise, where ``x_t`` is almost pure noise, a token cannot tell where in the
+    frame or clip it sits, and the prompted *direction* -- "starts on the right, ends on the left" -- cannot
+    be expressed: the first CPU run (6 690 steps, no coordinates) learned colours but its output changed by
+    1.6e-4 (mean |diff|) when only the direction word changed. The channels are part of the transformer's
+    ``in_channels`` (``in_channels - out_channels`` of them), so a saved model carries the choice.
     """
 
     num_layers: int = 6
@@ -104,6 +115,7 @@ class EmbeddedModelConfig:
     max_text_length: int = 12
     rope_max_seq_len: int = 256
     shift: float = 3.0
+    coord_channels: int = 3
     sample_num_frames: int = 16
     sample_height: int = 64
     sample_width: int = 64
@@ -134,7 +146,7 @@ def _build_models(cfg: EmbeddedModelConfig) -> tuple[WanTransformer3DModel, Capt
         patch_size=tuple(cfg.patch_size),
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
-        in_channels=3,
+        in_channels=3 + cfg.coord_channels,
         out_channels=3,
         text_dim=cfg.text_dim,
         freq_dim=cfg.freq_dim,
@@ -391,7 +403,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         shape = (
             batch_size * num_videos_per_prompt,
-            self.transformer.config.in_channels,
+            self.transformer.config.out_channels,
             num_frames,
             height,
             width,
@@ -410,7 +422,9 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                latent_model_input = latents.to(transformer_dtype)
+                latent_model_input = with_coordinates(
+                    latents.to(transformer_dtype), coord_channels_of(self.transformer)
+                )
                 timestep = t.expand(latents.shape[0])
                 ctx = {
                     "step_index": i,
@@ -460,6 +474,29 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return EmbeddedVideoPipelineOutput(frames=video)
+
+
+def with_coordinates(x: torch.Tensor, coord_channels: int) -> torch.Tensor:
+    """``x [B, C, F, H, W]`` with ``coord_channels`` (0 or 3) fixed coordinate ramps appended: t, y, x, each
+    in [-1, 1] over the clip's frames / rows / columns (pixel centres), in ``x``'s dtype and device."""
+    if coord_channels == 0:
+        return x
+    if coord_channels != 3:
+        raise ValueError(f"coord_channels must be 0 or 3, got {coord_channels}")
+    B, _, F, H, W = x.shape
+
+    def ramp(n: int) -> torch.Tensor:
+        return ((torch.arange(n, device=x.device, dtype=torch.float32) + 0.5) / n * 2 - 1).to(x.dtype)
+
+    t = ramp(F).view(1, 1, F, 1, 1).expand(B, 1, F, H, W)
+    y = ramp(H).view(1, 1, 1, H, 1).expand(B, 1, F, H, W)
+    xx = ramp(W).view(1, 1, 1, 1, W).expand(B, 1, F, H, W)
+    return torch.cat([x, t, y, xx], dim=1)
+
+
+def coord_channels_of(transformer: torch.nn.Module) -> int:
+    """Number of coordinate channels a transformer reads (``in_channels - out_channels``)."""
+    return int(transformer.config.in_channels) - int(transformer.config.out_channels)
 
 
 def tokens_per_sample(cfg: EmbeddedModelConfig, num_frames: int, height: int, width: int) -> int:

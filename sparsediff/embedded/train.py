@@ -46,6 +46,7 @@ from .pipeline import (
     build_pipeline,
     to_storage_dtype,
     tokens_per_sample,
+    with_coordinates,
 )
 
 __all__ = ["TrainConfig", "PRESETS", "train", "save_grid", "main"]
@@ -225,6 +226,39 @@ def _sample(
     return vids
 
 
+def warm_start_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a checkpoint's state dict ``old`` onto a model whose state dict is ``new``.
+
+    Same shapes are copied. The patch embedding's weight (``patch_embedding.weight``, ``[inner, C_in, ...]``)
+    may have grown along its input channels (coordinate channels added to the input): the old values fill its
+    leading channels and the new channels start at zero, so the warm-started model computes exactly what the
+    old one did until training uses the new inputs. Any other mismatch (missing key, other shape change)
+    raises.
+    """
+    out = {}
+    for k, t in new.items():
+        if k not in old:
+            raise KeyError(f"warm start: {k} not in the checkpoint")
+        o = old[k]
+        if o.shape == t.shape:
+            out[k] = o.to(t.dtype)
+        elif (
+            k == "patch_embedding.weight"
+            and o.ndim == t.ndim
+            and o.shape[0] == t.shape[0]
+            and o.shape[2:] == t.shape[2:]
+            and o.shape[1] < t.shape[1]
+        ):
+            z = torch.zeros_like(t)
+            z[:, : o.shape[1]] = o.to(t.dtype)
+            out[k] = z
+        else:
+            raise ValueError(
+                f"warm start: {k} has shape {tuple(o.shape)} in the checkpoint, {tuple(t.shape)} here"
+            )
+    return out
+
+
 def _lr_lambda(cfg: TrainConfig, state: dict[str, int]):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -271,11 +305,15 @@ def train(
     cpu_timing: bool = True,
     command: str | None = None,
     resume_total_steps: int | None = None,
+    init_from: str | None = None,
 ) -> dict[str, Any]:
     """Run a training job; returns the final metrics dict (also written to ``out/pipeline/metrics.json``).
 
     With ``resume``, training continues from ``out/checkpoint.pt`` up to the total number of steps planned
     by the interrupted run (after any time-budget cut), or to ``resume_total_steps`` when given.
+    With ``init_from`` (a ``checkpoint.pt`` of another run, used only when there is nothing to resume), the
+    weights and EMA weights start from that checkpoint (:func:`warm_start_state`) with a fresh optimizer and
+    schedule.
     """
     os.makedirs(out, exist_ok=True)
     _set_logging(out)
@@ -340,6 +378,16 @@ def train(
         noise_gen.set_state(ck["noise_generator"].to("cpu"))
         start_step = ck["step"]
         logger.info("resumed from %s at step %d", ckpt_path, start_step)
+    elif init_from:
+        ck = torch.load(init_from, map_location="cpu", weights_only=False)
+        for key, module in (
+            ("transformer", transformer),
+            ("text_encoder", text_encoder),
+            ("ema_transformer", ema.transformer),
+            ("ema_text_encoder", ema.text_encoder),
+        ):
+            module.load_state_dict(warm_start_state(ck[key], module.state_dict()))
+        logger.info("weights from %s (step %d of that run); fresh optimizer", init_from, ck["step"])
     cap = sched_state["total"]  # the time budget may cut the plan, never extend it beyond this
 
     if dev.type == "cuda":
@@ -410,9 +458,10 @@ def train(
         target = noise - x0
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             emb = text_encoder(toks["input_ids"].to(dev), toks["attention_mask"].to(dev))
-            pred = fwd(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[
-                0
-            ]
+            xin = with_coordinates(xt, cfg.model.coord_channels)
+            pred = fwd(
+                hidden_states=xin, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False
+            )[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -615,6 +664,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue from OUT/checkpoint.pt (to its planned steps, or --steps)",
     )
+    ap.add_argument(
+        "--init-from",
+        help="start the weights (and EMA) from another run's checkpoint.pt (fresh optimizer; the patch "
+        "embedding may grow by coordinate channels)",
+    )
     ap.add_argument("--no-eval", action="store_true", help="skip checks/probe/timing after training")
     ap.add_argument("--no-cpu-timing", action="store_true", help="skip the CPU sampling-time measurement")
     ap.add_argument(
@@ -641,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_timing=not args.no_cpu_timing,
         command=cmd,
         resume_total_steps=args.steps if args.resume else None,
+        init_from=args.init_from,
     )
     return 0
 
