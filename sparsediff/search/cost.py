@@ -1,0 +1,273 @@
+"""Predicted time of a head's attention under a candidate pattern.
+
+``cost = computed blocks x block_time + overheads``, per head and call:
+
+* computed blocks = ``density x Qb x Kb``;
+* permuted heads (``tile``, ``reordered``): gather of q, k, v and scatter of the output --
+  ``4 x N x D`` elements at ``elem_time``;
+* dynamic selection (``topp``, reordered ``select="topp"``): pooling (``2 x N x D`` elements) plus the
+  pooled score matrix (``Qb x Kb x D`` multiply-adds at ``flop_time``, and the sort);
+* ``reordered`` ``order="cluster"``: k-means on q and k (``2 x iters x N x clusters x D`` multiply-adds,
+  plus the farthest-point init) and the gathers;
+* ``lse_cache``: one QK^T pass over all blocks (``mass_factor`` of a block each) every ``refresh``
+  steps, amortised;
+* ``skip``: one copy of the cached output (``N x D`` elements);
+* ``dense``: ``Qb x Kb x dense_block_time`` (the dense kernel, not the sparse op at density 1).
+
+Constants come from a :class:`CostModel`. :meth:`CostModel.default` returns documented constants for
+a device kind (CPU: the PyTorch reference path of a few-core machine; CUDA: an H100-class GPU with the
+Triton kernel), :meth:`CostModel.calibrate` times the real op at the layer's shape on the current
+device (the Triton kernel on a GPU, the reference path on CPU) and fits ``block_time``. Calibrations
+are kept in a :class:`CostCache` -- an explicit object, optionally backed by a JSON file -- keyed by
+``(device name, dtype, head dim, block size)``; nothing is cached process-wide.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..layout import TokenLayout
+from ..patterns.common import cdiv
+from ..specs import HeadSpec
+
+__all__ = ["CostModel", "CostCache", "device_name"]
+
+
+def device_name(device: torch.device | str) -> str:
+    """A stable name of the device kind for cache keys (``"cpu"``, ``"cuda:NVIDIA H100 80GB HBM3"``)."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return "cuda:" + torch.cuda.get_device_name(d)
+    return d.type
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-unit times (seconds) the predicted cost of a head is made of (see the module docstring).
+
+    Attributes:
+        block_time: one computed ``block x block`` tile of the sparse op (QK^T, softmax, PV) at ``head_dim``.
+        dense_block_time: one tile of dense attention (the baseline kernel; SDPA / flash on GPU).
+        elem_time: moving one element (gather / scatter / pooling).
+        flop_time: one multiply-add of small dense matmuls (pooled scores, k-means).
+        mass_factor: cost of a block in the LSE block-mass pass relative to ``block_time`` (QK^T only).
+        block_size, head_dim, dtype, device: what the constants are for.
+        source: ``"constants"`` or ``"calibrated"``.
+    """
+
+    block_time: float
+    dense_block_time: float
+    elem_time: float
+    flop_time: float
+    mass_factor: float = 0.5
+    block_size: int = 64
+    head_dim: int = 128
+    dtype: str = "float32"
+    device: str = "cpu"
+    source: str = "constants"
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def default(
+        cls,
+        device: torch.device | str = "cpu",
+        *,
+        head_dim: int = 128,
+        block_size: int = 64,
+        dtype: Any = None,
+    ) -> CostModel:
+        """Documented constants (no timing).
+
+        CPU (PyTorch reference path, fp32): 2e10 multiply-adds/s for the attention tiles
+        (``4 x bs^2 x D`` flops per tile -> ``block_time``), the same for dense SDPA, 2e9 elements/s for
+        gathers, 1e10 multiply-adds/s for small matmuls. CUDA (Triton kernel, bf16, H100-class): 4e14
+        flop/s for the sparse op (~70 % of cuDNN's ~576 TFLOP/s), 5.5e14 for dense, 1e12 elements/s
+        (HBM bandwidth / element size), 1e13 multiply-adds/s for small matmuls. Ratios matter more than
+        absolute values: the search compares candidates and reports speedups.
+        """
+        d = torch.device(device)
+        flops = 4.0 * block_size * block_size * head_dim
+        dt = (
+            str(dtype).replace("torch.", "")
+            if dtype is not None
+            else ("bfloat16" if d.type == "cuda" else "float32")
+        )
+        if d.type == "cuda":
+            return cls(
+                flops / 4e14, flops / 5.5e14, 1e-12, 1e-13, 0.5, block_size, head_dim, dt, device_name(d)
+            )
+        return cls(flops / 2e10, flops / 2e10, 5e-10, 1e-10, 0.5, block_size, head_dim, dt, device_name(d))
+
+    @classmethod
+    def calibrate(
+        cls,
+        device: torch.device | str,
+        *,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        num_tokens: int = 4096,
+        heads: int = 2,
+        backend: str = "auto",
+        repeats: int = 3,
+    ) -> CostModel:
+        """Time the block-sparse op on random q/k/v ``[1, heads, num_tokens, head_dim]`` at two densities
+        (all blocks, and the diagonal band of 1/8 of the blocks), fit ``block_time`` (slope per block)
+        and time dense SDPA for ``dense_block_time``; element/flop times from a gather and a matmul."""
+        from ..mask import BlockSparseMask
+        from ..ops import block_sparse_attention
+
+        d = torch.device(device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        shape = (1, heads, num_tokens, head_dim)
+        q, k, v = (torch.randn(shape, generator=g).to(device=d, dtype=dtype) for _ in range(3))
+        nb = cdiv(num_tokens, block_size)
+        full = BlockSparseMask.full(1, heads, block_size, (num_tokens, num_tokens)).to(d)
+        band = max(1, nb // 8)
+        idx = torch.arange(nb)
+        bb = ((idx.view(-1, 1) - idx.view(1, -1)).abs() < (band + 1) // 2 + 1).expand(1, heads, nb, nb)
+        sparse = BlockSparseMask.from_dense(bb.contiguous(), block_size, (num_tokens, num_tokens)).to(d)
+
+        def timed(fn) -> float:
+            fn()
+            _sync(d)
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                _sync(d)
+                best = min(best, time.perf_counter() - t0)
+            return best
+
+        t_full = timed(lambda: block_sparse_attention(q, k, v, full, backend=backend))
+        t_sparse = timed(lambda: block_sparse_attention(q, k, v, sparse, backend=backend))
+        n_full = heads * nb * nb
+        n_sparse = float(bb.sum())
+        slope = (t_full - t_sparse) / max(1.0, n_full - n_sparse)
+        if slope <= 0:
+            slope = t_full / n_full
+        t_dense = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        perm = torch.randperm(num_tokens, generator=g).to(d)
+        t_gather = timed(lambda: q.index_select(2, perm))
+        a = torch.randn(256, head_dim, generator=g).to(device=d, dtype=dtype)
+        t_mm = timed(lambda: a @ a.T)
+        return cls(
+            block_time=slope,
+            dense_block_time=t_dense / n_full,
+            elem_time=t_gather / q.numel(),
+            flop_time=t_mm / (256 * 256 * head_dim),
+            block_size=block_size,
+            head_dim=head_dim,
+            dtype=str(dtype).replace("torch.", ""),
+            device=device_name(d),
+            source="calibrated",
+        )
+
+    # ------------------------------------------------------------------ prediction
+    def dense_cost(self, layout: TokenLayout) -> float:
+        """Predicted time of one head's dense attention at ``layout``."""
+        nb = cdiv(layout.num_tokens, self.block_size)
+        return nb * nb * self.dense_block_time
+
+    def cost(self, spec: HeadSpec, density: float, layout: TokenLayout) -> float:
+        """Predicted time of one head under ``spec`` computing a ``density`` fraction of its blocks."""
+        N, D = layout.num_tokens, self.head_dim
+        nb = cdiv(N, self.block_size)
+        p = spec.pattern
+        if p == "dense":
+            return self.dense_cost(layout)
+        if p == "skip":
+            return N * D * self.elem_time
+        t = float(density) * nb * nb * self.block_time
+        if p in ("tile", "reordered"):
+            t += 4 * N * D * self.elem_time
+        if p == "topp" or (p == "reordered" and spec.get("select") == "topp"):
+            t += 2 * N * D * self.elem_time + nb * nb * (D * self.flop_time + 4 * self.elem_time)
+        if p == "reordered" and spec.get("order") == "cluster":
+            ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(N, self.block_size)))
+            iters = int(spec.get("kmeans_iters")) + 2  # + the final assignment and the init
+            t += 2 * iters * N * ncl * D * self.flop_time
+        if p == "lse_cache":
+            t += nb * nb * self.block_time * self.mass_factor / max(1, int(spec.get("refresh")))
+        return t
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CostModel:
+        return cls(**d)
+
+    def key(self) -> str:
+        return cost_key(self.device, self.dtype, self.head_dim, self.block_size)
+
+
+def cost_key(device: str, dtype: Any, head_dim: int, block_size: int) -> str:
+    return f"{device}|{str(dtype).replace('torch.', '')}|d{int(head_dim)}|b{int(block_size)}"
+
+
+def _sync(d: torch.device) -> None:
+    if d.type == "cuda":
+        torch.cuda.synchronize(d)
+
+
+class CostCache:
+    """Calibrated :class:`CostModel` s keyed by device / dtype / head dim / block size.
+
+    An explicit object (one per search); ``path`` makes it persistent (JSON, written atomically).
+    :meth:`get` returns the cached model, else calibrates (``calibrate=True``) or falls back to
+    :meth:`CostModel.default` -- uncalibrated defaults are not stored.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self._d: dict[str, CostModel] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                raw = json.loads(self.path.read_text(encoding="utf-8"))
+                self._d = {k: CostModel.from_dict(v) for k, v in raw.items()}
+            except (OSError, ValueError, TypeError) as e:
+                raise ValueError(
+                    f"cost cache {self.path} is unreadable ({e}); delete it to recalibrate"
+                ) from e
+
+    def get(
+        self,
+        device: torch.device | str,
+        *,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        calibrate: bool = False,
+        **calib_kwargs: Any,
+    ) -> CostModel:
+        key = cost_key(device_name(device), dtype, head_dim, block_size)
+        m = self._d.get(key)
+        if m is not None:
+            return m
+        if not calibrate:
+            return replace(CostModel.default(device, head_dim=head_dim, block_size=block_size, dtype=dtype))
+        m = CostModel.calibrate(device, head_dim=head_dim, block_size=block_size, dtype=dtype, **calib_kwargs)
+        self._d[key] = m
+        self._save()
+        return m
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({k: m.to_dict() for k, m in self._d.items()}, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def __len__(self) -> int:
+        return len(self._d)
