@@ -1,4 +1,4 @@
-"""The ``sparsediff`` command line: ``sparsediff demo``, ``sparsediff bench``, ``sparsediff info``."""
+"""The ``sparsediff`` command line: ``sparsediff demo``, ``bench``, ``compare``, ``info``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def _info(argv: list[str]) -> int:
 _COMMANDS = {
     "demo": ("sparsediff.demo", "generate dense vs sparse on the embedded tiny video pipeline"),
     "bench": ("sparsediff.bench", "time the block-sparse op against dense SDPA / FlexAttention"),
+    "compare": ("sparsediff.compare", "dense vs plans on the same prompts/seeds: metrics, videos, report"),
 }
 
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     mod = importlib.import_module(_COMMANDS[cmd][0])
-    return int(mod.main(rest) or 0)
+    rc = mod.main(rest)  # an exit status, or what the command printed (bench returns its table)
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 if __name__ == "__main__":
