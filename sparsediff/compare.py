@@ -60,6 +60,7 @@ import re
 import shlex
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -520,9 +521,12 @@ def save_strip(
         draw.text((label_w + c * (tw + pad), y), f"frame {fi}", fill=(90, 90, 90), font=small)
     for r, name in enumerate(names):
         y0 = head + r * (th + pad)
-        draw.text((6, y0 + 4), name[:26], fill=(0, 0, 0), font=big)
+        title_lines = textwrap.wrap(name, 21, break_on_hyphens=False)[:3] or [name]
+        for k, line in enumerate(title_lines):
+            draw.text((6, y0 + 2 + 17 * k), line, fill=(0, 0, 0), font=big)
+        y_note = y0 + 6 + 17 * len(title_lines)
         for k, line in enumerate(notes.get(name, "").split("\n")):
-            draw.text((6, y0 + 24 + 15 * k), line[:30], fill=(70, 70, 70), font=small)
+            draw.text((6, y_note + 15 * k), line[:30], fill=(70, 70, 70), font=small)
         vid = (np.clip(rows[name], 0, 1) * 255).round().astype(np.uint8)
         if vid.shape[-1] == 1:
             vid = np.repeat(vid, 3, axis=-1)
@@ -1012,9 +1016,11 @@ def _plot_density(results: dict[str, Any], path: Path) -> Path:
     axes[0, 0].set_title(
         "fraction of attention blocks computed per layer (hatched: dense layer)", fontsize=10
     )
-    axes[0, 0].legend(fontsize=8, ncol=min(4, len(rows)), loc="lower right")
+    axes[-1, 0].legend(
+        fontsize=8, ncol=min(3, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False
+    )
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -1072,18 +1078,25 @@ _EXPLAIN = [
 ]
 
 
+def _columns(results: dict[str, Any]) -> list[tuple[str, str, int | None]]:
+    """The table columns, without those that no variant has a value for (their reason is listed)."""
+    rows = results["variants"]
+    return [c for c in _COLUMNS if c[2] is None or any(r.get(c[1]) is not None for r in rows)]
+
+
 def _write_reports(out: Path, results: dict[str, Any], pairs: list[tuple[int, int]]) -> None:
     qs = _plot_quality_speed(results, out / "quality_speed.png")
     dp = _plot_density(results, out / "density.png")
     strips = [f"strips/p{pi}_s{seed}.png" for pi, seed in pairs]
+    cols = _columns(results)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n")
 
     # ---- markdown ----
     md = ["# sparsediff compare: dense vs sparse, same prompts and seeds", ""]
     md += [f"- {c}" for c in _conditions(results)] + [""]
-    md += ["| " + " | ".join(c for c, _, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    md += ["| " + " | ".join(c for c, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in results["variants"]:
-        md.append("| " + " | ".join(_cell(r, k, nd) for _, k, nd in _COLUMNS) + " |")
+        md.append("| " + " | ".join(_cell(r, k, nd) for _, k, nd in cols) + " |")
     md += [""] + _EXPLAIN + [""]
     md += [f"- `{r['label']}`: {r['plan']}" for r in results["variants"]]
     if results["metrics_skipped"]:
@@ -1100,9 +1113,9 @@ def _write_reports(out: Path, results: dict[str, Any], pairs: list[tuple[int, in
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
     e = html.escape
-    head = "".join(f"<th>{e(c)}</th>" for c, _, _ in _COLUMNS)
+    head = "".join(f"<th>{e(c)}</th>" for c, _, _ in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{e(_cell(r, k, nd))}</td>" for _, k, nd in _COLUMNS) + "</tr>"
+        "<tr>" + "".join(f"<td>{e(_cell(r, k, nd))}</td>" for _, k, nd in cols) + "</tr>"
         for r in results["variants"]
     )
     per = []

@@ -1,0 +1,204 @@
+"""``sparsediff compare``: outputs, an all-dense plan equal to dense, and bad input stopped before generation.
+
+A 2-layer embedded-architecture pipeline at 4 x 16 x 16 px (64 tokens, 16-token blocks) keeps every call
+to a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from sparsediff import compare as cmp
+from sparsediff.embedded import EmbeddedModelConfig, tiny_random_pipeline
+from sparsediff.plan import HeadSpec, Plan
+
+SIZE = ["--frames", "4", "--height", "16", "--width", "16", "--steps", "2", "--block-size", "16"]
+FAST = ["--warmup", "0", "--no-progress", "--format", "gif", "--backend", "reference"]
+
+
+def _cfg(num_layers: int = 2) -> EmbeddedModelConfig:
+    return EmbeddedModelConfig(
+        num_layers=num_layers, num_heads=2, head_dim=16, ffn_dim=32, text_layers=1, text_ffn_dim=32
+    )
+
+
+def small_pipeline():
+    """``--pipeline test_compare:small_pipeline`` (pytest puts tests/ on sys.path)."""
+    return tiny_random_pipeline(config=_cfg())
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return small_pipeline()
+
+
+def _never_generate(*a, **k):
+    raise AssertionError("generation started despite bad input")
+
+
+def test_all_dense_plan_equals_dense_and_every_output_is_written(pipe, tmp_path):
+    out = tmp_path / "cmp"
+    res = cmp.compare(
+        pipe,
+        ["a red circle moving left quickly", "a blue square moving up"],
+        seeds=[0, 3],
+        plans=[
+            "dense",
+            "radial,dense_steps=0,dense_layers=[]",
+            "tile,dense_steps=0,dense_layers=[],label=tile0",
+        ],
+        out=out,
+        num_frames=4,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        block_size=16,
+        backend="reference",
+        warmup=0,
+        video_format="gif",
+        progress=False,
+        command="test",
+    )
+    rows = {r["label"]: r for r in res["variants"]}
+    assert list(rows) == ["dense", "dense-plan", "radial+dense_steps=0,dense_layers=[]", "tile0"]
+    assert rows["dense-plan"]["psnr"] == math.inf and rows["dense-plan"]["ssim"] == pytest.approx(1.0)
+    assert rows["dense-plan"]["temporal_psnr"] == math.inf
+    for name in ("radial+dense_steps=0,dense_layers=[]", "tile0"):
+        r = rows[name]
+        assert 0.0 < r["mean_density"] < 1.0, r  # really ran sparse
+        assert set(r["density_per_layer"]["transformer"]) == {"0", "1"}  # dense_layers=[] -> both sparse
+        assert r["run_density"] == pytest.approx(r["mean_density"])  # no dense steps or layers
+        assert math.isfinite(r["psnr"]) and 0.0 < r["ssim"] <= 1.0
+        assert len(r["samples"]) == 4 and all(s["s_per_step"] > 0 for s in r["samples"])
+        for s in r["samples"]:
+            assert len(s["metrics"]["psnr_per_frame"]) == 4
+    # files
+    assert len(list((out / "videos").glob("*.gif"))) == 4 * 4
+    assert sorted(p.name for p in (out / "strips").iterdir()) == [
+        "p0_s0.png",
+        "p0_s3.png",
+        "p1_s0.png",
+        "p1_s3.png",
+    ]
+    data = json.loads(
+        (out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}")
+    )
+    assert data["variants"][1]["psnr"] == "inf" and data["command"] == "test"
+    assert {"sparsediff", "torch", "diffusers", "torchmetrics", "device"} <= set(data["environment"])
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r'<img[^>]*src="([^"]*)"', page)
+    assert len(srcs) == 2 + 4 and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
+    assert "tile0" in page and "ms_ssim" in page  # the skipped metric is listed with its reason
+    md = (out / "report.md").read_text()
+    assert "| dense-plan | 1.000 |" in md and "MS-SSIM" not in md.split("\n\n")[2]  # n/a column dropped
+    assert (out / "quality_speed.png").stat().st_size > 0 and (out / "density.png").stat().st_size > 0
+
+
+def test_existing_outputs_are_kept_without_overwrite(pipe, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    (out / "videos").mkdir(parents=True)
+    (out / "report.html").write_text("keep me")
+    monkeypatch.setattr(cmp, "_generate", _never_generate)
+    argv = ["--pipeline", "test_compare:small_pipeline", "--prompt", "a red circle moving left", "--out"]
+    assert cmp.main(argv + [str(out)] + SIZE + FAST) == 2
+    assert "already holds report.html" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == "keep me"
+    with pytest.raises(cmp.CompareError, match="--overwrite"):  # library call too
+        cmp.compare(pipe, ["a red circle moving left"], out=out, progress=False)
+
+
+def test_overwrite_replaces_outputs(pipe, tmp_path):
+    out = tmp_path / "cmp"
+    kw = dict(
+        num_frames=4, height=16, width=16, num_inference_steps=1, warmup=0, video_format="gif", progress=False
+    )
+    cmp.compare(pipe, ["a red circle moving left"], plans=["radial"], out=out, **kw)
+    (out / "videos" / "p0_s0_radial.gif").write_bytes(b"stale")
+    cmp.compare(pipe, ["a red circle moving left"], plans=["tile"], out=out, overwrite=True, **kw)
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["p0_s0_dense.gif", "p0_s0_tile.gif"]
+
+
+def _run_bad(argv, tmp_path, monkeypatch, capsys) -> str:
+    monkeypatch.setattr(cmp, "_generate", _never_generate)
+    base = ["--pipeline", "test_compare:small_pipeline", "--prompt", "a red circle moving left"]
+    if "--out" not in argv:
+        base += ["--out", str(tmp_path / "out")]
+    assert cmp.main(base + argv + SIZE + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsediff compare: error:"), err
+    assert not list((tmp_path / "out").glob("videos/*")) if (tmp_path / "out").exists() else True
+    return err
+
+
+def test_missing_plan_file(tmp_path, monkeypatch, capsys):
+    err = _run_bad(["--plans", "radial", str(tmp_path / "nope.json")], tmp_path, monkeypatch, capsys)
+    assert "plan file not found" in err and "nope.json" in err
+
+
+def test_unknown_pattern_and_bad_override(tmp_path, monkeypatch, capsys):
+    assert "neither a pattern name nor a plan file" in _run_bad(
+        ["--plans", "radail"], tmp_path, monkeypatch, capsys
+    )
+    assert "unknown sparse-attention option" in _run_bad(
+        ["--plans", "radial,dense_stepz=0"], tmp_path, monkeypatch, capsys
+    )
+    assert "radial" in _run_bad(["--plans", "radial,radial.decay=-1"], tmp_path, monkeypatch, capsys)
+
+
+def test_plan_for_another_model(tmp_path, monkeypatch, capsys):
+    other = tiny_random_pipeline(config=_cfg(num_layers=3)).transformer
+    path = tmp_path / "other.json"
+    Plan.per_head(other, [[HeadSpec("radial")] * 2] * 3).save(path)
+    err = _run_bad(["--plans", str(path)], tmp_path, monkeypatch, capsys)
+    assert "cannot run on this pipeline" in err and "layer count" in err
+
+
+def test_unwritable_output(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a folder cannot be made under a file (holds even when running as root)
+    err = _run_bad(["--out", str(blocker / "sub")], tmp_path, monkeypatch, capsys)
+    assert "not writable" in err
+
+
+def test_empty_prompts(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# only a comment\n\n   \n")
+    monkeypatch.setattr(cmp, "_generate", _never_generate)
+    argv = ["--pipeline", "test_compare:small_pipeline", "--prompts", str(f), "--out", str(tmp_path / "o")]
+    assert cmp.main(argv + SIZE + FAST) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    assert cmp.main(["--prompts", str(tmp_path / "missing.txt")] + FAST) == 2
+    assert "prompt file not found" in capsys.readouterr().err
+    with pytest.raises(cmp.CompareError, match="no prompts"):
+        cmp.compare(object(), ["  "], out=None)
+
+
+def test_parse_variant():
+    v = cmp.parse_variant("radial,dense_steps=0.25,dense_layers=[0, 1],radial.decay=0.5,block_size=32")
+    assert v.plan == "radial"
+    assert v.overrides == {
+        "dense_steps": 0.25,
+        "dense_layers": [0, 1],
+        "block_size": 32,
+        "pattern_params": {"radial": {"decay": 0.5}},
+    }
+    assert cmp.parse_variant("default").plan is None
+    w = cmp.parse_variant("dense_steps=0,label=fast")
+    assert (w.plan, w.label, w.overrides) == (None, "fast", {"dense_steps": 0})
+    with pytest.raises(cmp.CompareError, match="share the name"):
+        cmp._unique_labels([cmp.parse_variant("radial"), cmp.parse_variant("radial")])
+    with pytest.raises(cmp.CompareError, match="not key=value"):
+        cmp.parse_variant("radial,tile")
+
+
+def test_cli_registers_compare(capsys):
+    from sparsediff.cli import main
+
+    assert main(["--help"]) == 0
+    assert "compare" in capsys.readouterr().out
