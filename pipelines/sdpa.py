@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import types
 from typing import Any
 
@@ -50,8 +51,17 @@ import torch.nn.functional as F
 __all__ = ["SDPA_F", "dispatch_processor"]
 
 _SDPA = F.scaled_dot_product_attention
-#: The drop-in processor whose ``__call__`` is running (innermost last); read by :func:`_sdpa`.
-_ACTIVE: list[Any] = []
+#: ``_TLS.active``: the drop-in processors whose ``__call__`` is running *in this thread* (innermost
+#: last); read by :func:`_sdpa`. Per thread, so pipelines generating in two threads never read each
+#: other's processor (Dynamo traces ``threading.local`` attributes; it cannot trace ContextVar.set).
+_TLS = threading.local()
+
+
+def _active() -> list[Any]:
+    stack = getattr(_TLS, "active", None)
+    if stack is None:
+        stack = _TLS.active = []
+    return stack
 
 
 def _sdpa(
@@ -65,7 +75,8 @@ def _sdpa(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` as seen by drop-in processors (q/k/v ``[B, H, N, D]``)."""
-    if not _ACTIVE:  # called outside a drop-in __call__ (should not happen): the real SDPA
+    active = _active()
+    if not active:  # called outside a drop-in __call__ (should not happen): the real SDPA
         return _SDPA(
             query,
             key,
@@ -78,7 +89,7 @@ def _sdpa(
         )
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    proc = _ACTIVE[-1]
+    proc = active[-1]
     out = dispatch_attention_fn(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -157,11 +168,12 @@ def dispatch_processor(base: type) -> type:
     rebound.__doc__ = orig.__doc__
 
     def __call__(self, *args, **kwargs):
-        _ACTIVE.append(self)
+        active = _active()
+        active.append(self)
         try:
             return rebound(self, *args, **kwargs)
         finally:
-            _ACTIVE.pop()
+            active.pop()
 
     __call__.__signature__ = inspect.signature(orig)
     __call__.__qualname__ = f"Dispatch{base.__name__}.__call__"

@@ -71,7 +71,7 @@ def resolve_plan(plan: Any, adapter: Any) -> Plan:
 
 
 def _transformers(obj: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
-    """[(component name, transformer), ...] and the scheduler (None for a bare transformer)."""
+    """[(component name, transformer), ...] and the pipeline (None for a bare transformer)."""
     if isinstance(obj, torch.nn.Module):
         return [("transformer", obj)], None
     comps = getattr(obj, "components", None)
@@ -87,7 +87,7 @@ def _transformers(obj: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
             f"{type(obj).__name__} has no transformer component (components: {sorted(comps)}); sparsediff "
             f"supports DiT pipelines with these transformer classes: {', '.join(supported_classes())}"
         )
-    return found, comps.get("scheduler")
+    return found, obj
 
 
 class SparseAttentionHandle:
@@ -104,6 +104,30 @@ class SparseAttentionHandle:
     def densities(self) -> dict[str, dict[int, float]]:
         """Per component, the density of every sparse layer measured on its first sparse call."""
         return {n: s.densities() for n, s in self.states.items()}
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Per component, what sparse attention did in the current generation (between generations: the
+        last one): transformer calls, layer calls that ran sparse, dense layer calls by reason (plan,
+        warm-up, ``min_tokens``, fallbacks), the density of every sparse layer and their mean."""
+        return {n: s.report() for n, s in self.states.items()}
+
+    def report_text(self) -> str:
+        """:meth:`report` as readable lines (one per component)."""
+        lines = []
+        for n, r in self.report().items():
+            mean = r["mean_density"]
+            dense = ", ".join(f"{k} x{v}" for k, v in sorted(r["dense_calls"].items())) or "none"
+            lines.append(
+                f"{n} ({r['transformer_class']}): {r['transformer_calls']} transformer calls, "
+                f"{r['sparse_calls']} sparse layer calls, "
+                + (
+                    f"mean density {mean:.3f} over {len(r['densities'])} layers"
+                    if mean is not None
+                    else "no density"
+                )
+                + f"; dense layer calls: {dense}"
+            )
+        return "\n".join(lines)
 
     def disable(self) -> None:
         if any(s.active for s in self.states.values()):
@@ -131,8 +155,10 @@ def enable_sparse_attention(
     """Replace the self-attention of every supported transformer of a pipeline by sparse attention.
 
     Args:
-        pipe_or_transformer: a diffusers ``DiffusionPipeline`` (all ``transformer*`` components, the
-            scheduler's steps are tracked) or a transformer model (steps counted from timestep changes).
+        pipe_or_transformer: a diffusers ``DiffusionPipeline`` (all ``transformer*`` components) or a
+            transformer model. The step index comes from diffusers' ``cache_context`` when the pipeline
+            gives one, else from the timestep of each call (a new generation starts when it goes up);
+            see :class:`sparsediff.hooks.TransformerState`. The scheduler is never touched.
         plan: ``None`` (the family's training-free default), a pattern name applied to every head
             (``"radial"``, ``"tile"``, ``"topp"``, ...; keeps the family's warm-up schedule), a path to a
             plan JSON, a :class:`~sparsediff.Plan`, or a dict ``{component name: any of these}``.
@@ -147,7 +173,7 @@ def enable_sparse_attention(
     config = config or SparseAttentionConfig()
     if overrides:
         config = config.updated(**overrides)
-    found, scheduler = _transformers(pipe_or_transformer)
+    found, pipeline = _transformers(pipe_or_transformer)
     for n, t in found:
         if get_state(t) is not None:
             raise RuntimeError(
@@ -177,7 +203,7 @@ def enable_sparse_attention(
     states: dict[str, TransformerState] = {}
     try:
         for n, t, adapter, resolved in prepared:
-            states[n] = apply_sparse_attention(t, resolved, config, adapter=adapter, scheduler=scheduler)
+            states[n] = apply_sparse_attention(t, resolved, config, adapter=adapter, pipeline=pipeline)
     except BaseException:
         for n, t, *_ in prepared:
             if n in states:
@@ -196,7 +222,7 @@ def enable_sparse_attention(
 
 
 def disable_sparse_attention(pipe_or_transformer: Any) -> None:
-    """Restore the original attention processors, hooks and scheduler methods (bit-identical outputs).
+    """Restore the original attention processors and hooks (bit-identical outputs).
 
     Raises ``RuntimeError`` when sparse attention is not enabled.
     """

@@ -39,8 +39,8 @@ class SparseAttentionConfig:
         block_size: tokens per query/key block of the block mask (``None``: the op's default, 64).
         mask_cache_size: entries of the per-transformer static-mask cache.
         num_steps: number of denoising steps when the transformer is enabled without a pipeline
-            (needed to resolve a fractional ``dense_steps``; with a pipeline it is read from the
-            scheduler).
+            (needed to resolve a fractional ``dense_steps``; with a pipeline it comes from diffusers'
+            cache context or the pipeline's ``num_timesteps``).
         check_config: compare the plan's config fingerprint with the model's (layer/head counts are
             always checked).
         observer: optional callable, called with one :class:`sparsediff.hooks.AttentionCall` (layer index,

@@ -5,8 +5,8 @@
   energy-decay mask is the published training-free choice for video DiTs; early steps set the layout
   of the scene and are the most sensitive to sparsification, as is the first layer (ALGORITHMS.md).
 * **image** (Flux, QwenImage, SD3): dynamic ``topp`` (mean-pooled block scores, keep blocks up to a
-  cumulative probability) but only on calls with at least :data:`IMAGE_MIN_TOKENS` tokens; below that a
-  dense flash kernel is faster than selecting blocks, so they run dense. Same warm-up as video.
+  cumulative probability) but only on calls with at least :data:`IMAGE_MIN_TOKENS` tokens (4096: the
+  native 1024^2 resolutions of Flux and SD3 engage); below that they run dense. Same warm-up as video.
 
 An adapter may override parts with ``Adapter.default_plan`` (keyword arguments of :func:`default_plan`).
 """
@@ -20,8 +20,16 @@ from .specs import PATTERN_PARAMS
 
 __all__ = ["default_plan", "family_schedule", "VIDEO_DEFAULT", "IMAGE_DEFAULT", "IMAGE_MIN_TOKENS"]
 
-#: Token count from which sparse attention pays for images (Flux at 1024^2 has 4 608 tokens: dense).
-IMAGE_MIN_TOKENS = 8192
+#: Token count from which the image default runs sparse. Chosen from the block-count model (no GPU was
+#: available to measure it): at the default block of 64 tokens a call of N tokens has (N/64)^2 block
+#: pairs per head, the kernel runs each computed pair at about the dense kernel's throughput, and top-p
+#: selection adds one pooled score per pair (D flops, 1/64^2 of the pair's attention) plus a sort per
+#: row of blocks -- so the time is about density + a few % of the dense time. From 64 blocks per row
+#: (4096 tokens) the text rows/columns that stay dense are a small share (Flux 1024^2: 8 of 72 blocks)
+#: and the selection overhead under 5 %; below it image models are fast anyway and per-call fixed costs
+#: (mask building, launches) dominate. The native resolutions engage: SD3 1024^2 (4096 + 333 tokens),
+#: Flux 1024^2 (4096 + 512), QwenImage 1328^2 (6889 + text). Re-measure with ``sparsediff bench`` on a GPU.
+IMAGE_MIN_TOKENS = 4096
 
 VIDEO_DEFAULT: dict[str, Any] = {
     "pattern": "radial",

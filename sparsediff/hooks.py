@@ -1,9 +1,9 @@
-"""The diffusers integration: attention backend, processor subclasses, root hook and step tracker.
+"""The diffusers integration: attention backend, processor subclasses, root hook and step context.
 
 How one self-attention call reaches sparsediff (diffusers 0.42)::
 
     transformer.forward  ── root hook (HookRegistry, "sparsediff_root", stateful) ──────────────────┐
-      reads the token layout / timestep of this call (adapter), the step index (scheduler tracker)   │
+      reads the token layout of this call (adapter), step / branch (diffusers' cache_context)       │
       block L ─ attention module ─ processor = Sparse<ModelProcessor> (subclass of the model's own)  │
           __call__: publishes its LayerContext, then runs the model's own __call__ unchanged          │
           (projections, norms, RoPE) ... dispatch_attention_fn(q, k, v, backend=self._attention_backend)
@@ -25,11 +25,11 @@ How one self-attention call reaches sparsediff (diffusers 0.42)::
   identified by a small int64 tensor, and under ``torch.compile`` the whole layer attention is one opaque
   ``torch.library`` op (``sparsediff_hooks::layer_attention``), so ``compile_repeated_blocks`` traces
   one graph for all blocks. Mask building etc. runs eagerly inside the op.
-* **Steps.** ``scheduler.set_timesteps`` / ``scheduler.step`` of the pipeline's scheduler instance are
-  wrapped (signatures preserved, restored on disable): the step index is the number of ``step`` calls
-  since ``set_timesteps``; CFG as two transformer calls per step does not advance it. A transformer
-  enabled without a pipeline counts a new step whenever the timestep value of the call changes
-  (``num_steps`` from :class:`~sparsediff.config.SparseAttentionConfig`, needed for fractional warm-up).
+* **Steps.** From diffusers' ``cache_context`` (the root hook holds a ``StateManager`` probe that
+  receives it), else from the timestep of each call -- see :class:`TransformerState`. Nothing is
+  patched onto the scheduler. Per-layer caches are keyed by the branch (the context's name).
+* **Threads.** The only per-call state that crosses diffusers' dispatch (the running layer) is
+  thread-local; everything else lives on the per-transformer state.
 * **Context parallel (Ulysses).** With a parallel config the backend runs diffusers' templated
   Ulysses attention with a sparsediff forward op: after the all-to-all each rank holds the full
   sequence for heads ``rank*H_local ...``; the plan is sliced by that global head index.
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
 from diffusers.models import attention_dispatch as _ad
 
 from .config import SparseAttentionConfig
@@ -64,7 +65,6 @@ __all__ = [
     "TransformerState",
     "LayerContext",
     "AttentionCall",
-    "StepTracker",
     "apply_sparse_attention",
     "remove_sparse_attention",
     "get_state",
@@ -76,8 +76,15 @@ _STATE_ATTR = "_sparsediff_state"
 #: patterns whose state must be updated during dense (warm-up) passes: run them through sparse_attention
 _STATEFUL_PATTERNS = frozenset({"skip", "lse_cache"})
 
-# The layer whose processor is running (set for the duration of the processor's __call__).
-_CURRENT: list[LayerContext | None] = [None]
+# The layer whose processor is running *in this thread* (``_TLS.layer``, set for the duration of the
+# processor's ``__call__``): the one piece of per-call state that has to cross diffusers'
+# ``dispatch_attention_fn`` into the backend. Thread-local, so two pipelines generating in two threads
+# never see each other's layer (a ``contextvars.ContextVar`` would do too, but Dynamo cannot trace
+# ``ContextVar.set``; a ``threading.local`` attribute it traces like any object attribute).
+_TLS = threading.local()
+#: attention module -> its LayerContext while enabled (processors rebuilt with ``proc.__class__()``
+#: find their layer through the ``attn`` module they are called with)
+_MODULE_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerContext] = weakref.WeakKeyDictionary()
 _LAYERS: dict[int, weakref.ReferenceType[LayerContext]] = {}
 _NEXT_ID = [0]
 _LOCK = threading.Lock()
@@ -145,7 +152,7 @@ def _sparsediff_backend(
     _parallel_config: Any = None,
 ) -> torch.Tensor:
     """The function diffusers dispatches to. q/k/v ``[B, N, H, D]``; returns ``[B, N, H, D]``."""
-    ctx = _CURRENT[0]
+    ctx = getattr(_TLS, "layer", None)
     kwargs = _dispatch_kwargs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config
     )
@@ -199,63 +206,44 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, lay
     return torch.empty_like(query)
 
 
-# ---------------------------------------------------------------------- step tracking
-class StepTracker:
-    """Counts denoising steps of one scheduler instance by wrapping its ``set_timesteps`` and ``step``.
+# ---------------------------------------------------------------------- step / branch context
+class _ContextProbe(StateManager):
+    """Receives diffusers' cache context for the root hook.
 
-    ``step`` = number of ``scheduler.step`` calls since the last ``set_timesteps`` (0-based index of the
-    step being computed); ``num_steps`` = ``len(scheduler.timesteps)`` after ``set_timesteps``. The
-    wrappers are instance attributes with ``functools.wraps`` (pipelines inspect these signatures).
+    Pipelines open ``transformer.cache_context(name, ...)`` around each transformer call; diffusers
+    forwards it to every :class:`~diffusers.hooks.hooks.StateManager` attribute of a stateful hook:
+    a :class:`~diffusers.hooks.hooks.CacheContext` (``name``, ``step_index``, ``num_inference_steps``,
+    ... -- diffusers >= 0.42; most pipelines fill only ``name``) or, in older diffusers, the name
+    string; ``None`` when the context closes. This probe hands it to :class:`TransformerState`; it
+    keeps no states of its own.
     """
 
-    def __init__(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-        self.step = 0
-        self.num_steps: int | None = None
-        self.listeners: list[TransformerState] = []
-        self._had = {n: n in vars(scheduler) for n in ("set_timesteps", "step")}
-        self._saved = {n: vars(scheduler).get(n) for n in ("set_timesteps", "step")}
-        orig_set, orig_step = scheduler.set_timesteps, scheduler.step
+    def __init__(self, state: TransformerState) -> None:  # no StateManager.__init__: no state class
+        self._state_ref = weakref.ref(state)
+        self._state_cache: dict = {}
+        self._context = None
 
-        @functools.wraps(orig_set)
-        def set_timesteps(*args, **kwargs):
-            out = orig_set(*args, **kwargs)
-            self.step = 0
-            ts = getattr(scheduler, "timesteps", None)
-            self.num_steps = len(ts) if ts is not None else None
-            for state in list(self.listeners):
-                state.on_new_generation()
-            return out
+    def set_context(self, context: Any) -> None:
+        self._context = context
+        st = self._state_ref()
+        if st is not None:
+            st.cache_context = context
 
-        @functools.wraps(orig_step)
-        def step(*args, **kwargs):
-            out = orig_step(*args, **kwargs)
-            self.step += 1
-            return out
+    def reset(self, *args, **kwargs) -> None:
+        self._context = None
 
-        scheduler.set_timesteps = set_timesteps
-        scheduler.step = step
-        scheduler._sparsediff_tracker = self
 
-    @classmethod
-    def attach(cls, scheduler: Any, state: TransformerState) -> StepTracker:
-        tracker = getattr(scheduler, "_sparsediff_tracker", None)
-        if tracker is None:
-            tracker = cls(scheduler)
-        tracker.listeners.append(state)
-        return tracker
-
-    def detach(self, state: TransformerState) -> None:
-        self.listeners = [s for s in self.listeners if s is not state]
-        if self.listeners:
-            return
-        sch = self.scheduler
-        for n in ("set_timesteps", "step"):
-            if self._had[n]:
-                setattr(sch, n, self._saved[n])
-            else:
-                vars(sch).pop(n, None)
-        vars(sch).pop("_sparsediff_tracker", None)
+def _context_fields(ctx: Any) -> tuple[str | None, int | None, int | None]:
+    """(name, step index, number of steps) of a cache context (a CacheContext, a name or None)."""
+    if ctx is None:
+        return None, None, None
+    if isinstance(ctx, str):
+        return ctx, None, None
+    return (
+        getattr(ctx, "name", None),
+        getattr(ctx, "step_index", None),
+        getattr(ctx, "num_inference_steps", None),
+    )
 
 
 # ---------------------------------------------------------------------- per-layer context
@@ -351,18 +339,24 @@ class LayerContext:
             return self.dense(kwargs)
         layout = root.layout
         if layout is None:
-            return self._fallback(kwargs, "the token layout of this call is unknown (root hook did not run)")
+            return self._fallback(
+                kwargs,
+                "the token layout of this call is unknown",
+                "the transformer was called without its root hook running (or the adapter failed, see above)",
+            )
         if pc is not None:
             return self._context_parallel(kwargs, pc)
         fitted = root.fit_layout(q.shape[1])
         if fitted is None:
             return self._fallback(
-                kwargs, f"sequence length {q.shape[1]} != layout {layout} (adapter {root.adapter.name})"
+                kwargs,
+                f"sequence length {q.shape[1]} != layout {layout} (adapter {root.adapter.name})",
+                "the adapter's layout does not describe this model variant; register a fitting Adapter",
             )
         return self._run(kwargs, fitted, head_offset=0)
 
-    def _fallback(self, kwargs: dict[str, Any], reason: str) -> torch.Tensor:
-        self.root.note_fallback(reason)
+    def _fallback(self, kwargs: dict[str, Any], reason: str, hint: str = "") -> torch.Tensor:
+        self.root.note_fallback(reason, self, hint)
         return self.dense(kwargs)
 
     def _run(self, kwargs: dict[str, Any], layout: TokenLayout, head_offset: int) -> torch.Tensor:
@@ -390,18 +384,28 @@ class LayerContext:
         heads = q.shape[2]
         specs = self.specs(heads, head_offset)
         if all(s.pattern == "dense" for s in specs):
+            root.note_dense("dense plan")
             return self.dense(kwargs)
+        gen = root._gen
+        if layout.num_tokens > gen.max_tokens:
+            gen.max_tokens = layout.num_tokens
         if layout.num_tokens < root.plan.min_tokens:
+            root.note_dense("below min_tokens")
             return self.dense(kwargs)
         step, num_steps = root.step_info()
         stateful = any(s.pattern in _STATEFUL_PATTERNS for s in specs)
         force_dense = self._force_dense(step, num_steps)
         if force_dense and not stateful:
+            root.note_dense("warm-up (dense_steps / dense_layers)")
             return self.dense(kwargs)
         if stateful and step is not None and step in root.plan.refresh_steps:
             force_dense = True  # refresh step: exact pass that refreshes LSE / skip caches
         if kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
-            return self._fallback(kwargs, "dropout / causal / GQA attention")
+            return self._fallback(
+                kwargs,
+                "dropout / causal / GQA attention",
+                "sparse attention serves plain self-attention only",
+            )
         mask = kwargs.get("attn_mask")
         if mask is not None:
             mask = root.nontrivial_mask(mask)
@@ -410,7 +414,7 @@ class LayerContext:
         from .attention import sparse_attention
 
         cfg = root.config
-        state = self.state((root.branch, call_index))
+        state = self.state((root.branch_key, call_index))
         try:
             out = sparse_attention(
                 q.transpose(1, 2),
@@ -430,7 +434,9 @@ class LayerContext:
             if cfg.strict:
                 raise
             return self._fallback(kwargs, f"sparse attention rejected the call: {e}")
-        if not force_dense:
+        if force_dense:
+            root.note_dense("warm-up (dense_steps / dense_layers)")
+        else:
             root.record_density(self.index, state)
         return out.transpose(1, 2)
 
@@ -442,8 +448,8 @@ class LayerContext:
             return False
         if isinstance(sched.dense_steps, float) and num_steps is None:
             self.root.note_fallback(
-                "a fractional dense_steps needs the number of steps: enable on the pipeline, or pass num_steps=; "
-                "warm-up disabled"
+                "a fractional dense_steps needs the number of steps; the warm-up is skipped",
+                hint="pass num_steps= to enable_sparse_attention (a bare transformer), or an int dense_steps",
             )
             return False
         return sched.is_dense(step, num_steps, self.index)
@@ -456,10 +462,18 @@ class LayerContext:
         B, N = q.shape[0], q.shape[1]
         keep = _key_padding(mask, B, N)
         if keep is None:
-            return self._fallback(kwargs, "an attention mask that is not a key-padding mask")
+            return self._fallback(
+                kwargs,
+                "an attention mask that is not a key-padding mask",
+                "sparse attention honours key-padding masks only (e.g. padded text); nothing to change",
+            )
         text = layout.text_mask(q.device)
         if bool((~keep & ~text.unsqueeze(0)).any()):
-            return self._fallback(kwargs, "an attention mask that hides non-text tokens")
+            return self._fallback(
+                kwargs,
+                "an attention mask that hides non-text tokens",
+                "sparse attention honours masks on text tokens only; nothing to change",
+            )
         rows, inverse = torch.unique(keep, dim=0, return_inverse=True)
         out = torch.empty_like(q)
         offs, segs = layout.offsets, layout.segments
@@ -496,7 +510,11 @@ class LayerContext:
     def _context_parallel(self, kwargs: dict[str, Any], pc: Any) -> torch.Tensor:
         cp = pc.context_parallel_config
         if getattr(cp, "ring_degree", 1) > 1:
-            return self._fallback(kwargs, "ring attention context parallelism (only Ulysses is supported)")
+            return self._fallback(
+                kwargs,
+                "ring attention context parallelism",
+                "use Ulysses (ContextParallelConfig(ulysses_degree=...)) for sparse attention",
+            )
         layer = self
 
         def forward_op(
@@ -602,47 +620,89 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def _sparse_processor_class(base: type) -> type:
-    """``Sparse<base>``: same ``__call__`` signature, publishes its layer, reports the sparsediff backend."""
-    sub = _SUBCLASSES.get(base)
-    if sub is not None:
+    """``Sparse<base>``: same ``__call__`` signature, publishes its layer, reports the sparsediff backend.
+
+    An instance made by sparsediff carries its layer (``_sd_ctx``). One made by other code with
+    ``proc.__class__()`` -- diffusers rebuilds processors that way when it loads IP-adapters -- has
+    ``_sd_ctx = None`` and finds its layer through the attention module it is called with; on a module
+    sparsediff does not manage it behaves exactly like ``base`` (its own ``_attention_backend``).
+    """
+    with _LOCK:
+        sub = _SUBCLASSES.get(base)
+        if sub is not None:
+            return sub
+        orig_call = base.__call__
+
+        @functools.wraps(orig_call)
+        def __call__(self, *args, **kwargs):
+            ctx = self._sd_ctx
+            if ctx is None:
+                attn = args[0] if args else kwargs.get("attn")
+                ctx = _MODULE_LAYERS.get(attn) if isinstance(attn, torch.nn.Module) else None
+            prev = getattr(_TLS, "layer", None)
+            _TLS.layer = ctx
+            try:
+                return orig_call(self, *args, **kwargs)
+            finally:
+                _TLS.layer = prev
+
+        __call__.__signature__ = inspect.signature(orig_call)
+
+        def _get_backend(self):
+            if self._sd_ctx is not None or getattr(_TLS, "layer", None) is not None:
+                return _BACKEND_MEMBER
+            return self.__dict__.get("_sd_backend")
+
+        def _set_backend(self, value):
+            # set_attention_backend / reset_attention_backend land here: the new dense fallback
+            if self._sd_ctx is not None:
+                self._sd_ctx.fallback = value
+            else:
+                self.__dict__["_sd_backend"] = value
+
+        sub = type(
+            f"Sparse{base.__name__}",
+            (base,),
+            {
+                "__call__": __call__,
+                "_attention_backend": property(_get_backend, _set_backend),
+                "_sd_ctx": None,
+                "__module__": __name__,
+                "_sparsediff_base": base,
+            },
+        )
+        _SUBCLASSES[base] = sub
         return sub
-    orig_call = base.__call__
 
-    @functools.wraps(orig_call)
-    def __call__(self, *args, **kwargs):
-        prev = _CURRENT[0]
-        _CURRENT[0] = self._sd_ctx
-        try:
-            return orig_call(self, *args, **kwargs)
-        finally:
-            _CURRENT[0] = prev
 
-    __call__.__signature__ = inspect.signature(orig_call)
-
-    def _get_backend(self):
-        return _BACKEND_MEMBER
-
-    def _set_backend(self, value):
-        # set_attention_backend / reset_attention_backend land here: the new dense fallback
-        self._sd_ctx.fallback = value
-
-    sub = type(
-        f"Sparse{base.__name__}",
-        (base,),
-        {
-            "__call__": __call__,
-            "_attention_backend": property(_get_backend, _set_backend),
-            "__module__": __name__,
-            "_sparsediff_base": base,
-        },
-    )
-    _SUBCLASSES[base] = sub
-    return sub
+def _is_sparse_processor(proc: Any) -> bool:
+    return hasattr(type(proc), "_sparsediff_base")
 
 
 # ---------------------------------------------------------------------- the transformer-level state
 class TransformerState:
-    """Everything sparse attention keeps for one enabled transformer (also the root hook's state)."""
+    """Everything sparse attention keeps for one enabled transformer (also the root hook's state).
+
+    **Step, branch and generation** of each transformer call (:meth:`begin_call`), from diffusers' own
+    ``cache_context`` first, never from the scheduler (nothing is patched onto it):
+
+    1. the context carries ``step_index`` (diffusers >= 0.42, e.g. ``WanPipeline``): that is the step,
+       ``num_inference_steps`` the number of steps; a step index lower than the last one starts a new
+       generation;
+    2. otherwise (most pipelines name the context only: ``"cond"``/``"uncond"``/``"cond_uncond"``; a bare
+       transformer in a custom loop has none) the **timestep rule**: the call's timestep tensor (per
+       sample, per frame or per token) is compared with the previous call's -- any element higher
+       starts a new generation (every sampler starts at its highest noise level), any change starts
+       the next step, equal means another branch (CFG as separate calls) of the same step; a context
+       name seen twice within one step also starts the next step (schedulers that repeat a timestep);
+    3. the number of steps comes from the context, else the pipeline's ``num_timesteps`` (when enabled
+       on a pipeline), else :attr:`SparseAttentionConfig.num_steps`.
+
+    The branch is the context's name when there is one (else the call's index within its step); the
+    per-layer caches (:class:`~sparsediff.attention.LayerState`) are keyed by it. A generation ends at
+    the end of a pipeline call (diffusers resets stateful hooks), when a new one is detected, or on
+    disable: per-layer state is cleared and the generation's summary is logged.
+    """
 
     def __init__(self, transformer: torch.nn.Module, adapter: Any, plan: Plan, config: SparseAttentionConfig):
         self.transformer_ref = weakref.ref(transformer)
@@ -652,52 +712,101 @@ class TransformerState:
         self.config = config
         self.layers: list[LayerContext] = []
         self.processors: list[tuple[torch.nn.Module, Any, Any]] = []  # (module, original, ours)
-        self.tracker: StepTracker | None = None
+        self.pipeline_ref: Any = None  # weakref to the pipeline when enabled on one (num_timesteps)
         self.active = True
+        #: diffusers' cache context of the running transformer call (set by :class:`_ContextProbe`)
+        self.cache_context: Any = None
         self.layout: TokenLayout | None = None
-        self.branch = 0  # transformer calls so far in the current step (CFG as separate calls)
+        self.step: int | None = None  # step index of the current call (None: no call yet this generation)
+        self.num_steps: int | None = None
+        self.branch = 0  # index of the current call within its step
+        self.branch_key: str | int = 0  # context name, else ``branch``: keys per-layer state
         self.call_serial = 0  # transformer calls so far (keys the per-layer call counters)
+        self._names: set[str] = set()  # context names seen in the current step
+        self._last_t: torch.Tensor | None = None
         self._mask_cache = None
-        self._last_step: int | None = None
-        self._ts_step = -1  # step counter from timestep changes (no scheduler)
-        self._last_t: float | None = None
-        self._noted: set[str] = set()
-        self._density: dict[int, float] = {}
-        self._density_logged = False
+        self._lock = threading.Lock()
+        self._warned: set[tuple[int | None, str]] = set()
         self._layout_warned: set[TokenLayout] = set()
         self._mask_memo: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._density: dict[int, float] = {}  # first sparse call per layer of this enable
+        self.generations = 0
+        self._gen = _GenerationStats()
+        self._last_gen: _GenerationStats | None = None
 
     # ------------------------------------------------------------------ per call
     @torch.compiler.disable
     def begin_call(self, inputs: Mapping[str, Any]) -> None:
-        """Read the layout / timestep of one transformer call (eager: under a whole-model
+        """Read the layout, step and branch of one transformer call (eager: under a whole-model
         ``torch.compile`` this is one graph break at the top of the forward)."""
         self._mask_memo = None
         self.call_serial += 1
+        self._advance(inputs)
         try:
             self.layout = self.adapter.layout(self.transformer_ref(), inputs)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             self.layout = None
-            self.note_fallback(f"adapter {self.adapter.name!r} could not read the token layout: {e}")
+            self.note_fallback(
+                f"adapter {self.adapter.name!r} could not read the token layout of the call: {e}",
+                hint="the call's inputs are not what the adapter expects; report it with the pipeline used",
+            )
         if self.layout is not None and self.layout not in self._layout_warned:
             self._layout_warned.add(self.layout)
             msg = self.plan.check_layout(self.layout)
             if msg:
                 logger.warning("sparsediff: %s", msg)
-        if self.tracker is None:
-            t = self.adapter.timestep(inputs)
-            if t is not None:
-                tv = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-                if tv != self._last_t:
-                    self._last_t = tv
-                    self._ts_step += 1
+        self._gen.calls += 1
+
+    def _advance(self, inputs: Mapping[str, Any]) -> None:
+        """Step / branch / generation of this call (see the class docstring)."""
+        name, index, n_ctx = _context_fields(self.cache_context)
+        if index is not None:
+            if self.step is not None and index < self.step:
+                self.end_generation()
+            if index != self.step:
+                self._new_step(int(index))
             else:
-                self._ts_step += 1
-        step, _ = self.step_info()
-        if step == self._last_step:
-            self.branch += 1
+                self.branch += 1
         else:
-            self._last_step, self.branch = step, 0
+            new_gen, changed = self._timestep_change(inputs, in_context=name is not None)
+            if new_gen and self.step is not None:
+                self.end_generation()
+            if self.step is None:
+                self._new_step(0)
+            elif changed or (name is not None and name in self._names):
+                self._new_step(self.step + 1)
+            else:
+                self.branch += 1
+        if name is not None:
+            self._names.add(name)
+        self.branch_key = name if name is not None else self.branch
+        if n_ctx is not None:
+            self.num_steps = int(n_ctx)
+        elif self.branch == 0 and self.step == 0:
+            pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+            n = getattr(pipe, "_num_timesteps", None)
+            self.num_steps = int(n) if isinstance(n, int) and n > 0 else self.config.num_steps
+
+    def _new_step(self, step: int) -> None:
+        self.step, self.branch = step, 0
+        self._names = set()
+
+    def _timestep_change(self, inputs: Mapping[str, Any], in_context: bool) -> tuple[bool, bool]:
+        """(new generation, new step) from the call's timestep vs the previous call's (one host sync)."""
+        t = self.adapter.timestep(inputs)
+        if t is None:  # no timestep: every call is a step, unless context names say otherwise
+            return False, not in_context
+        t = t.detach() if isinstance(t, torch.Tensor) else torch.tensor(float(t))
+        last, self._last_t = self._last_t, t.clone()
+        if last is None:
+            return True, True
+        if t.shape == last.shape and t.device == last.device:
+            up, changed = torch.stack([(t > last).any(), (t != last).any()]).tolist()
+            return bool(up), bool(changed)
+        # another shape: a new batch or resolution; a pipeline window sliding (diffusion forcing) is
+        # not a new generation -- the pipeline ends its own generation
+        up = (not in_context) and bool(t.float().max() > last.float().max())
+        return up, True
 
     def nontrivial_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
         """:func:`_drop_trivial_mask`, memoised for the mask object every layer of one call shares
@@ -710,27 +819,26 @@ class TransformerState:
         return res
 
     def step_info(self) -> tuple[int | None, int | None]:
-        """(step index, number of steps) -- either may be None when unknown."""
-        if self.tracker is not None:
-            return self.tracker.step, self.tracker.num_steps
-        return (self._ts_step if self._ts_step >= 0 else None), self.config.num_steps
+        """(step index, number of steps) of the current call -- either may be None when unknown."""
+        return self.step, self.num_steps
 
-    def on_new_generation(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """End of a pipeline call: clear per-layer state (caches of dynamic patterns), step counters."""
-        self.flush_density_log()
+    def end_generation(self) -> None:
+        """End of a generation: log its summary, clear per-layer state (dynamic patterns' caches) and
+        the step context."""
+        self.flush_generation_log()
         for layer in self.layers:
             for st in layer.states.values():
                 st.reset()
             layer.states.clear()
         self.layout = None
         self._mask_memo = None
+        self.step = None
+        self.num_steps = None
         self.branch = 0
-        self._last_step = None
-        self._ts_step = -1
-        self._last_t = None
+        self.branch_key = 0
+        self._names = set()  # the last timestep is kept: the next call compares with it
+
+    reset = end_generation
 
     def mask_cache(self):
         if self._mask_cache is None:
@@ -782,49 +890,127 @@ class TransformerState:
                 pos += c
         return gathered_of.to(device)
 
-    # ------------------------------------------------------------------ logging
-    def note_fallback(self, reason: str) -> None:
+    # ------------------------------------------------------------------ logging and report
+    def note_fallback(self, reason: str, layer: LayerContext | None = None, hint: str = "") -> None:
+        """A call that should have run sparse runs dense: raise under ``strict``, else a WARNING once
+        per (layer, reason) saying what to change."""
+        where = f"layer {layer.index} ({layer.name})" if layer is not None else "all self-attention layers"
         if self.config.strict:
-            raise RuntimeError(f"sparsediff (strict): cannot run sparse attention: {reason}")
-        if reason not in self._noted:
-            self._noted.add(reason)
-            logger.info("sparsediff: dense fallback for %s: %s", self.transformer_class, reason)
+            raise RuntimeError(
+                f"sparsediff (strict): {self.transformer_class} {where}: cannot run sparse attention: {reason}"
+            )
+        self._gen.count(f"fallback: {reason}")
+        key = (layer.index if layer is not None else None, reason)
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(
+            "sparsediff: %s %s runs dense attention: %s%s (strict=True makes this an error)",
+            self.transformer_class,
+            where,
+            reason,
+            f"; {hint}" if hint else "",
+        )
+
+    def note_dense(self, why: str) -> None:
+        """A call that runs dense by design (plan, warm-up, token threshold): counted for the report."""
+        self._gen.count(why)
 
     def record_density(self, layer: int, state: Any) -> None:
-        if not self.config.log_density or self._density_logged or layer in self._density:
-            return
         mask = getattr(state, "last_mask", None)
-        if mask is not None:
-            self._density[layer] = float(mask.density())
+        if mask is None:
+            return
+        gen = self._gen
+        gen.sparse_calls += 1
+        if layer in gen.densities and layer in self._density:
+            return
+        d = float(mask.density())
+        gen.densities.setdefault(layer, d)
+        self._density.setdefault(layer, d)
+
+    def has_sparse_heads(self) -> bool:
+        """Whether the plan gives any head of any layer a pattern other than ``dense``."""
+        return any(s.pattern != "dense" for ly in self.layers for s in ly.specs(ly.num_heads))
 
     def densities(self) -> dict[int, float]:
         """Density of every layer measured on its first sparse call (of this enable)."""
         return dict(self._density)
 
-    def flush_density_log(self) -> None:
-        if self._density_logged or not self._density or not self.config.log_density:
+    def report(self) -> dict[str, Any]:
+        """What sparse attention did in the current (or, between generations, the last) generation."""
+        gen = self._gen if self._gen.calls or self._last_gen is None else self._last_gen
+        d = gen.densities
+        return {
+            "transformer_class": self.transformer_class,
+            "plan": self.plan.summary(),
+            "generations": self.generations,
+            "transformer_calls": gen.calls,
+            "sparse_calls": gen.sparse_calls,
+            "dense_calls": dict(gen.dense),
+            "densities": dict(d),
+            "mean_density": (sum(d.values()) / len(d)) if d else None,
+            "max_tokens": gen.max_tokens,
+        }
+
+    def flush_generation_log(self) -> None:
+        """End of a generation: its density summary at INFO; a WARNING when a plan with sparse heads
+        never ran sparse in it (token threshold, warm-up or fallbacks took every call)."""
+        gen = self._gen
+        if not gen.calls:
             return
-        self._density_logged = True
-        d = self._density
-        mean = sum(d.values()) / len(d)
-        per = ", ".join(f"{k}:{v:.2f}" for k, v in sorted(d.items()))
-        logger.info(
-            "sparsediff: %s attention density (fraction of blocks computed) mean %.3f over %d sparse layers; per layer %s",
-            self.transformer_class,
-            mean,
-            len(d),
-            per,
-        )
+        self.generations += 1
+        self._last_gen, self._gen = gen, _GenerationStats()
+        if gen.densities and self.config.log_density:
+            d = gen.densities
+            logger.info(
+                "sparsediff: %s attention density (fraction of blocks computed) mean %.3f over %d sparse "
+                "layers; per layer %s",
+                self.transformer_class,
+                sum(d.values()) / len(d),
+                len(d),
+                ", ".join(f"{k}:{v:.2f}" for k, v in sorted(d.items())),
+            )
+        if gen.sparse_calls == 0 and self.has_sparse_heads():
+            why = ", ".join(f"{k} x{n}" for k, n in sorted(gen.dense.items(), key=lambda kv: -kv[1]))
+            hint = ""
+            if "below min_tokens" in gen.dense:
+                hint = (
+                    f" -- the largest call had {gen.max_tokens} tokens < min_tokens={self.plan.min_tokens}; "
+                    "pass min_tokens=0 to run sparse anyway"
+                )
+            logger.warning(
+                "sparsediff: %s: no self-attention call ran sparse in this generation (%s)%s",
+                self.transformer_class,
+                why or "no attention call reached sparsediff",
+                hint,
+            )
+
+
+class _GenerationStats:
+    """Counters of one generation (what :meth:`TransformerState.report` shows)."""
+
+    def __init__(self) -> None:
+        self.calls = 0  # transformer calls
+        self.sparse_calls = 0  # layer calls that ran the sparse op with a sparse plan
+        self.dense: dict[str, int] = {}  # layer calls that ran dense, by reason
+        self.densities: dict[int, float] = {}  # first sparse call's density per layer
+        self.max_tokens = 0
+
+    def count(self, why: str) -> None:
+        self.dense[why] = self.dense.get(why, 0) + 1
 
 
 class SparseRootHook(ModelHook):
-    """Root hook on the transformer: reads the call's layout/timestep; reset at the end of a pipeline call."""
+    """Root hook on the transformer: reads each call's layout, step and branch (diffusers' cache context
+    arrives through :attr:`context`); diffusers resets it at the end of a pipeline call."""
 
     _is_stateful = True
 
     def __init__(self, state: TransformerState) -> None:
         super().__init__()
         self.state = state
+        self.context = _ContextProbe(state)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from .pipelines.base import bind_forward_inputs
@@ -847,9 +1033,13 @@ def apply_sparse_attention(
     plan: Plan,
     config: SparseAttentionConfig,
     adapter: Any = None,
-    scheduler: Any = None,
+    pipeline: Any = None,
 ) -> TransformerState:
-    """Install sparse attention on ``transformer`` (see the module docstring). Raises if already enabled."""
+    """Install sparse attention on ``transformer`` (see the module docstring). Raises if already enabled.
+
+    ``pipeline``: the pipeline ``transformer`` belongs to, if any (its ``num_timesteps`` gives the number
+    of steps when the cache context does not); it is only read, never modified.
+    """
     from .pipelines.base import get_adapter
 
     if get_state(transformer) is not None:
@@ -871,7 +1061,7 @@ def apply_sparse_attention(
                 f"{name}: processor {type(proc).__name__} is an nn.Module (e.g. IP-adapter weights); "
                 "sparse attention does not support module processors"
             )
-        if type(proc).__name__.startswith("Sparse") and hasattr(type(proc), "_sparsediff_base"):
+        if _is_sparse_processor(proc):
             raise RuntimeError(f"{name} already has a sparsediff processor")
         base = adapter.dispatch_processors.get(type(proc).__name__, type(proc))
         if not hasattr(base, "_attention_backend"):
@@ -891,13 +1081,15 @@ def apply_sparse_attention(
         vars(new).update(d)
         new._sd_ctx = ctx
         mod.processor = new
+        with _LOCK:
+            _MODULE_LAYERS[mod] = ctx
         state.layers.append(ctx)
         state.processors.append((mod, orig, new))
 
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(SparseRootHook(state), ROOT_HOOK_NAME)
-    if scheduler is not None:
-        state.tracker = StepTracker.attach(scheduler, state)
+    if pipeline is not None:
+        state.pipeline_ref = weakref.ref(pipeline)
     setattr(transformer, _STATE_ATTR, state)
     return state
 
@@ -907,7 +1099,7 @@ def remove_sparse_attention(transformer: torch.nn.Module) -> bool:
     state = get_state(transformer)
     if state is None:
         return False
-    state.flush_density_log()
+    state.flush_generation_log()
     for mod, orig, ours in state.processors:
         # keep what happened to the processor while enabled (set_attention_backend, enable_parallelism)
         for k, v in vars(ours).items():
@@ -916,16 +1108,17 @@ def remove_sparse_attention(transformer: torch.nn.Module) -> bool:
         fb = ours._sd_ctx.fallback
         if fb is not None or "_attention_backend" in vars(orig):
             orig._attention_backend = fb
-        if mod.processor is ours:
+        if mod.processor is ours or _is_sparse_processor(mod.processor):
+            # ours, or one rebuilt from it with ``__class__()`` (IP-adapter loading): the original back
             mod.processor = orig
+        with _LOCK:
+            if _MODULE_LAYERS.get(mod) is ours._sd_ctx:
+                del _MODULE_LAYERS[mod]
     for ctx in state.layers:
         ctx.close()
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None:
         registry.remove_hook(ROOT_HOOK_NAME, recurse=False)
-    if state.tracker is not None:
-        state.tracker.detach(state)
-        state.tracker = None
     state.active = False
     delattr(transformer, _STATE_ATTR)
     return True

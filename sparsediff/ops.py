@@ -3,7 +3,14 @@
 Dispatch (``backend="auto"``): the Triton kernel for CUDA tensors, and for CPU tensors when the Triton
 interpreter is on (``TRITON_INTERPRET=1`` at import time, the way CI runs kernels); otherwise the
 pure-PyTorch twin :func:`sparsediff.reference.block_sparse_attention`. ``backend="triton"`` or
-``"reference"`` forces one (a readable error says why Triton cannot run, if it cannot).
+``"reference"`` forces one (a readable error says why Triton cannot run, if it cannot). On a GPU,
+``"auto"`` falling back to the twin (a block size the kernel does not take, too little shared memory...)
+is logged once per reason at WARNING: it runs, correctly, but far slower than the kernel.
+
+Gradients: the op is differentiable. The backward recomputes the forward with the PyTorch twin under
+autograd (whatever backend ran the forward) and differentiates that -- correct, memory-hungry
+(it materialises the twin's intermediates for the kept blocks), and meant for fine-tuning experiments
+and gradient checks, not fast training.
 """
 
 from __future__ import annotations
@@ -95,10 +102,34 @@ def triton_reasons(q: torch.Tensor, mask: BlockSparseMask | None = None) -> list
     return reasons
 
 
+def _is_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+#: reasons already warned about (``"auto"`` running the twin on a GPU); one WARNING each per process
+_WARNED: set[str] = set()
+
+
+def _warn_reference_on_gpu(reasons: list[str]) -> None:
+    key = "; ".join(reasons)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning(
+        "sparsediff: the Triton kernel cannot run these inputs on the GPU (%s): running the PyTorch "
+        "reference twin instead (correct, much slower). Use a block size that is a power of two >= 16 "
+        "(block_size=64 is the default), or backend='reference' to choose this explicitly.",
+        key,
+    )
+
+
 def _run(q, k, v, kv_indices, kv_counts, block_q, block_kv, seq_q, seq_k, scale, backend):
     mask = BlockSparseMask(kv_indices, kv_counts, (block_q, block_kv), (seq_q, seq_k), validate=False)
     if backend == "auto":
-        backend = "triton" if not triton_reasons(q, mask) else "reference"
+        reasons = triton_reasons(q, mask)
+        if reasons and _is_gpu(q):
+            _warn_reference_on_gpu(reasons)
+        backend = "triton" if not reasons else "reference"
     if backend == "triton":
         reasons = triton_reasons(q, mask)
         if reasons:
@@ -128,6 +159,78 @@ def _block_sparse_attn_op(
 def _(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, backend):
     B, H, Nq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, _backend = inputs
+    ctx.save_for_backward(q, k, v, kv_indices, kv_counts)
+    ctx.blocks, ctx.scale = (block_q, block_kv), scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    """Gradients of q, k, v by recomputing the block-sparse forward with differentiable PyTorch ops,
+    one chunk of query blocks at a time (each chunk's graph is differentiated and freed before the
+    next, so memory stays at one chunk's scores)."""
+    q, k, v, kv_indices, kv_counts = ctx.saved_tensors
+    (bq, bk), scale = ctx.blocks, ctx.scale
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    Qb = -(-Nq // bq)
+    idx = kv_indices.to(q.device).long().expand(B, H, Qb, -1)
+    cnt = kv_counts.to(q.device).long().expand(B, H, Qb)
+    dq = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)
+    kf, vf = (x.detach().float().requires_grad_(True) for x in (k, v))
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    go = grad_out.float() if grad_out is not None else None
+    gl = grad_lse.float() if grad_lse is not None else None
+    m_max = max(int(cnt.amax()) if cnt.numel() else 0, 1)
+    chunk = max(1, (1 << 24) // max(B * H * bq * m_max * bk, 1))
+    for c0 in range(0, Qb, chunk):
+        c1 = min(Qb, c0 + chunk)
+        r0, r1 = c0 * bq, min(c1 * bq, Nq)
+        m = int(cnt[:, :, c0:c1].amax())
+        if m == 0:
+            continue
+        C = c1 - c0
+        with torch.enable_grad():
+            qc = q[:, :, r0:r1].detach().float().requires_grad_(True)
+            qp = torch.nn.functional.pad(qc, (0, 0, 0, C * bq - (r1 - r0))).view(B, H, C, bq, D)
+            slot = torch.arange(m, device=q.device) < cnt[:, :, c0:c1, None]  # [B, H, C, m]
+            tok = idx[:, :, c0:c1, :m, None] * bk + torch.arange(bk, device=q.device)  # [B, H, C, m, bk]
+            valid = (slot[..., None] & (tok < Nk)).reshape(B, H, C, m * bk)
+            tok = torch.where(valid, tok.reshape(B, H, C, m * bk), 0).reshape(B, H, C * m * bk, 1)
+            kg = kf.gather(2, tok.expand(-1, -1, -1, D)).view(B, H, C, m * bk, D)
+            vg = vf.gather(2, tok.expand(-1, -1, -1, Dv)).view(B, H, C, m * bk, Dv)
+            sc = torch.einsum("bhcqd,bhckd->bhcqk", qp, kg) * scale
+            sc = sc.masked_fill(~valid[:, :, :, None, :], -torch.inf)
+            lse = torch.logsumexp(sc, -1)  # [B, H, C, bq]; -inf for empty rows
+            finite = torch.isfinite(lse)
+            p = torch.where(
+                finite[..., None], sc - torch.where(finite, lse, 0.0)[..., None], -torch.inf
+            ).exp()
+            o = torch.einsum("bhcqk,bhckd->bhcqd", p, vg).reshape(B, H, C * bq, Dv)[:, :, : r1 - r0]
+            outs, grads = [], []
+            if go is not None:
+                outs.append(o)
+                grads.append(go[:, :, r0:r1])
+            if gl is not None:
+                lc = lse.reshape(B, H, C * bq)[:, :, : r1 - r0]
+                fin = torch.isfinite(lc)
+                outs.append(torch.where(fin, lc, 0.0))
+                grads.append(torch.where(fin, gl[:, :, r0:r1], 0.0))
+            if not outs:
+                break
+            gq, gk, gv = torch.autograd.grad(outs, (qc, kf, vf), grads, allow_unused=True)
+        if gq is not None:
+            dq[:, :, r0:r1] = gq
+        if gk is not None:
+            dk += gk
+        if gv is not None:
+            dv += gv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+_block_sparse_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def block_sparse_attention(
