@@ -51,20 +51,18 @@ def family(spec: HeadSpec) -> str:
 
 
 def _windows(ntiles: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Tile windows that make sense for a grid of ``ntiles`` tiles: odd sizes up to the grid, deduplicated
-    after clipping, from small to (nearly) the whole grid."""
+    """Tile windows that make sense for a grid of ``ntiles`` tiles: per axis the odd sizes 1 / 3 / 5 that
+    fit and the whole axis, every combination except the whole grid (that is dense)."""
 
     def axis(n: int) -> list[int]:
-        vals = sorted({min(n, w) for w in (1, 3, 5) if w <= max(n, 1)} | {n})
-        return vals
+        return sorted({w for w in (1, 3, 5) if w < n} | {n})
 
-    wt, ws = axis(ntiles[0]), sorted(set(axis(ntiles[1])) | set(axis(ntiles[2])))
     out = []
-    for t in wt:
-        for s in ws:
-            w = (t, min(s, ntiles[1]), min(s, ntiles[2]))
-            if w != tuple(ntiles) and w not in out:
-                out.append(w)
+    for t in axis(ntiles[0]):
+        for h in axis(ntiles[1]):
+            for w in axis(ntiles[2]):
+                if (t, h, w) != tuple(ntiles):
+                    out.append((t, h, w))
     return out
 
 
@@ -91,8 +89,8 @@ def default_candidates(
 
     * ``dense``;
     * ``radial``: decay 0.25 / 0.5 / 1 / 2, with and without the frame-0 sink (video only);
-    * ``tile``: the block-sized tile (:func:`~sparsediff.patterns.tile.default_tile`), odd windows up to
-      the grid in tiles;
+    * ``tile``: the block-sized tile (:func:`~sparsediff.patterns.tile.default_tile`), windows of 1 / 3 / 5
+      tiles or the whole axis, per axis independently;
     * ``reordered`` static: ``"frame"`` (position-major), the axis orders that differ from the natural
       and frame orders, ``"hilbert"``; bands in multiples of each order's inner period (tokens per frame,
       rows, frames per position) -- orders whose permutation equals an earlier one are dropped;

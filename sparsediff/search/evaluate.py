@@ -19,10 +19,15 @@ Cross-step families, through :class:`LayerAccumulator` (consecutive profiled ste
 
 * ``skip``: the head's exact output on the sampled rows at the previous profiled step, used as this
   step's output (density 0).
-* ``lse_cache``: per sampled row, the key blocks (natural order) reaching ``recall`` of the row's mass
-  at the previous profiled step, applied to this step's q/k. This evaluates the selection **per row**;
-  the op selects per query block (the union of its rows' needs), so the measured density is a lower
-  bound and the error an optimistic estimate for the block rule (noted in reports).
+* ``lse_cache``, exact (when ``B x H x N^2 x D`` is within ``lse_exact_macs``): at each profiled step
+  the exact block mass (softmax of every row, summed per block pair, chunked) is computed and the op's
+  per-query-block selection (:func:`~sparsediff.patterns.lse_cache_select`'s rule) made; the mask chosen at the previous profiled step is
+  applied at this one -- a mask one profiled-step gap old, as the op reuses its mask between refreshes
+  (the profile driver sets ``refresh`` to that gap).
+* ``lse_cache``, approximate (larger calls, e.g. 32K tokens on CPU): per sampled row, the key blocks
+  (natural order) reaching ``recall`` of the row's mass at the previous profiled step, applied to this
+  step's rows (same sampled rows every step). The op selects per query block (the union of its rows' needs), so this density is a lower
+  bound and the error optimistic; :attr:`LayerStats.lse_exact` records which was used.
 """
 
 from __future__ import annotations
@@ -34,9 +39,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layout import TokenLayout
-from ..patterns.common import block_token_counts, cdiv, dense_token_blocks, select_cumulative
+from ..patterns.common import (
+    apply_dense_tokens,
+    block_token_counts,
+    cdiv,
+    dense_token_blocks,
+    min_count,
+    select_cumulative,
+)
 from ..specs import HeadSpec
-from .candidates import CROSS_STEP_PATTERNS, build_structures, check_candidates, default_candidates
+from .candidates import CROSS_STEP_PATTERNS, Structure, build_structures, check_candidates, default_candidates
 
 __all__ = ["sample_rows", "LayerStats", "LayerAccumulator", "evaluate_call", "CHUNK_ELEMS"]
 
@@ -106,6 +118,8 @@ class LayerStats:
         count: float64 ``[H, C]`` number of samples (cross-step candidates start one step later).
         calls: attention calls measured; ``dense_seconds``: measured dense attention time summed over them
             (0 when not timed).
+        lse_exact: whether lse_cache candidates were measured with the op's per-block selection (True) or
+            the per-row approximation (False); None without lse_cache candidates.
     """
 
     candidates: tuple[HeadSpec, ...]
@@ -118,6 +132,7 @@ class LayerStats:
     calls: int = 0
     dense_seconds: float = 0.0
     timed_calls: int = 0
+    lse_exact: bool | None = None
 
     @classmethod
     def empty(
@@ -162,6 +177,7 @@ class LayerStats:
             self.calls + other.calls,
             self.dense_seconds + other.dense_seconds,
             self.timed_calls + other.timed_calls,
+            self.lse_exact if other.lse_exact is None else (other.lse_exact and self.lse_exact is not False),
         )
 
 
@@ -204,6 +220,7 @@ class _Previous:
     key: tuple
     out: torch.Tensor  # [B, H, R, D] exact outputs of the sampled rows
     sel: dict[float, torch.Tensor] = field(default_factory=dict)  # recall -> bool [B, H, R, Kb]
+    masks: dict[HeadSpec, torch.Tensor] = field(default_factory=dict)  # lse_cache spec -> [B, H, Qb, Kb]
 
 
 def evaluate_call(
@@ -219,11 +236,14 @@ def evaluate_call(
     seed: int = 0,
     scale: float | None = None,
     previous: _Previous | None = None,
+    lse_exact_macs: float | None = None,
 ) -> _Previous:
     """Measure ``candidates`` on one call (q/k/v ``[B, H, N, D]``) and add the results to ``stats``.
 
     ``previous`` is what the last call of the same layer returned (cross-step families); returns what
     the next call needs. Cross-step candidates without a usable ``previous`` are not counted.
+    ``lse_exact_macs``: largest ``B*H*N*N*D`` for the exact lse_cache path (``None``: 2**33 on CPU,
+    2**44 on CUDA).
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -252,10 +272,32 @@ def evaluate_call(
     prev = previous if previous is not None and previous.key == key else None
     lse_specs = [c for c in cands if c.pattern == "lse_cache"]
     skip_specs = [c for c in cands if c.pattern == "skip"]
+    if lse_exact_macs is None:
+        lse_exact_macs = 2.0**44 if dev.type == "cuda" else 2.0**33
+    lse_exact = bool(lse_specs) and float(B) * H * N * N * D <= lse_exact_macs
+    stats.lse_exact = lse_exact if lse_specs else stats.lse_exact
+    lse_masks: dict[HeadSpec, torch.Tensor] = {}
+    if lse_exact:
+        # the op's per-query-block rule (lse_cache_select) on this step's exact block mass, one pass for all recalls
+        mass = _block_mass_exact(q, k, scale, bs)
+        p = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+        dblk = dense_token_blocks(layout.dense_mask(dev), bs)
+        for spec in lse_specs:
+            mf = float(spec.get("min_frac"))
+            keep = select_cumulative(p, float(spec.get("recall")), min_count(mf, kb) if mf > 0 else 1)
+            lse_masks[spec] = apply_dense_tokens(keep, dblk)
+        del mass, p
+        if prev is not None:
+            for spec in lse_specs:
+                if spec in prev.masks:
+                    st = Structure(spec, ("natural",), None, None, prev.masks[spec])
+                    structs.append(st)
+                    dens.append(st.density(N, bs))
+    row_lse_specs = [] if lse_exact else lse_specs
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(structs):
         groups.setdefault(s.group, []).append(i)
-    if lse_specs:
+    if row_lse_specs:
         groups.setdefault(("natural",), [])
     chunk = max(1, min(R, CHUNK_ELEMS // max(1, N)))
     out_rows = torch.empty(B, H, R, D, dtype=torch.float32, device=dev)
@@ -290,10 +332,10 @@ def evaluate_call(
                         c = col[st.spec]
                         e2[c] += _sq(o - exact)
                         rec[c] += float(rc.double().sum())
-                    if gkey == ("natural",) and lse_specs:
+                    if gkey == ("natural",) and row_lse_specs:
                         tr = text_rows[r0 : r0 + rr.numel()]
                         pn = Pb / Pb.sum(-1, keepdim=True).clamp_min(1e-30)
-                        for spec in lse_specs:
+                        for spec in row_lse_specs:
                             rcl = float(spec.get("recall"))
                             sel = select_cumulative(pn, rcl, 1) | dense_blk.view(1, -1) | tr.view(-1, 1)
                             new_sel[rcl][b, h, r0 : r0 + rr.numel()] = sel
@@ -313,7 +355,7 @@ def evaluate_call(
                 stats.density[h, c] += float(d[b if d.shape[0] > 1 else 0, h if d.shape[1] > 1 else 0])
                 stats.count[h, c] += 1
             if prev is not None:
-                for spec in lse_specs:
+                for spec in row_lse_specs:
                     rcl = float(spec.get("recall"))
                     if rcl not in prev.sel:
                         continue
@@ -327,7 +369,28 @@ def evaluate_call(
                     stats.err[h, c] += math.sqrt(_sq(prev.out[b, h] - out_rows[b, h])) / denom
                     stats.recall[h, c] += 0.0
                     stats.count[h, c] += 1
-    return _Previous(key, out_rows, new_sel)
+    return _Previous(key, out_rows, new_sel, lse_masks)
+
+
+def _block_mass_exact(q: torch.Tensor, k: torch.Tensor, scale: float, bs: int) -> torch.Tensor:
+    """float32 ``[B, H, Qb, Kb]``: ``sum over rows of q block, cols of k block of softmax(q k^T)`` -- the
+    block mass with this call's exact LSE (what :func:`~sparsediff.block_mass.block_mass` computes with a
+    cached one), in chunks of whole query blocks (no ``N x N`` buffer)."""
+    B, H, N, _ = q.shape
+    qb, kb = cdiv(N, bs), cdiv(N, bs)
+    out = torch.empty(B, H, qb, kb, dtype=torch.float32, device=q.device)
+    rows = max(bs, (CHUNK_ELEMS // max(1, N)) // bs * bs)
+    pad = kb * bs - N
+    for b in range(B):
+        for h in range(H):
+            kh = k[b, h].float()
+            for r0 in range(0, N, rows):
+                P = torch.softmax((q[b, h, r0 : r0 + rows].float() @ kh.T) * scale, -1)
+                r = P.shape[0]
+                rpad = cdiv(r, bs) * bs - r
+                P = torch.nn.functional.pad(P, (0, pad, 0, rpad))
+                out[b, h, r0 // bs : r0 // bs + cdiv(r, bs)] = P.view(cdiv(r, bs), bs, kb, bs).sum((1, 3))
+    return out
 
 
 class LayerAccumulator:
@@ -343,6 +406,7 @@ class LayerAccumulator:
         candidates: specs to measure (``None``: :func:`default_candidates` of the first call's layout,
             cross-step families included).
         block_size, num_rows, seed: as :func:`sparsediff.search.search_attention`.
+        lse_exact_macs: size bound of the exact lse_cache measurement (see :func:`evaluate_call`).
     """
 
     def __init__(
@@ -352,6 +416,7 @@ class LayerAccumulator:
         block_size: int = 64,
         num_rows: int = 512,
         seed: int = 0,
+        lse_exact_macs: float | None = None,
     ) -> None:
         if num_rows < 1:
             raise ValueError(f"num_rows must be >= 1, got {num_rows}")
@@ -361,6 +426,7 @@ class LayerAccumulator:
         self.block_size = int(block_size)
         self.num_rows = int(num_rows)
         self.seed = int(seed)
+        self.lse_exact_macs = lse_exact_macs
         self.stats: LayerStats | None = None
         self._prev: _Previous | None = None
 
@@ -401,6 +467,7 @@ class LayerAccumulator:
                 seed=self.seed,
                 scale=scale,
                 previous=self._prev,
+                lse_exact_macs=self.lse_exact_macs,
             )
 
 
