@@ -116,7 +116,14 @@ def test_existing_outputs_are_kept_without_overwrite(pipe, tmp_path, monkeypatch
 def test_overwrite_replaces_outputs(pipe, tmp_path):
     out = tmp_path / "cmp"
     kw = dict(
-        num_frames=4, height=16, width=16, num_inference_steps=1, warmup=0, video_format="gif", progress=False
+        num_frames=4,
+        height=16,
+        width=16,
+        num_inference_steps=1,
+        warmup=0,
+        video_format="gif",
+        progress=False,
+        backend="reference",
     )
     cmp.compare(pipe, ["a red circle moving left"], plans=["radial"], out=out, **kw)
     (out / "videos" / "p0_s0_radial.gif").write_bytes(b"stale")
