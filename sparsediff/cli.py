@@ -33,6 +33,8 @@ _COMMANDS = {
     "demo": ("sparsediff.demo", "generate dense vs sparse on the embedded tiny video pipeline"),
     "bench": ("sparsediff.bench", "time the block-sparse op against dense SDPA / FlexAttention"),
     "compare": ("sparsediff.compare", "dense vs plans on the same prompts/seeds: metrics, videos, report"),
+    "search": ("sparsediff.search.cli", "profile a pipeline and search a per-head plan"),
+    "plan": ("sparsediff.search.show", "plan show PLAN [--png FILE]: summary and layer x head heatmap"),
 }
 
 

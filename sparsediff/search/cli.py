@@ -1,0 +1,269 @@
+"""``sparsediff search``: profile a pipeline densely on calibration prompts and write a per-head plan.
+
+::
+
+    sparsediff search --pipeline mypkg.pipes:load_wan --prompts prompts.txt --steps 50 \\
+        --num-frames 81 --height 480 --width 832 --target-error 0.05 --out wan_plan.json
+    sparsediff search --model /models/Wan2.1-T2V-1.3B-Diffusers --prompts p.txt --density 0.25 --out plan.json
+
+``--pipeline MODULE:FUNCTION`` calls ``FUNCTION()``, which returns a diffusers pipeline or a tuple
+``(pipeline, call kwargs)``; ``--model PATH`` loads ``DiffusionPipeline.from_pretrained(PATH)``; with
+neither, the embedded model when its trained weights are in the package. Every input is checked before
+the model is loaded: missing / empty prompts file, existing output without ``--force``, unwritable
+output. A budget that cannot be met still writes the closest plan, flagged in the output and in the
+plan's ``meta.search.budget_met``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+class SearchInputError(ValueError):
+    """Bad command-line input (reported as ``sparsediff search: error: ...``, exit status 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sparsediff search",
+        description="Search a per-head sparse-attention plan by profiling a pipeline on calibration prompts.",
+    )
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument(
+        "--pipeline", metavar="MODULE:FUNCTION", help="function returning a pipeline (or (pipe, kwargs))"
+    )
+    src.add_argument(
+        "--model", metavar="PATH", help="a diffusers pipeline folder (DiffusionPipeline.from_pretrained)"
+    )
+    ap.add_argument("--prompts", required=True, metavar="FILE", help="calibration prompts, one per line")
+    ap.add_argument("--num-frames", type=int)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--steps", type=int, help="denoising steps (default: the pipeline kwargs', else 50)")
+    ap.add_argument("--guidance-scale", type=float)
+    ap.add_argument(
+        "--profile-steps", metavar="I,J,...", help="steps to measure (default: 4 after the warm-up)"
+    )
+    ap.add_argument(
+        "--candidates",
+        metavar="FAMILY,...",
+        help="restrict to these families (radial,tile,reordered,cluster,topp,lse_cache,skip)",
+    )
+    budget = ap.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--target-error", type=float, metavar="E", help="mean relative error budget over all heads"
+    )
+    budget.add_argument("--density", type=float, metavar="D", help="mean density budget (minimise error)")
+    ap.add_argument("--out", required=True, metavar="PLAN.json")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    ap.add_argument("--stats", metavar="FILE", help="load (if present), add this run's statistics, save back")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--num-rows", type=int, default=512, help="sampled query rows per head and call")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="device for the pipeline (default: cuda if available)")
+    ap.add_argument("--calibrate", action="store_true", help="time the op on this device for the cost model")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SearchInputError(f"prompts file not found: {p}")
+    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [x for x in prompts if x and not x.startswith("#")]
+    if not prompts:
+        raise SearchInputError(
+            f"prompts file {p} has no prompts (one per line; blank and # lines are ignored)"
+        )
+    return prompts
+
+
+def _check_out(path: str, force: bool) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise SearchInputError(f"--out {p} is a directory; give a file name such as {p / 'plan.json'}")
+    if p.exists() and not force:
+        raise SearchInputError(f"--out {p} exists; pass --force to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SearchInputError(f"--out {p} is not writable: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise SearchInputError(f"--out {p} is not writable (no write permission in {probe})")
+    return p
+
+
+def _parse_steps(s: str | None) -> list[int] | None:
+    if not s:
+        return None
+    try:
+        return sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise SearchInputError(f"--profile-steps must be comma-separated step indices, got {s!r}") from None
+
+
+def _load_pipeline(args) -> tuple[Any, dict[str, Any]]:
+    if args.pipeline:
+        mod, _, fn = args.pipeline.partition(":")
+        if not mod or not fn:
+            raise SearchInputError(f"--pipeline must be MODULE:FUNCTION, got {args.pipeline!r}")
+        try:
+            f = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise SearchInputError(f"--pipeline {args.pipeline}: {e}") from None
+        res = f()
+        return (res[0], dict(res[1])) if isinstance(res, tuple) else (res, {})
+    if args.model:
+        if not Path(args.model).exists():
+            raise SearchInputError(f"--model {args.model}: no such folder")
+        from diffusers import DiffusionPipeline
+
+        try:
+            return DiffusionPipeline.from_pretrained(args.model), {}
+        except (OSError, ValueError) as e:
+            raise SearchInputError(f"--model {args.model}: not a loadable diffusers pipeline: {e}") from None
+    from ..embedded import has_trained_weights, load_embedded_pipeline
+
+    if not has_trained_weights():
+        raise SearchInputError(
+            "give --pipeline MODULE:FUNCTION or --model PATH (the embedded model is the default, but its trained "
+            "weights are not in this installation)"
+        )
+    return load_embedded_pipeline(), {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return _run(args)
+    except SearchInputError as e:
+        print(f"sparsediff search: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from ..pipelines.base import UnsupportedModelError, get_adapter
+    from .cost import CostCache
+    from .profile import SearchStats, plan_from_stats, profile_pipeline
+
+    prompts = _read_prompts(args.prompts)
+    out = _check_out(args.out, args.force)
+    if args.target_error is not None and args.target_error < 0:
+        raise SearchInputError(f"--target-error must be >= 0, got {args.target_error}")
+    if args.density is not None and not 0 < args.density <= 1:
+        raise SearchInputError(f"--density must be in (0, 1], got {args.density}")
+    psteps = _parse_steps(args.profile_steps)
+    fams = [x.strip() for x in args.candidates.split(",")] if args.candidates else None
+    known = ("dense", "radial", "tile", "reordered", "cluster", "topp", "lse_cache", "skip")
+    if fams and any(f not in known for f in fams):
+        raise SearchInputError(
+            f"--candidates: unknown famil(ies) {[f for f in fams if f not in known]}; known: {known}"
+        )
+    prior = None
+    if args.stats and Path(args.stats).exists():
+        try:
+            prior = SearchStats.load(args.stats)
+        except ValueError as e:
+            raise SearchInputError(str(e)) from None
+
+    pipe, kw = _load_pipeline(args)
+    comps = getattr(pipe, "components", None)
+    transformer = comps.get("transformer") if isinstance(comps, dict) else None
+    if not isinstance(transformer, torch.nn.Module):
+        raise SearchInputError(f"{type(pipe).__name__} is not a DiT pipeline with a 'transformer' component")
+    try:
+        adapter = get_adapter(transformer)
+    except UnsupportedModelError as e:
+        raise SearchInputError(str(e)) from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    for name, val in (
+        ("num_frames", args.num_frames),
+        ("height", args.height),
+        ("width", args.width),
+        ("guidance_scale", args.guidance_scale),
+    ):
+        if val is not None:
+            kw[name] = val
+    kw.pop("prompt", None)
+    steps = args.steps or kw.get("num_inference_steps") or 50
+    n_layers = len(adapter.attention_modules(transformer))
+    from .profile import default_profile_steps
+
+    n_prof = len(psteps) if psteps else len(default_profile_steps(int(steps)))
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts) * n_prof * n_layers, desc="profiling (steps x layers)", unit="call")
+    try:
+        stats = profile_pipeline(
+            pipe,
+            prompts,
+            call_kwargs=kw,
+            num_steps=int(steps),
+            profile_steps=psteps,
+            families=fams,
+            block_size=args.block_size,
+            num_rows=args.num_rows,
+            seed=args.seed,
+            stats=prior,
+            progress=None if bar is None else bar.update,
+        )
+    except ValueError as e:
+        raise SearchInputError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.stats:
+        stats.save(args.stats)
+    from ..defaults import family_schedule
+    from ..specs import DenseSchedule
+
+    fs = family_schedule(adapter)
+    schedule = DenseSchedule(fs["dense_steps"], tuple(fs["dense_layers"]))
+    any_layer = next(iter(stats.layers.values()))
+    cost = CostCache().get(
+        device,
+        head_dim=any_layer.head_dim,
+        block_size=args.block_size,
+        dtype=transformer.dtype,
+        calibrate=args.calibrate,
+    )
+    plan, report = plan_from_stats(
+        stats,
+        transformer,
+        target_error=args.target_error,
+        density=args.density,
+        cost_model=cost,
+        schedule=schedule,
+        min_tokens=int(fs["min_tokens"]),
+    )
+    print(report.format())
+    if not report.choice.met:
+        print(
+            "WARNING: the budget cannot be met; wrote the closest (best-effort) plan, flagged "
+            "meta.search.budget_met = false",
+            file=sys.stderr,
+        )
+    plan.save(out, overwrite=args.force)
+    print(f"wrote {out} ({plan.summary()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
