@@ -47,7 +47,86 @@ def block_sparse_attention(
     return (out, lse) if return_lse else out
 
 
+def _cpu_flash_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (
+        q.device.type == "cpu"
+        and q.shape[-1] == v.shape[-1]
+        and min(q.numel(), k.numel()) > 0
+        and mask.num_q_blocks > 0
+        and _cpu_flash_available()
+    ):
+        return _forward_grouped(q, k, v, mask, scale)
+    return _forward_chunked(q, k, v, mask, scale)
+
+
+def _forward_grouped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU path: query blocks grouped by their number of listed key blocks, one fused attention call
+    (PyTorch's CPU flash kernel, which also returns the LSE) per group on exactly the gathered key blocks.
+
+    No padding slots and no score buffer: each (batch, head, query block) of a group attends to the
+    concatenation of its ``c`` listed key blocks, so the work is the mask's density times dense work, in
+    the same fused, cache-blocked kernel dense SDPA uses. A ragged last key block is the only masked case
+    (an additive ``-inf`` bias on its padded keys, only for groups that list it).
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    bq, bk = mask.block_size
+    Qb, Kb = mask.num_q_blocks, mask.num_kv_blocks
+    dev = q.device
+
+    def blocked(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
+        x = x.float()
+        if nb * bs != x.shape[2]:
+            x = F.pad(x, (0, 0, 0, nb * bs - x.shape[2]))
+        return x.reshape(B * H * nb, bs, x.shape[-1])
+
+    qp = blocked(q, Qb, bq)  # [B*H*Qb, bq, D]
+    kp = blocked(k, Kb, bk)  # [B*H*Kb, bk, D]
+    vp = blocked(v, Kb, bk)
+    cnt = mask.kv_counts.expand(B, H, Qb).reshape(-1).long()  # [B*H*Qb]
+    idx = mask.kv_indices.expand(B, H, Qb, -1).reshape(B * H * Qb, -1).long()
+    kv_base = (torch.arange(B * H, device=dev) * Kb).repeat_interleave(Qb)  # [B*H*Qb]
+    out = torch.zeros(B * H * Qb, bq, D, dtype=torch.float32, device=dev)
+    lse = torch.full((B * H * Qb, bq), -math.inf, dtype=torch.float32, device=dev)
+    ragged = Kb * bk != Nk
+    counts, order = torch.sort(cnt, stable=True)
+    uniq, sizes = torch.unique_consecutive(counts, return_counts=True)
+    start = 0
+    for c, n in zip(uniq.tolist(), sizes.tolist()):
+        rows = order[start : start + n]
+        start += n
+        if c == 0:
+            continue
+        blocks = idx[rows, :c] + kv_base[rows, None]  # [n, c]
+        kg = kp.index_select(0, blocks.reshape(-1)).view(n, 1, c * bk, D)
+        vg = vp.index_select(0, blocks.reshape(-1)).view(n, 1, c * bk, D)
+        bias = None
+        if ragged:
+            last = idx[rows, :c] == Kb - 1  # [n, c]
+            if bool(last.any()):
+                pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]
+                bad = last[:, :, None] & pad_key  # [n, c, bk]
+                bias = torch.zeros(n, 1, 1, c * bk, dtype=torch.float32, device=dev)
+                bias.masked_fill_(bad.view(n, 1, 1, c * bk), -math.inf)
+        o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp.index_select(0, rows).view(n, 1, bq, D), kg, vg, 0.0, False, attn_mask=bias, scale=scale
+        )
+        out.index_copy_(0, rows, o.view(n, bq, D))
+        lse.index_copy_(0, rows, l_.view(n, bq))
+    out = out.view(B, H, Qb * bq, D)[:, :, :Nq]
+    lse = lse.view(B, H, Qb * bq)[:, :, :Nq]
+    return _finish(out, lse, q)
+
+
+def _forward_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Nq, D = q.shape
