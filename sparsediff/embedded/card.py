@@ -50,9 +50,10 @@ def render_model_card(metrics: dict[str, Any]) -> str:
         "",
         f"- transformer: {model.get('num_layers', '?')} layers, {model.get('num_heads', '?')} heads x "
         f"{model.get('head_dim', '?')} dims, FFN {model.get('ffn_dim', '?')}, patch {model.get('patch_size', '?')}, "
-        "3 pixel channels in/out",
+        f"3 pixel channels out, 3 + {model.get('coord_channels', 0)} in (pixels + fixed t/y/x coordinate ramps)",
         f"- text encoder: word-level tokenizer + {model.get('text_layers', '?')}-layer transformer, width "
-        f"{model.get('text_dim', '?')}",
+        f"{model.get('text_dim', '?')}, fixed orthogonal per-word codes added with weight "
+        f"{model.get('token_code_scale', 0.0)}",
         f"- scheduler: FlowMatchEulerDiscreteScheduler, shift {model.get('shift', '?')}",
         f"- parameters: {_fmt(metrics.get('num_parameters'), ',')} ({_fmt(metrics.get('size_mb'), '.2f')} MB as fp16 "
         "safetensors)",
@@ -72,6 +73,11 @@ def render_model_card(metrics: dict[str, Any]) -> str:
         "- reproduce: `"
         + train.get("command", "python -m sparsediff.embedded.train --preset gpu --out runs/embedded")
         + "`",
+        "",
+    ]
+    if metrics.get("history"):
+        lines += ["- history: " + str(metrics["history"])]
+    lines += [
         "",
         "## Samples",
         "",
@@ -101,6 +107,17 @@ def render_model_card(metrics: dict[str, Any]) -> str:
                 f"{'yes' if r['direction_ok'] else 'no'} |"
             )
         lines.append("")
+    else:
+        lines += [_NA, ""]
+    held = metrics.get("heldout_checks")
+    lines += ["## Held-out check", ""]
+    if held:
+        lines += [
+            f"Same check on other prompts (`data.heldout_prompts`) and seeds no training or trainer check uses "
+            f"({metrics.get('heldout_setting', '')}): colour right **{held['colour_rate']:.0%}**, direction right "
+            f"**{held['direction_rate']:.0%}** ({len(held['results'])} prompts).",
+            "",
+        ]
     else:
         lines += [_NA, ""]
     lines += ["## Attention structure (probe)", ""]

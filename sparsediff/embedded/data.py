@@ -46,6 +46,8 @@ __all__ = [
     "render_prompt",
     "ProceduralVideoDataset",
     "eval_prompts",
+    "heldout_prompts",
+    "HELDOUT_SEED",
 ]
 
 #: Palette of the main object (RGB in [0, 1]); each colour is at least 0.45 away (L2) from every other, from
@@ -404,6 +406,29 @@ def eval_prompts(n: int | None = None) -> list[str]:
             "shape": SHAPES[(i + i // len(colours)) % len(SHAPES)],
             "direction": dirs[i % len(dirs)],
             "speed": "",
+        }
+        out.append(caption(meta))
+    return out
+
+
+#: First generator seed of :func:`heldout_prompts` clips (prompt ``i`` uses ``HELDOUT_SEED + i``): seeds that
+#: neither training (its own generator stream) nor the trainer's checks (0..15, 1234..) use.
+HELDOUT_SEED = 50_000
+
+
+def heldout_prompts(n: int = 16) -> list[str]:
+    """Held-out evaluation prompts, other combinations than :func:`eval_prompts`: colours cycled backwards,
+    directions in another order, shapes shifted by two, every third prompt with a speed word. All four
+    directions appear equally often when ``n`` is a multiple of 4."""
+    colours, dirs = list(COLOURS)[::-1], ["up", "left", "down", "right"]
+    speeds = ["", "quickly", "", "slowly"]
+    out = []
+    for i in range(n):
+        meta = {
+            "colour": colours[(3 * i) % len(colours)],
+            "shape": SHAPES[(i + 2) % len(SHAPES)],
+            "direction": dirs[i % len(dirs)],
+            "speed": speeds[(i // 3) % len(speeds)] if i % 3 == 2 else "",
         }
         out.append(caption(meta))
     return out
