@@ -51,17 +51,21 @@ import torch.nn.functional as F
 __all__ = ["SDPA_F", "dispatch_processor"]
 
 _SDPA = F.scaled_dot_product_attention
+
+
 #: ``_TLS.active``: the drop-in processors whose ``__call__`` is running *in this thread* (innermost
 #: last); read by :func:`_sdpa`. Per thread, so pipelines generating in two threads never read each
 #: other's processor (Dynamo traces ``threading.local`` attributes; it cannot trace ContextVar.set).
-_TLS = threading.local()
+class _ThreadLocal(threading.local):
+    def __init__(self) -> None:  # runs once in every thread that uses it
+        self.active: list[Any] = []
+
+
+_TLS = _ThreadLocal()
 
 
 def _active() -> list[Any]:
-    stack = getattr(_TLS, "active", None)
-    if stack is None:
-        stack = _TLS.active = []
-    return stack
+    return _TLS.active
 
 
 def _sdpa(

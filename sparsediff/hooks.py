@@ -76,12 +76,18 @@ _STATE_ATTR = "_sparsediff_state"
 #: patterns whose state must be updated during dense (warm-up) passes: run them through sparse_attention
 _STATEFUL_PATTERNS = frozenset({"skip", "lse_cache"})
 
+
 # The layer whose processor is running *in this thread* (``_TLS.layer``, set for the duration of the
 # processor's ``__call__``): the one piece of per-call state that has to cross diffusers'
 # ``dispatch_attention_fn`` into the backend. Thread-local, so two pipelines generating in two threads
 # never see each other's layer (a ``contextvars.ContextVar`` would do too, but Dynamo cannot trace
 # ``ContextVar.set``; a ``threading.local`` attribute it traces like any object attribute).
-_TLS = threading.local()
+class _ThreadLocal(threading.local):
+    def __init__(self) -> None:  # runs once in every thread: compiled code always finds the attribute
+        self.layer: LayerContext | None = None
+
+
+_TLS = _ThreadLocal()
 #: attention module -> its LayerContext while enabled (processors rebuilt with ``proc.__class__()``
 #: find their layer through the ``attn`` module they are called with)
 _MODULE_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerContext] = weakref.WeakKeyDictionary()
@@ -152,7 +158,7 @@ def _sparsediff_backend(
     _parallel_config: Any = None,
 ) -> torch.Tensor:
     """The function diffusers dispatches to. q/k/v ``[B, N, H, D]``; returns ``[B, N, H, D]``."""
-    ctx = getattr(_TLS, "layer", None)
+    ctx = _TLS.layer
     kwargs = _dispatch_kwargs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config
     )
@@ -339,10 +345,13 @@ class LayerContext:
             return self.dense(kwargs)
         layout = root.layout
         if layout is None:
+            if not root.has_sparse_heads():
+                return self.dense(kwargs)
             return self._fallback(
                 kwargs,
                 "the token layout of this call is unknown",
-                "the transformer was called without its root hook running (or the adapter failed, see above)",
+                "a whole-model torch.compile / torch.export cannot read it (compile the blocks with "
+                "transformer.compile_repeated_blocks() instead), or the adapter failed (see above)",
             )
         if pc is not None:
             return self._context_parallel(kwargs, pc)
@@ -639,7 +648,7 @@ def _sparse_processor_class(base: type) -> type:
             if ctx is None:
                 attn = args[0] if args else kwargs.get("attn")
                 ctx = _MODULE_LAYERS.get(attn) if isinstance(attn, torch.nn.Module) else None
-            prev = getattr(_TLS, "layer", None)
+            prev = _TLS.layer
             _TLS.layer = ctx
             try:
                 return orig_call(self, *args, **kwargs)
@@ -649,7 +658,7 @@ def _sparse_processor_class(base: type) -> type:
         __call__.__signature__ = inspect.signature(orig_call)
 
         def _get_backend(self):
-            if self._sd_ctx is not None or getattr(_TLS, "layer", None) is not None:
+            if self._sd_ctx is not None or _TLS.layer is not None:
                 return _BACKEND_MEMBER
             return self.__dict__.get("_sd_backend")
 
@@ -730,6 +739,7 @@ class TransformerState:
         self._layout_warned: set[TokenLayout] = set()
         self._mask_memo: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._density: dict[int, float] = {}  # first sparse call per layer of this enable
+        self._has_sparse: bool | None = None
         self.generations = 0
         self._gen = _GenerationStats()
         self._last_gen: _GenerationStats | None = None
@@ -931,7 +941,9 @@ class TransformerState:
 
     def has_sparse_heads(self) -> bool:
         """Whether the plan gives any head of any layer a pattern other than ``dense``."""
-        return any(s.pattern != "dense" for ly in self.layers for s in ly.specs(ly.num_heads))
+        if self._has_sparse is None:
+            self._has_sparse = any(s.pattern != "dense" for ly in self.layers for s in ly.specs(ly.num_heads))
+        return self._has_sparse
 
     def densities(self) -> dict[int, float]:
         """Density of every layer measured on its first sparse call (of this enable)."""
@@ -1013,10 +1025,21 @@ class SparseRootHook(ModelHook):
         self.context = _ContextProbe(state)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # whole-model torch.compile / torch.export: reading the layout and the step takes the
+            # call's data (and inspect.signature), which must not enter the traced graph. The call runs
+            # without a layout: dense (a dense plan, silently; a sparse plan, with a warning).
+            return args, kwargs
         from .pipelines.base import bind_forward_inputs
 
         self.state.begin_call(bind_forward_inputs(module, args, kwargs))
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        # the layout belongs to this call only: a later call that bypasses pre_forward (compiled
+        # whole) must not run with it
+        self.state.layout = None
+        return output
 
     def reset_state(self, module: torch.nn.Module):
         self.state.reset()

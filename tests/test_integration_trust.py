@@ -319,3 +319,37 @@ def test_op_gradients_match_masked_dense_attention():
     g_dense = torch.autograd.grad((out2 * go).sum() + (lse2 * gl).sum(), (q, k, v))
     for name, a, b in zip("qkv", g_sparse, g_dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# ------------------------------------------------------------------ whole-model compile / export
+def test_whole_model_compile_fullgraph_and_export_with_sparse_attention_enabled(caplog):
+    """torch.compile(fullgraph=True) of the whole transformer (no graph break, no recompile on the
+    second call) and torch.export both work with sparse attention enabled: an all-dense plan is exact;
+    a sparse plan runs dense there (the layout needs the call's data) and says so at WARNING."""
+    t = _wan_transformer().eval()
+    x, ts, enc = torch.randn(1, 16, 3, 8, 12), torch.tensor([500.0]), torch.randn(1, 4, 32)
+    with torch.no_grad():
+        base = t(x, ts, enc, return_dict=False)[0]
+    h = api.enable_sparse_attention(t, Plan.dense(), backend="reference", block_size=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(t, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        out = compiled(x, ts, enc, return_dict=False)[0]
+        out2 = compiled(x, ts, enc, return_dict=False)[0]
+    ep = torch.export.export(t, (x, ts, enc), {"return_dict": False})
+    with torch.no_grad():
+        out3 = ep.module()(x, ts, enc, return_dict=False)[0]
+    h.disable()
+    torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, out2)
+    torch.testing.assert_close(out3, base, rtol=1e-5, atol=1e-5)
+
+    h = api.enable_sparse_attention(t, SPARSE_PLAN, **_BARE_KW)
+    torch._dynamo.reset()
+    compiled = torch.compile(t, fullgraph=True, backend="aot_eager")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), torch.no_grad():
+        out = compiled(x, ts, enc, return_dict=False)[0]
+    h.disable()
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    assert any("compile_repeated_blocks" in r.getMessage() for r in caplog.records), caplog.text
