@@ -239,6 +239,24 @@ def test_torch_compile_fullgraph_no_graph_breaks():
     torch.testing.assert_close(got[1], eager[1], atol=0, rtol=0)
 
 
+def test_inductor_compiles_the_op_on_the_reference_path():
+    """The default compile backend (inductor) around the op: the op stays opaque (reference path inside),
+    the surrounding ops are generated code, and the result equals eager."""
+    q, k, v = _qkv(1, 2, 40, 40, 16)
+    m = _mask(1, 2, 40, 40, p=0.5)
+
+    def f(q, k, v, idx, cnt):
+        mask = BlockSparseMask(idx, cnt, 16, (40, 40), validate=False)
+        out, lse = block_sparse_attention(q * 2.0, k, v, mask, return_lse=True, backend="reference")
+        return out.relu() + 1.0, lse
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(q, k, v, m.kv_indices, m.kv_counts)
+    want = f(q, k, v, m.kv_indices, m.kv_counts)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+
+
 def test_torch_compile_with_mask_object_closure():
     q, k, v = _qkv(1, 2, 48, 48, 16)
     m = _mask(1, 2, 48, 48, p=0.6)
