@@ -543,7 +543,9 @@ def _distributed():
         return 0, 1, None
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True without CUDA: gloo process group (MULTI_CPU); accelerate would otherwise run each
+    # process alone. The state is a singleton: main() and compare() share it.
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, state
 
 
@@ -598,6 +600,7 @@ def compare(
     from .metrics import VideoQuality
 
     t_start = time.perf_counter()
+    load_start = _load_average()
     prompts = [q.strip() for q in prompts if q and q.strip()]
     if not prompts:
         raise CompareError("no prompts: pass --prompt TEXT or --prompts FILE with at least one line")
@@ -741,6 +744,7 @@ def compare(
         lpips_reason=meter.lpips_reason if meter._lpips_net is None else None,
         command=command,
         wall_s=time.perf_counter() - t_start,
+        load=(load_start, _load_average()),
     )
     if out_dir is not None:
         _write_reports(out_dir, results, pairs)
@@ -855,6 +859,7 @@ def _environment(device: str) -> dict[str, Any]:
     else:
         env["cpu"] = platform.processor() or platform.machine()
         env["torch_threads"] = torch.get_num_threads()
+    env["cpu_count"] = os.cpu_count()
     try:
         from . import kernels
 
@@ -879,6 +884,7 @@ def _summarise(
     lpips_reason: str | None,
     command: str | None,
     wall_s: float,
+    load: tuple[float | None, float | None] = (None, None),
 ) -> dict[str, Any]:
     dense = records[BASELINE]
     base_step = _mean([r["s_per_step"] for r in dense["samples"]])
@@ -895,6 +901,7 @@ def _summarise(
             "mean_density": 1.0,
             "run_density": rec.get("run_density", 1.0),
             "s_per_step": _mean([r["s_per_step"] for r in smp]),
+            "s_per_step_sd": _sd([r["s_per_step"] for r in smp]),
             "total_s": _mean([r["total_s"] for r in smp]),
             "peak_memory_gb": rec.get("peak_memory_gb"),
         }
@@ -918,6 +925,7 @@ def _summarise(
         out_variants.append(row)
     if lpips_reason:
         skipped["lpips"] = lpips_reason
+    notes = list(notes) + _timing_notes(out_variants, settings.device, load)
     return {
         "format": "sparsediff-compare/1",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -941,6 +949,52 @@ def _summarise(
         "wall_s": wall_s,
         "variants": out_variants,
     }
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _sd(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _timing_notes(
+    rows: list[dict[str, Any]], device: str, load: tuple[float | None, float | None]
+) -> list[str]:
+    """Say when the timings cannot be trusted (busy machine, calls that vary) and what CPU timings mean."""
+    notes = []
+    ncpu = os.cpu_count() or 1
+    busy = [x for x in load if x is not None and x > 0.8 * ncpu]
+    if busy:
+        notes.append(
+            f"the machine was busy (1-minute load average {max(busy):.1f} on {ncpu} CPUs at the start/end of "
+            "the run): timings and speedups are unreliable; rerun on an idle machine"
+        )
+    cvs = [
+        (r["s_per_step_sd"] / r["s_per_step"], r["label"])
+        for r in rows
+        if r.get("s_per_step_sd") is not None and r.get("s_per_step")
+    ]
+    if cvs and max(cvs)[0] > 0.2:
+        cv, label = max(cvs)
+        notes.append(
+            f"time per step varies by {cv:.0%} (sd / mean) between calls of {label!r}: speedups of less than "
+            "about that much are noise"
+        )
+    if not device.startswith("cuda"):
+        notes.append(
+            "CPU run: sparse attention runs sparsediff's PyTorch twin, which beats dense only at low density "
+            "on long sequences; speed claims need a GPU run (the quality numbers hold on any device)"
+        )
+    return notes
 
 
 def _video_shape(records: dict[str, dict[str, Any]]) -> list[int] | None:
@@ -1047,6 +1101,8 @@ def _cell(row: dict[str, Any], key: str, nd: int | None) -> str:
         return str(v)
     if key == "speedup" and v is not None:
         return f"{v:.2f}x"
+    if key == "s_per_step" and v is not None and row.get("s_per_step_sd"):
+        return f"{v:.3f} ± {row['s_per_step_sd']:.3f}"
     return _fmt(v, nd)
 
 
@@ -1232,9 +1288,11 @@ def main(argv: list[str] | None = None) -> int:
         _unique_labels(variants)
         out = Path(args.out)
         check_output_dir(out, args.overwrite)  # read-only apart from creating the folder
-        pipe, info = load_pipeline(
-            args.pipeline, args.model, device=args.device, dtype=_parse_dtype(args.dtype)
-        )
+        device = args.device
+        _, world, state = _distributed()
+        if world > 1 and device.startswith("cuda"):
+            device = str(state.device)  # one GPU per process
+        pipe, info = load_pipeline(args.pipeline, args.model, device=device, dtype=_parse_dtype(args.dtype))
         command = "sparsediff compare " + " ".join(shlex.quote(a) for a in argv)
         results = compare(
             pipe,

@@ -209,3 +209,54 @@ def test_cli_registers_compare(capsys):
 
     assert main(["--help"]) == 0
     assert "compare" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two interpreter start-ups: ~30 s of CPU
+def test_two_processes_split_pairs_and_write_one_report(pipe, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): same per-sample numbers as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "mp"
+    prompts = ["a red circle moving left", "a green cross moving down"]
+    args = ["--prompt", prompts[0], "--prompt", prompts[1], "--seeds", "0", "1", "--plans", "radial"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sparsediff.compare"]
+    argv = launch + ["--pipeline", "test_compare:small_pipeline", "--out", str(out)] + args + SIZE + FAST
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1  # only the main process reports
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["processes"] == 2
+    assert len(list((out / "strips").glob("*.png"))) == 4 and not (out / ".compare-parts").exists()
+    multi = {(s["prompt_index"], s["seed"]): s["metrics"]["psnr"] for s in res["variants"][1]["samples"]}
+    single = cmp.compare(
+        pipe,
+        prompts,
+        seeds=[0, 1],
+        plans=["radial"],
+        num_frames=4,
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        block_size=16,
+        backend="reference",
+        warmup=0,
+        progress=False,
+    )
+    one = {(s["prompt_index"], s["seed"]): s["metrics"]["psnr"] for s in single["variants"][1]["samples"]}
+    assert multi.keys() == one.keys() == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    for k in one:
+        assert multi[k] == pytest.approx(one[k], rel=1e-6), k
