@@ -12,7 +12,8 @@ variant; the dense baseline runs once per (prompt, seed), each plan once per (pr
 Pipeline (one of): the default -- the embedded trained tiny video model when its weights are in the
 package, else its random-init twin (wiring only, a warning says so); ``--model PATH`` -- a local diffusers
 folder (or a Hub id diffusers can resolve); ``--pipeline MODULE:FUNCTION`` -- a function returning a
-pipeline (e.g. ``sparsediff.embedded:tiny_random_pipeline``).
+pipeline (e.g. ``sparsediff.embedded:tiny_random_pipeline``). Prompts: ``--prompts FILE`` and/or
+``--prompt TEXT``; with the default model and neither given, 4 of its evaluation captions.
 
 Plans (``--plans``, each one variant; see :func:`parse_variant`)::
 
@@ -1244,7 +1245,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pipeline", help="MODULE:FUNCTION returning a diffusers pipeline")
     src.add_argument("--model", help="a diffusers pipeline folder (default: the embedded model)")
-    p.add_argument("--prompts", help="text file, one prompt per line (# comments, blank lines skipped)")
+    p.add_argument(
+        "--prompts",
+        help="text file, one prompt per line (# comments, blank lines skipped); default with the embedded "
+        "model: 4 of its evaluation captions",
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -1279,6 +1284,10 @@ def main(argv: list[str] | None = None) -> int:
         # everything that can be checked without the model, before loading it
         prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
         prompts = [q.strip() for q in prompts if q.strip()]
+        if not prompts and not args.prompts and not (args.pipeline or args.model):
+            from .embedded.data import eval_prompts
+
+            prompts = eval_prompts(4)  # the default model's own evaluation captions
         if not prompts:
             src = f"{args.prompts} holds no prompts" if args.prompts else "no --prompt or --prompts given"
             raise CompareError(f"no prompts: {src}")
