@@ -42,7 +42,15 @@ from .ops import block_sparse_attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Shape", "MODEL_SHAPES", "random_block_mask", "run_benchmark", "format_table", "main"]
+__all__ = [
+    "Shape",
+    "MODEL_SHAPES",
+    "random_block_mask",
+    "banded_block_mask",
+    "run_benchmark",
+    "format_table",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,27 @@ def random_block_mask(
     order = torch.rand(1, heads, nb, nb, generator=g).argsort(-1)[..., :per_row]
     dense = torch.zeros(1, heads, nb, nb, dtype=torch.bool).scatter_(-1, order, True)
     return BlockSparseMask.from_dense(dense, block, (seq_len, seq_len)).to(device)
+
+
+def banded_block_mask(
+    heads: int, seq_len: int, block: int, density: float, *, device="cpu"
+) -> BlockSparseMask:
+    """Structured mask like the static patterns' at block level: every query block keeps the first key
+    block (a sink / text block) and a band of key blocks centred on its own position (shifted inside the
+    sequence at the edges), ``round(density * Kb)`` blocks in all, the same on every head."""
+    nb = -(-seq_len // block)
+    per_row = max(1, min(nb, round(density * nb)))
+    band = per_row - 1
+    rows = []
+    for i in range(nb):
+        lo = min(max(1, i - band // 2), max(1, nb - band))
+        keep = {0, *range(lo, min(nb, lo + band))}
+        rows.append([j in keep for j in range(nb)])
+    dense = torch.tensor(rows, dtype=torch.bool).expand(1, heads, nb, nb)
+    return BlockSparseMask.from_dense(dense, block, (seq_len, seq_len)).to(device)
+
+
+MASK_KINDS = {"random": random_block_mask, "banded": banded_block_mask}
 
 
 def _parse_shapes(spec: str | None, quick: bool, cuda: bool) -> list[Shape]:
@@ -171,8 +200,12 @@ def run_benchmark(
     reps: int = 10,
     flex: bool = True,
     backend: str | None = None,
+    mask_kind: str = "random",
 ) -> list[dict]:
-    """Time every (shape, density); returns one dict per row (times in ms, None when a baseline failed)."""
+    """Time every (shape, density); returns one dict per row (times in ms, None when a baseline failed).
+
+    ``mask_kind``: ``"random"`` (scattered blocks, equal count per row) or ``"banded"`` (sink + diagonal
+    band, the block structure of the static patterns)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     block = block or (128 if cuda else 64)
@@ -188,13 +221,26 @@ def run_benchmark(
             logger.warning("FlexAttention unavailable: %s", e)
     rows = []
     for shp in shapes:
-        rows += _bench_shape(shp, densities, dtype, device, block, backend, time_ms, flex_fn, (warmup, reps))
+        rows += _bench_shape(
+            shp,
+            densities,
+            dtype,
+            device,
+            block,
+            backend,
+            time_ms,
+            flex_fn,
+            (warmup, reps),
+            MASK_KINDS[mask_kind],
+        )
         if cuda:
             torch.cuda.empty_cache()
     return rows
 
 
-def _bench_shape(shp, densities, dtype, device, block, backend, time_ms, flex_fn, warmup_reps) -> list[dict]:
+def _bench_shape(
+    shp, densities, dtype, device, block, backend, time_ms, flex_fn, warmup_reps, make_mask=random_block_mask
+) -> list[dict]:
     n, h, d = shp.seq_len, shp.heads, shp.head_dim
     gen = torch.Generator(device="cpu").manual_seed(0)
     # diffusers hands over [B, N, H, D]; the op reads the [B, H, N, D] transpose view in place
@@ -219,7 +265,7 @@ def _bench_shape(shp, densities, dtype, device, block, backend, time_ms, flex_fn
     dense_tflops = 4.0 * d * h * n * n / (best_dense * 1e-3) / 1e12 if best_dense else None
     rows = []
     for dens in densities:
-        mask = random_block_mask(h, n, block, dens, device=device)
+        mask = make_mask(h, n, block, dens, device=device)
         pairs = float(mask.density_per_head().sum()) * n * n  # computed q x k pairs over all heads
         ms = None
         if device.type == "cpu":  # interleaved with dense SDPA; this row's SDPA time is the paired one
@@ -336,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", help="also write the table as Markdown to this file")
+    p.add_argument(
+        "--mask",
+        choices=sorted(MASK_KINDS),
+        default="random",
+        help="random: scattered key blocks; banded: sink + diagonal band (static patterns' structure)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -356,10 +408,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     what = "Triton kernel" if cuda else "PyTorch twin (backend='reference')"
     stat = "median" if cuda else "best"
     head += f"  \nsparse = {what}; dtype {str(dtype).split('.')[-1]}; B = 1; {stat} of {reps} after {warmup} warm-up"
+    head += f"; {args.mask} block masks"
     print(head, flush=True)
     rows = run_benchmark(
         shapes, densities, dtype=dtype, device=device, block=args.block, warmup=warmup, reps=reps,
-        flex=not args.no_flex,
+        flex=not args.no_flex, mask_kind=args.mask,
     )  # fmt: skip
     table = format_table(rows)
     print(table)

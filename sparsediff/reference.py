@@ -61,8 +61,130 @@ def _forward(
         and mask.num_q_blocks > 0
         and _cpu_flash_available()
     ):
+        plan = _run_plan(mask, q.shape[0], q.shape[-1])
+        if plan is not None:
+            return _forward_runs(q, k, v, mask, scale, plan)
         return _forward_grouped(q, k, v, mask, scale)
     return _forward_chunked(q, k, v, mask, scale)
+
+
+#: The run path (K/V views, one fused call per run) pays off once the grouped path's gathers leave the
+#: cache: measured on the 2-core CI machine (2026-11-29, one thread, banded masks, block 64), grouped was as
+#: fast or faster up to N = 1024 (<= 12 MiB gathered) and runs were 1.9x faster at N = 2048 (64-128 MiB).
+_GATHER_CACHE_BYTES = 16 << 20
+#: ... as long as each call replaces at least this much gathering (many tiny runs: scattered masks).
+_MIN_BYTES_PER_CALL = 64 << 10
+
+
+def _run_plan(
+    mask: BlockSparseMask, batch: int, head_dim: int, *, force: bool = False
+) -> list[tuple[int, int, list[int], list[tuple[int, int]]]] | None:
+    """Decompose every (mask batch, query block) row into heads sharing the same contiguous key-block runs.
+
+    Returns ``[(mask_batch, q_block, heads, [(first_kv_block, n_blocks), ...]), ...]`` (rows with no key
+    block left out), or ``None`` when the grouped path is expected to be faster (gathers that stay in cache,
+    or too many small runs; see ``_GATHER_CACHE_BYTES``; ``force`` returns the plan anyway).
+    """
+    idx = mask.kv_indices.cpu()
+    cnt = mask.kv_counts.cpu()
+    Bm, H, Qb, M = idx.shape
+    if M == 0:
+        return []
+    valid = torch.arange(M) < cnt.unsqueeze(-1)  # [Bm, H, Qb, M]
+    # a run starts at slot 0 and wherever an index is not its predecessor + 1 (indices strictly increase)
+    start = valid.clone()
+    start[..., 1:] &= idx[..., 1:] != idx[..., :-1] + 1
+    n_runs = int(start.sum())
+    if n_runs == 0:
+        return []
+    bk = mask.block_size[1]
+    gathered = int(cnt.sum()) * bk * head_dim * 4 * 2 * (batch if Bm == 1 else 1)  # grouped path: K and V
+    if not force and (gathered < _GATHER_CACHE_BYTES or (n_runs / H) * _MIN_BYTES_PER_CALL > gathered):
+        return None  # gathers stay in cache, or even with every head sharing its runs the calls are too many
+    groups: dict[tuple[int, int, tuple], list[int]] = {}
+    idx_l, cnt_l, start_l = idx.tolist(), cnt.tolist(), start.tolist()
+    for b in range(Bm):
+        for h in range(H):
+            for i in range(Qb):
+                c = cnt_l[b][h][i]
+                if c == 0:
+                    continue
+                row, st = idx_l[b][h][i], start_l[b][h][i]
+                runs, first = [], 0
+                for j in range(1, c + 1):
+                    if j == c or st[j]:
+                        runs.append((row[first], j - first))
+                        first = j
+                groups.setdefault((b, i, tuple(runs)), []).append(h)
+    calls = sum(len(key[2]) for key in groups)
+    if not force and calls * _MIN_BYTES_PER_CALL > gathered:
+        return None
+    return [(b, i, heads, list(runs)) for (b, i, runs), heads in groups.items()]
+
+
+class _HeadSelect:
+    """``x[batch slice, heads, lo:hi]`` of a ``[B, H, N, D]`` tensor: a view when the heads are all heads or
+    a contiguous range, else an ``index_select`` copy of just the ``lo:hi`` slice."""
+
+    def __init__(self, bsl: slice, heads: list[int], num_heads: int) -> None:
+        self.bsl = bsl
+        self.all = len(heads) == num_heads
+        self.contiguous = heads == list(range(heads[0], heads[-1] + 1))
+        self.hsl = slice(heads[0], heads[-1] + 1) if self.contiguous else torch.tensor(heads)
+
+    def __call__(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        x = x[self.bsl, :, lo:hi]
+        if self.all:
+            return x
+        return x[:, self.hsl] if self.contiguous else x.index_select(1, self.hsl)
+
+
+def _forward_runs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockSparseMask,
+    scale: float,
+    plan: list[tuple[int, int, list[int], list[tuple[int, int]]]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU path for structured masks: for each query block, the heads that list the same contiguous runs
+    of key blocks attend to *views* of K/V (no gather, no mask: a run's last block simply ends at ``Nk``),
+    one fused CPU flash call per run; several runs are merged exactly through their LSEs."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    bq, bk = mask.block_size
+    Bm = mask.kv_indices.shape[0]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H, Nq), -math.inf, dtype=torch.float32, device=q.device)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    for b, i, heads, runs in plan:
+        bsl = slice(None) if Bm == 1 else slice(b, b + 1)
+        q0, q1 = i * bq, min((i + 1) * bq, Nq)
+        sel = _HeadSelect(bsl, heads, H)
+        qi = sel(qf, q0, q1)
+        parts = []
+        for a, n in runs:
+            o, l_ = flash(qi, sel(kf, a * bk, min((a + n) * bk, Nk)), sel(vf, a * bk, min((a + n) * bk, Nk)),
+                          0.0, False, scale=scale)  # fmt: skip
+            parts.append((o, l_))
+        if len(parts) == 1:
+            o, l_ = parts[0]
+        else:
+            ls = torch.stack([p[1] for p in parts])  # [R, b, h, n]
+            l_ = torch.logsumexp(ls, 0)
+            w = torch.exp(ls - l_)
+            o = sum(w[r].unsqueeze(-1) * parts[r][0] for r in range(len(parts)))
+        if sel.all:
+            out[bsl, :, q0:q1] = o
+            lse[bsl, :, q0:q1] = l_
+        else:
+            hidx = torch.tensor(heads)
+            out_v = out[bsl, :, q0:q1]
+            lse_v = lse[bsl, :, q0:q1]
+            out_v.index_copy_(1, hidx, o)
+            lse_v.index_copy_(1, hidx, l_)
+    return _finish(out, lse, q)
 
 
 def _forward_grouped(
