@@ -379,3 +379,36 @@ def test_warm_start_grows_the_patch_embedding_and_keeps_the_function():
     bad["proj_out.weight"] = bad["proj_out.weight"][:, :-1]
     with pytest.raises(ValueError, match="proj_out.weight"):
         warm_start_state(bad, new.state_dict())
+
+
+def test_token_codes_keep_words_apart_and_the_bag_reaches_every_position():
+    tok = CaptionTokenizer()
+    caps = ["a red circle moving left", "a red circle moving right"]
+    t = tok(caps)
+    plain = CaptionTextEncoder(vocab_size=tok.vocab_size).eval()
+    coded = CaptionTextEncoder(vocab_size=tok.vocab_size, token_code_scale=1.0).eval()
+    bag = CaptionTextEncoder(vocab_size=tok.vocab_size, token_code_scale=1.0, token_code_bag=True).eval()
+    for enc in (coded, bag):  # same learned weights: only the codes differ
+        enc.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        outs = {
+            name: e(t["input_ids"], t["attention_mask"])
+            for name, e in (("plain", plain), ("coded", coded), ("bag", bag))
+        }
+
+    def rel(x, pos):
+        return float((x[0, pos] - x[1, pos]).norm() / x[0, pos].norm())
+
+    # the direction word itself (position 5): codes make it differ by O(1)
+    assert rel(outs["coded"], 5) > 0.5
+    # with the bag, every valid position (here the colour word's, 2) carries the difference of the two
+    # captions' words exactly: code[left] - code[right]
+    extra = outs["bag"] - outs["coded"]
+    left, right = tok.token_to_id["left"], tok.token_to_id["right"]
+    torch.testing.assert_close(extra[0, 2] - extra[1, 2], bag.token_code[left] - bag.token_code[right])
+    assert float((bag.token_code[left] - bag.token_code[right]).norm()) > 1.0
+    # padding stays zero, and the codes are deterministic (rebuilt, not saved)
+    assert (outs["bag"][:, 7:] == 0).all()
+    assert "token_code" not in bag.state_dict()
+    again = CaptionTextEncoder(vocab_size=tok.vocab_size, token_code_scale=1.0, token_code_bag=True)
+    assert torch.equal(again.token_code, bag.token_code)

@@ -121,6 +121,7 @@ class EmbeddedModelConfig:
     shift: float = 3.0
     coord_channels: int = 3
     token_code_scale: float = 1.0
+    token_code_bag: bool = True
     sample_num_frames: int = 16
     sample_height: int = 64
     sample_width: int = 64
@@ -169,6 +170,7 @@ def _build_models(cfg: EmbeddedModelConfig) -> tuple[WanTransformer3DModel, Capt
         num_heads=cfg.text_heads,
         ffn_dim=cfg.text_ffn_dim,
         token_code_scale=cfg.token_code_scale,
+        token_code_bag=cfg.token_code_bag,
     )
     return transformer, text_encoder
 

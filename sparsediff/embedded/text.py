@@ -131,6 +131,10 @@ class CaptionTextEncoder(ModelMixin, ConfigMixin):
         token_code_scale: weight of a fixed orthogonal code per word added to the output (0 = none). With
             ``vocab_size <= hidden_size`` every word's code is orthogonal to every other's, so no two words
             can collapse to the same output.
+        token_code_bag: also add the sum of the caption's word codes (a bag of words) at every position, so
+            a video token gets every word of the caption from whichever text token it attends to. Measured
+            reason: with per-word codes alone the transformer kept attending the colour word and its output
+            changed by ~0.1 % between "left" and "right" after 600 more steps.
 
     ``forward(input_ids [B, L], attention_mask [B, L] | None) -> [B, L, hidden_size]``; positions where the
     mask is 0 are zero in the output.
@@ -146,6 +150,7 @@ class CaptionTextEncoder(ModelMixin, ConfigMixin):
         num_heads: int = 4,
         ffn_dim: int = 128,
         token_code_scale: float = 0.0,
+        token_code_bag: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= token_code_scale:
@@ -191,7 +196,13 @@ class CaptionTextEncoder(ModelMixin, ConfigMixin):
             x = layer(x, src_key_padding_mask=pad)
         x = self.final_norm(x)
         if self.config.token_code_scale:
-            x = x + self.token_code[input_ids].to(x.dtype)
+            code = self.token_code[input_ids].to(x.dtype)  # [B, L, hidden]
+            x = x + code
+            if self.config.token_code_bag:
+                # every position also carries the caption's bag of words (sum of its words' codes): whichever
+                # text token a video token attends to, every word of the caption reaches it
+                valid = (input_ids != 0).to(x.dtype) if attention_mask is None else attention_mask.to(x.dtype)
+                x = x + (code * valid[..., None]).sum(1, keepdim=True)
         if attention_mask is not None:
             x = x * attention_mask[..., None].to(x.dtype)
         return x
