@@ -927,6 +927,12 @@ def _summarise(
     if lpips_reason:
         skipped["lpips"] = lpips_reason
     notes = list(notes) + _timing_notes(out_variants, settings.device, load)
+    for r in out_variants[1:]:
+        if r["mean_density"] >= 0.999 and "all heads HeadSpec(dense)" not in r["plan"]:
+            notes.append(
+                f"{r['label']!r} kept every block at this size (density {r['mean_density']:.2f}): it ran dense "
+                "in effect; try a smaller block_size (e.g. ',block_size=16') or a larger video"
+            )
     return {
         "format": "sparsediff-compare/1",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -1253,7 +1259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--plans", nargs="+", default=["default", "radial", "tile"], help="variants to compare")
+    p.add_argument(
+        "--plans", nargs="+", default=["default", "tile", "topp"], help="variants to compare (see above)"
+    )
     p.add_argument("--frames", type=int, default=None, help="video frames (default: the pipeline's)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -1271,6 +1279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -1278,6 +1292,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    if args.no_progress:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.disable_progress_bar()  # "Loading pipeline components" bars
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
