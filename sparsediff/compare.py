@@ -951,6 +951,9 @@ def _summarise(
             **extra_settings,
         },
         "video_shape": _video_shape(records),
+        "steps_run": max(
+            (smp.get("steps") or 0 for rec in records.values() for smp in rec["samples"]), default=None
+        ),
         "metrics_skipped": skipped,
         "notes": notes,
         "wall_s": wall_s,
@@ -1050,8 +1053,10 @@ def _plot_density(results: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     rows = [r for r in results["variants"] if r["label"] != BASELINE]
+    colours = [f"C{j % 10}" for j in range(len(rows))]
     comps = sorted({c for r in rows for c in r["density_per_layer"]}) or ["transformer"]
     fig, axes = plt.subplots(len(comps), 1, figsize=(7.0, 2.8 * len(comps) + 0.6), dpi=110, squeeze=False)
     for ax, comp in zip(axes[:, 0], comps):
@@ -1064,7 +1069,7 @@ def _plot_density(results: dict[str, Any], path: Path) -> Path:
             d = r["density_per_layer"].get(comp, {})
             ys = [d.get(str(i), 1.0) for i in range(n)]
             xs = [i - 0.4 + width * (j + 0.5) for i in range(n)]
-            bars = ax.bar(xs, ys, width=width * 0.95, label=r["label"])
+            bars = ax.bar(xs, ys, width=width * 0.95, color=colours[j])
             for i, b in enumerate(bars):
                 if str(i) not in d:
                     b.set_alpha(0.25)
@@ -1078,7 +1083,12 @@ def _plot_density(results: dict[str, Any], path: Path) -> Path:
         "fraction of attention blocks computed per layer (hatched: dense layer)", fontsize=10
     )
     axes[-1, 0].legend(
-        fontsize=8, ncol=min(3, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False
+        handles=[Patch(color=c, label=r["label"]) for c, r in zip(colours, rows)],
+        fontsize=8,
+        ncol=min(3, len(rows)),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.3),
+        frameon=False,
     )
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
@@ -1120,7 +1130,7 @@ def _conditions(results: dict[str, Any]) -> list[str]:
     return [
         f"Model: {mdl.get('source', '')} -- {mdl.get('class', '')}",
         f"Video: {'x'.join(map(str, shape)) + ' (frames x H x W)' if shape else 'n/a'}; steps "
-        f"{st['num_inference_steps'] or 'pipeline default'}; guidance {st['guidance_scale'] or 'pipeline default'}; "
+        f"{st['num_inference_steps'] or str(results.get('steps_run')) + ' (pipeline default)'}; guidance {st['guidance_scale'] or 'pipeline default'}; "
         f"{len(st['prompts'])} prompt(s) x seeds {st['seeds']}",
         f"Device: {dev}; sparsediff {env['sparsediff']}, torch {env['torch']}, diffusers {env['diffusers']}, "
         f"torchmetrics {env.get('torchmetrics')}; backend {st['backend']}; block size "
@@ -1160,12 +1170,12 @@ def _write_reports(out: Path, results: dict[str, Any], pairs: list[tuple[int, in
     md += ["| " + " | ".join(c for c, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in results["variants"]:
         md.append("| " + " | ".join(_cell(r, k, nd) for _, k, nd in cols) + " |")
+    if results["notes"]:
+        md += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
     md += [""] + _EXPLAIN + [""]
     md += [f"- `{r['label']}`: {r['plan']}" for r in results["variants"]]
     if results["metrics_skipped"]:
         md += ["", "Not computed:"] + [f"- {k}: {v}" for k, v in results["metrics_skipped"].items()]
-    if results["notes"]:
-        md += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
     md += ["", f"![quality vs speed]({qs.name})", "", f"![density per layer]({dp.name})", ""]
     md += [f"![{s}]({s})" for s in strips] + [""]
     (out / "report.md").write_text("\n".join(md))
@@ -1216,10 +1226,10 @@ figure {{ margin: 0 0 16px; }} figcaption {{ font-size: 12px; color: #666; }}
 <h2>Summary (mean over {len(results["settings"]["prompts"])} prompt(s) x {len(results["settings"]["seeds"])} seed(s))</h2>
 <table><tr>{head}</tr>{body}</table>
 <p class="small">{"<br>".join(e(x) for x in _EXPLAIN)}</p>
+{"<h3>Notes</h3><ul class='small'>" + notes + "</ul>" if notes else ""}
 <div class="plots">{img(qs, "quality vs speed")}{img(dp, "density per layer")}</div>
 <h2>Plans</h2><ul class="small">{plans}</ul>
 {"<h2>Not computed</h2><ul class='small'>" + skipped + "</ul>" if skipped else ""}
-{"<h2>Notes</h2><ul class='small'>" + notes + "</ul>" if notes else ""}
 <h2>Side by side (dense first; evenly spaced frames)</h2>
 <ol class="small" start="0">{prompts}</ol>
 {strip_html}
