@@ -12,6 +12,13 @@ neither, the embedded model when its trained weights are in the package. Every i
 the model is loaded: missing / empty prompts file, existing output without ``--force``, unwritable
 output. A budget that cannot be met still writes the closest plan, flagged in the output and in the
 plan's ``meta.search.budget_met``.
+
+Several processes (``accelerate launch --num_processes N -m sparsediff.search ...``, plus ``--multi_gpu``
+on a machine without GPUs; gloo on CPU, one GPU per process): the prompts are split into contiguous
+shares (``PartialState.split_between_processes``), each process profiles its share one prompt at a time,
+and the main process merges the per-prompt statistics in prompt order -- the same sums, added in the
+same order, as one process on all prompts, so the same plan. Only the main process writes ``--stats``
+and ``--out`` and prints the table.
 """
 
 from __future__ import annotations
@@ -179,6 +186,9 @@ def _run(args) -> int:
             prior = SearchStats.load(args.stats)
         except ValueError as e:
             raise SearchInputError(str(e)) from None
+    from ..compare import _distributed
+
+    rank, world, state = _distributed()
 
     pipe, kw = _load_pipeline(args)
     comps = getattr(pipe, "components", None)
@@ -190,6 +200,8 @@ def _run(args) -> int:
     except UnsupportedModelError as e:
         raise SearchInputError(str(e)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and device.startswith("cuda"):
+        device = str(state.device)  # one GPU per process
     pipe.to(device)
     for name, val in (
         ("num_frames", args.num_frames),
@@ -205,30 +217,40 @@ def _run(args) -> int:
     from .profile import default_profile_steps
 
     n_prof = len(psteps) if psteps else len(default_profile_steps(int(steps)))
+    mine = list(range(len(prompts)))
+    if state is not None:
+        with state.split_between_processes(mine) as share:
+            mine = list(share)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts) * n_prof * n_layers, desc="profiling (steps x layers)", unit="call")
+        desc = "profiling (steps x layers)" + (f" [process {rank}]" if world > 1 else "")
+        bar = tqdm(total=len(mine) * n_prof * n_layers, desc=desc, unit="call", position=rank)
+    measure = dict(
+        call_kwargs=kw,
+        num_steps=int(steps),
+        profile_steps=psteps,
+        families=fams,
+        block_size=args.block_size,
+        num_rows=args.num_rows,
+        seed=args.seed,
+        progress=None if bar is None else bar.update,
+    )
     try:
-        stats = profile_pipeline(
-            pipe,
-            prompts,
-            call_kwargs=kw,
-            num_steps=int(steps),
-            profile_steps=psteps,
-            families=fams,
-            block_size=args.block_size,
-            num_rows=args.num_rows,
-            seed=args.seed,
-            stats=prior,
-            progress=None if bar is None else bar.update,
-        )
+        if state is None:
+            stats = profile_pipeline(pipe, prompts, stats=prior, **measure)
+        else:
+            stats = _profile_share(state, pipe, prompts, mine, prior, measure)
     except ValueError as e:
         raise SearchInputError(str(e)) from None
     finally:
         if bar is not None:
             bar.close()
+    if stats is None:
+        return 0  # not the main process: its statistics are in the main process's merge
+    if world > 1:
+        print(f"profiled {len(prompts)} prompts on {world} processes")
     if args.stats:
         stats.save(args.stats)
     from ..defaults import family_schedule
@@ -263,6 +285,42 @@ def _run(args) -> int:
     plan.save(out, overwrite=args.force)
     print(f"wrote {out} ({plan.summary()})")
     return 0
+
+
+def _profile_share(state, pipe, prompts: list[str], mine: list[int], prior, measure: dict[str, Any]):
+    """Profile prompts ``mine`` (this process's share); on the main process return the statistics of every
+    prompt of every process merged in prompt order onto ``prior``, elsewhere ``None``.
+
+    One statistics object per prompt, merged in prompt order, adds the same sums in the same order as
+    :func:`profile_pipeline` on all prompts in one process (``to_dict`` / ``from_dict`` are exact). An error
+    in any process is raised in every process, so none waits for the others forever.
+    """
+    from accelerate.utils import gather_object
+
+    from .profile import SearchStats, profile_pipeline
+
+    parts: list[tuple[int, dict[str, Any]]] = []
+    error: Exception | None = None
+    try:
+        for i in mine:
+            parts.append((i, profile_pipeline(pipe, [prompts[i]], **measure).to_dict()))
+    except Exception as e:  # re-raised below, after the other processes have been told
+        error = e
+    failure = None if error is None else (type(error).__name__, str(error))
+    shares = gather_object([{"rank": state.process_index, "failure": failure, "parts": parts}])
+    if error is not None:
+        raise error
+    failed = [s for s in shares if s["failure"] is not None]
+    if failed:
+        kind, msg = failed[0]["failure"]
+        text = f"process {failed[0]['rank']} failed: {kind}: {msg}"
+        raise ValueError(text) if kind in ("ValueError", "SearchInputError") else RuntimeError(text)
+    if not state.is_main_process:
+        return None
+    stats = prior if prior is not None else SearchStats()
+    for _, d in sorted((p for s in shares for p in s["parts"]), key=lambda p: p[0]):
+        stats = stats.merge(SearchStats.from_dict(d))
+    return stats
 
 
 if __name__ == "__main__":

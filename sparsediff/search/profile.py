@@ -119,11 +119,16 @@ class SearchStats:
             raise FileNotFoundError(f"statistics file not found: {p}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not a statistics file (invalid JSON: {e.msg})") from None
+        return cls.from_dict(d, source=str(p))
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "statistics") -> SearchStats:
+        """The inverse of :meth:`to_dict` (exact: float64 sums round-trip through Python floats)."""
         if not isinstance(d, Mapping) or d.get("format") != STATS_FORMAT:
-            raise ValueError(f"{p}: not a sparsediff search statistics file")
+            raise ValueError(f"{source}: not a sparsediff search statistics file")
         if d.get("version") != STATS_VERSION:
             raise ValueError(
-                f"{p}: statistics version {d.get('version')!r}, this sparsediff reads {STATS_VERSION}"
+                f"{source}: statistics version {d.get('version')!r}, this sparsediff reads {STATS_VERSION}"
             )
         layers = {}
         for i, s in d["layers"].items():
