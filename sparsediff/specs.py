@@ -12,14 +12,21 @@ fails where the spec is written, not deep inside a pattern builder):
 ``skip``       the head's output is replaced by the output cached at the last dense pass of this
                layer (``force_dense`` step); before any cache exists the head is computed densely.
 ``radial``     static energy-decay mask. ``decay`` (spatial window factor), ``sink`` (key frame 0 always
-               kept), ``dense_dist`` (frame distance computed in full; 1 = neighbouring frames).
-``tile``       static 3D sliding-tile window. ``window=(wt, wh, ww)`` in tiles, ``tile=(tf, th, tw)`` in
-               tokens (``None`` = chosen from the block size).
+               kept), ``dense_dist`` (frame distance computed in full; 1 = neighbouring frames),
+               ``block_rule`` (``"any"``: a block is kept when any token pair is in the pattern;
+               ``"reference"``: the radial-attention authors' column-density rule, fewer blocks).
+``tile``       static 3D sliding-tile window. ``window=(wt, wh, ww)`` in tiles with STA's meaning
+               (``2 * (w // 2) + 1`` tiles around a centre clamped inside the grid: an even ``w`` keeps
+               ``w + 1`` tiles), ``tile=(tf, th, tw)`` in tokens (``None`` = chosen from the block size).
 ``reordered``  per-head permutation + block selection. ``order``: ``"frame"`` (position-major, temporal
                heads), one of the six axis orders ``"fhw" "fwh" "hfw" "hwf" "wfh" "whf"``, ``"hilbert"``
                or ``"cluster"``; ``select``: ``"static"`` (token band ``|i - j| <= band`` on the
                reordered order) or ``"topp"`` (dynamic, ``top_p`` / ``min_frac``); ``clusters`` (k-means
                clusters for ``order="cluster"``, 0 = one per block, at most 512), ``kmeans_iters``.
+               The static band is ``band`` tokens, or ``band_frames`` frames' worth of tokens
+               (``ceil(band_frames * H * W)``; give at most one of the two), default one frame
+               (``H * W`` tokens); ``sink`` (static only) also keeps the first ``H * W`` keys of the
+               reordered order for every query (Sparse-VideoGen's attention sink).
 ``topp``       dynamic mean-pooled block scores on the natural order, softmax, keep key blocks up to a
                cumulative ``top_p`` with at least ``min_frac`` of the key blocks.
 ``lse_cache``  cached-LSE block selection. ``recall`` target, ``refresh`` (recompute the kept blocks
@@ -59,12 +66,14 @@ MAX_CLUSTERS = 512
 PATTERN_PARAMS: dict[str, dict[str, Any]] = {
     "dense": {},
     "skip": {},
-    "radial": {"decay": 1.0, "sink": False, "dense_dist": 1},
+    "radial": {"decay": 1.0, "sink": False, "dense_dist": 1, "block_rule": "any"},
     "tile": {"window": (3, 3, 3), "tile": None},
     "reordered": {
         "order": "frame",
         "select": "static",
-        "band": 64,
+        "band": None,
+        "band_frames": None,
+        "sink": False,
         "top_p": 0.9,
         "min_frac": 0.05,
         "clusters": 0,
@@ -108,6 +117,7 @@ PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "decay": ((lambda v: _is_real(v) and v > 0), "a finite number > 0"),
         "sink": ((lambda v: isinstance(v, bool)), "a bool"),
         "dense_dist": _int_ge(0),
+        "block_rule": ((lambda v: v in ("any", "reference")), "'any' or 'reference'"),
     },
     "tile": {
         "window": (_int3, "three positive ints (wt, wh, ww), in tiles"),
@@ -116,7 +126,12 @@ PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "reordered": {
         "order": ((lambda v: v in REORDER_ORDERS), f"one of {REORDER_ORDERS}"),
         "select": ((lambda v: v in REORDER_SELECTS), f"one of {REORDER_SELECTS}"),
-        "band": _int_ge(0),
+        "band": ((lambda v: v is None or (_is_int(v) and v >= 0)), "None or an int >= 0 (tokens)"),
+        "band_frames": (
+            (lambda v: v is None or (_is_real(v) and v >= 0)),
+            "None or a finite number >= 0 (frames of H*W tokens)",
+        ),
+        "sink": ((lambda v: isinstance(v, bool)), "a bool"),
         "top_p": _frac(True),
         "min_frac": _frac(False),
         "clusters": (
@@ -129,6 +144,19 @@ PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "lse_cache": {"recall": _frac(True), "refresh": _int_ge(1), "min_frac": _frac(False)},
 }
 assert all(set(PARAM_CHECKS[p]) == set(PATTERN_PARAMS[p]) for p in PATTERN_PARAMS)
+
+
+def _check_reordered(spec: HeadSpec) -> None:
+    if spec.get("band") is not None and spec.get("band_frames") is not None:
+        raise ValueError(
+            f"{spec!r}: give the band either in tokens (band) or in frames (band_frames), not both"
+        )
+    if spec.get("sink") and spec.get("select") != "static":
+        raise ValueError(f"{spec!r}: sink=True applies to select='static' bands only")
+
+
+#: Checks across parameters, run after the per-value checks (``SPEC_CHECKS[pattern](spec)`` raises).
+SPEC_CHECKS: dict[str, Callable[[HeadSpec], None]] = {"reordered": _check_reordered}
 
 
 def _check_value(pattern: str, name: str, value: Any) -> None:
@@ -191,6 +219,9 @@ class HeadSpec:
         for k, v in items_t:
             _check_value(self.pattern, k, v)
         object.__setattr__(self, "params", items_t)
+        check = SPEC_CHECKS.get(self.pattern)
+        if check is not None:
+            check(self)
 
     @classmethod
     def make(cls, pattern: str, **params: Any) -> HeadSpec:

@@ -93,10 +93,10 @@ def _tile_ref(layout, block, window, tile):
                 continue
             a, b = tc[qi], tc[ki]
             ok = True
-            for x in range(3):
-                w = max(1, min(window[x], nt[x]))
-                s = min(max(a[x] - w // 2, 0), nt[x] - w)
-                ok = ok and s <= b[x] < s + w
+            for x in range(3):  # STA: centre clamped w//2 tiles from the edges, keep |centre - k| <= w//2
+                h = window[x] // 2
+                if 2 * h + 1 <= nt[x]:
+                    ok = ok and abs(min(max(a[x], h), nt[x] - 1 - h) - b[x]) <= h
             tok[qi][ki] = ok
     perm = tile_permutation(layout, tile).perm
     return _block_reduce(_permute(tok, perm), block)

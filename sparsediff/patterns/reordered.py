@@ -9,7 +9,12 @@ positions ``[0, F*H*W)``, text after them.
 
 Selection (``select=``):
 * ``"static"``: token-level band ``|i - j| <= band`` on reordered *positions* of grid tokens
-  (non-grid tokens dense), reduced to blocks with the "any pair" rule. Independent of the data, so it is
+  (non-grid tokens dense), reduced to blocks with the "any pair" rule. The band is given in tokens
+  (``band``) or relative to the layout in frames (``band_frames``: ``ceil(band_frames * H * W)`` tokens),
+  default one frame, ``H * W`` tokens (:func:`reordered_band`). On the ``"frame"`` (position-major) order
+  a band of ``m`` frames lets a query see every frame of the ``~2 m H W / F`` nearest spatial positions
+  (density ``~2 m / F``), as Sparse-VideoGen's temporal heads. ``sink=True`` also keeps the first
+  ``H * W`` keys of the reordered order for every query, as Sparse-VideoGen does. Independent of the data, so it is
   cached even for ``order="cluster"`` (only the permutation changes per call).
 * ``"topp"``: dynamic. For the static orders: mean-pooled block scores on the reordered q/k
   (:func:`sparsediff.patterns.topp.topp_block_bool`). For ``order="cluster"`` the selection is made
@@ -21,6 +26,8 @@ Selection (``select=``):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..layout import TokenLayout
@@ -29,7 +36,26 @@ from ..permute import Permutation, cluster_order, layout_order, lift
 from ..specs import AXIS_ORDERS
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
 
-__all__ = ["reordered_permutation", "band_mask", "cluster_permutations", "cluster_topp_block_bool"]
+__all__ = [
+    "reordered_permutation",
+    "reordered_band",
+    "band_mask",
+    "cluster_permutations",
+    "cluster_topp_block_bool",
+]
+
+
+def reordered_band(layout: TokenLayout, band: int | None = None, band_frames: float | None = None) -> int:
+    """Band half-width in tokens: ``band`` when given, else ``ceil(band_frames * H * W)``, else one frame
+    (``H * W`` tokens of the primary grid)."""
+    if band is not None and band_frames is not None:
+        raise ValueError("give the band either in tokens (band) or in frames (band_frames), not both")
+    if band is not None:
+        return int(band)
+    if layout.grid is None:
+        raise ValueError(f"a band in frames needs a layout with a video/image grid, got {layout}")
+    _, h, w = layout.grid
+    return int(math.ceil((1.0 if band_frames is None else float(band_frames)) * h * w - 1e-9))
 
 
 def reordered_permutation(layout: TokenLayout, order: str, device=None) -> Permutation:
@@ -44,8 +70,11 @@ def reordered_permutation(layout: TokenLayout, order: str, device=None) -> Permu
     return layout_order(layout, order, device, grid_first=True)
 
 
-def band_mask(layout: TokenLayout, block_size: int = 64, *, band: int = 64, device=None) -> BlockSparseMask:
-    """``[1, 1, Qb, Kb]`` band ``|i - j| <= band`` on grid-first reordered positions (non-grid dense)."""
+def band_mask(
+    layout: TokenLayout, block_size: int = 64, *, band: int = 64, sink: bool = False, device=None
+) -> BlockSparseMask:
+    """``[1, 1, Qb, Kb]`` band ``|i - j| <= band`` on grid-first reordered positions (non-grid dense);
+    ``sink``: keys at positions ``< H * W`` (the first frame's worth of the reordered grid) kept too."""
     n = layout.num_tokens
     nb = cdiv(n, block_size)
     ng = layout.grid_len
@@ -54,6 +83,8 @@ def band_mask(layout: TokenLayout, block_size: int = 64, *, band: int = 64, devi
     seg = segments(groups, block_size)
     lo, hi = seg.lo, seg.hi
     keep = (lo.unsqueeze(0) <= hi.unsqueeze(1) + band) & (hi.unsqueeze(0) >= lo.unsqueeze(1) - band)
+    if sink and layout.grid is not None:
+        keep = keep | (lo < layout.grid[1] * layout.grid[2]).unsqueeze(0)
     return mask_from_bool(reduce_segment_pairs(seg, seg, keep, nb, nb), block_size, n)
 
 

@@ -4,11 +4,16 @@ Order: :func:`tile_permutation` -- grid tokens re-tiled into ``(tf, th, tw)`` ti
 order, ragged edge tiles smaller, no padding), grid first, then all non-grid tokens (text) in their
 original order, so the first tile starts at position 0.
 
-Token-level definition: the query token in tile ``(a, b, c)`` attends the key token in tile
-``(a', b', c')`` iff on every axis ``x`` with ``n_x`` tiles and window ``w_x`` (in tiles, clipped to
-``n_x``) the key tile lies in ``[s_x, s_x + w_x)`` with ``s_x = clamp(a_x - w_x // 2, 0, n_x - w_x)`` --
-the window centre is clamped so the window stays inside the grid and always holds ``w_x`` tiles. Every
-tile pair is thus all-or-nothing. With ``tf*th*tw == block_size`` and no ragged tiles, tiles are exactly
+Token-level definition -- the window of Sliding Tile Attention (STA, FastVideo), so a window setting
+copied from STA gives STA's mask: the query token in tile ``(a, b, c)`` attends the key token in tile
+``(a', b', c')`` iff on every axis ``x`` with ``n_x`` tiles and window ``w_x`` (in tiles), with
+``h_x = w_x // 2`` and the centre ``c_x = clamp(a_x, h_x, n_x - 1 - h_x)``, ``|c_x - a'_x| <= h_x``.
+The window is ``2 * h_x + 1`` tiles (``w_x`` for odd ``w_x``, **``w_x + 1`` for even** ``w_x``), its centre
+clamped so it stays inside the grid; a window of ``n_x`` tiles or more covers the whole axis.
+Equivalently the key tile lies in ``[s_x, s_x + m_x)`` with ``m_x = min(2 * h_x + 1, n_x)`` and
+``s_x = clamp(a_x - h_x, 0, n_x - m_x)``. (Before issue 9 an even window kept exactly ``w_x`` tiles,
+``[clamp(a_x - w_x // 2, 0, n_x - w_x), ... + w_x)``; odd windows are unchanged.) Every tile pair is
+thus all-or-nothing. With ``tf*th*tw == block_size`` and no ragged tiles, tiles are exactly
 blocks; otherwise a block can span parts of two tiles and is kept when any of its tile pairs is
 (the "any pair" rule), which is a superset -- never a loss of accuracy.
 """
@@ -58,12 +63,14 @@ def tile_permutation(layout: TokenLayout, tile: tuple[int, int, int], device=Non
 def tile_window_rule(
     qt: torch.Tensor, kt: torch.Tensor, ntiles: tuple[int, int, int], window: tuple[int, int, int]
 ) -> torch.Tensor:
-    """``qt [..., 3]``, ``kt [..., 3]`` tile coordinates (broadcast): bool, key tile inside the query's window."""
+    """``qt [..., 3]``, ``kt [..., 3]`` tile coordinates (broadcast): bool, key tile inside the query's
+    window (STA's window, see the module docstring)."""
     ok = torch.ones(torch.broadcast_shapes(qt.shape[:-1], kt.shape[:-1]), dtype=torch.bool, device=qt.device)
     for ax in range(3):
-        n, w = ntiles[ax], max(1, min(int(window[ax]), ntiles[ax]))
-        s = (qt[..., ax] - w // 2).clamp(0, n - w)
-        ok = ok & (kt[..., ax] >= s) & (kt[..., ax] < s + w)
+        n, h = ntiles[ax], int(window[ax]) // 2
+        m = min(2 * h + 1, n)  # STA: 2 * (w // 2) + 1 tiles, at most the axis
+        s = (qt[..., ax] - h).clamp(0, n - m)
+        ok = ok & (kt[..., ax] >= s) & (kt[..., ax] < s + m)
     return ok
 
 

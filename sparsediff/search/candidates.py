@@ -88,12 +88,14 @@ def default_candidates(
     """The default candidate grid for ``layout``: every family, parameters sized from the grid.
 
     * ``dense``;
-    * ``radial``: decay 0.25 / 0.5 / 1 / 2, with and without the frame-0 sink (video only);
+    * ``radial``: decay 0.25 / 0.5 / 1 / 2, with and without the frame-0 sink (video only), each with the
+      block rules ``"any"`` and ``"reference"`` (the authors' sparser column-density rule);
     * ``tile``: the block-sized tile (:func:`~sparsediff.patterns.tile.default_tile`), windows of 1 / 3 / 5
       tiles or the whole axis, per axis independently;
     * ``reordered`` static: ``"frame"`` (position-major), the axis orders that differ from the natural
       and frame orders, ``"hilbert"``; bands in multiples of each order's inner period (tokens per frame,
-      rows, frames per position) -- orders whose permutation equals an earlier one are dropped;
+      rows, frames per position) -- orders whose permutation equals an earlier one are dropped; the
+      ``"frame"`` order also with Sparse-VideoGen's sink (first ``H*W`` reordered keys kept);
       ``reordered`` top-p on the frame and Hilbert orders; ``reordered`` ``order="cluster"`` top-p 0.9 /
       0.95 / 0.98;
     * ``topp``: top_p 0.8 / 0.9 / 0.95 / 0.98 (min_frac 0.02);
@@ -106,10 +108,12 @@ def default_candidates(
     grid = layout.grid
     if grid is not None:
         F = grid[0]
-        for decay in (0.25, 0.5, 1.0, 2.0):
-            out.append(S("radial", decay=decay))
-            if F > 2:
-                out.append(S("radial", decay=decay, sink=True))
+        for rule in ("any", "reference"):
+            extra = {} if rule == "any" else {"block_rule": rule}
+            for decay in (0.25, 0.5, 1.0, 2.0):
+                out.append(S("radial", decay=decay, **extra))
+                if F > 2:
+                    out.append(S("radial", decay=decay, sink=True, **extra))
         tile = default_tile(grid, block_size)
         ntiles = tuple(cdiv(grid[a], tile[a]) for a in range(3))
         for w in _windows(ntiles):
@@ -125,6 +129,8 @@ def default_candidates(
         for order in orders:
             for band in _order_bands(layout, order, block_size):
                 out.append(S("reordered", order=order, band=band))
+                if order == "frame" and grid[0] > 2:
+                    out.append(S("reordered", order=order, band=band, sink=True))
         for order in [o for o in ("frame", "hilbert") if o in orders]:
             for tp in (0.9, 0.95):
                 out.append(S("reordered", order=order, select="topp", top_p=tp, min_frac=0.0))

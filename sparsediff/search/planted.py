@@ -38,7 +38,7 @@ def structure_matches(kind: str, spec: HeadSpec, layout: TokenLayout, block_size
             return spec.get("order") in _POSITION_MAJOR
         if p == "tile":
             tile = spec.get("tile") or default_tile(layout.grid, block_size)
-            return int(spec.get("window")[0]) >= cdiv(layout.grid[0], tile[0])
+            return 2 * (int(spec.get("window")[0]) // 2) + 1 >= cdiv(layout.grid[0], tile[0])
         return False
     if kind == "cluster":
         return p == "reordered" and spec.get("order") == "cluster"
