@@ -1,0 +1,306 @@
+"""The state of one enabled transformer, and the root hook that feeds it each call.
+
+:class:`SparseRootHook` (registered on the transformer's diffusers ``HookRegistry``) calls
+:meth:`TransformerState.begin_call` before every transformer forward: step / branch / generation
+(:class:`~.hooks_steps.StepTracking`) and the call's token layout (the adapter). Layers
+(:class:`~.hooks_dispatch.LayerContext`) read it while they run, and report fallbacks and densities to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .config import SparseAttentionConfig
+from .hooks_dispatch import _drop_trivial_mask
+from .hooks_steps import StepTracking, _ContextProbe
+from .layout import TokenLayout
+from .plan import Plan
+
+if TYPE_CHECKING:
+    from .hooks_dispatch import LayerContext
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TransformerState", "SparseRootHook"]
+
+
+class TransformerState(StepTracking):
+    """Everything sparse attention keeps for one enabled transformer (also the root hook's state): the
+    plan and config, its layers, the current call's layout and step context (:class:`StepTracking`: the
+    rule that finds step, branch and generation), the mask cache, fallback warnings and the per-generation
+    report. A generation ends at the end of a pipeline call (diffusers resets stateful hooks), when a new
+    one is detected, or on disable: per-layer state is cleared and the generation's summary is logged.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, adapter: Any, plan: Plan, config: SparseAttentionConfig):
+        self.transformer_ref = weakref.ref(transformer)
+        self.transformer_class = type(transformer).__name__
+        self.adapter = adapter
+        self.plan = plan
+        self.config = config
+        self.layers: list[LayerContext] = []
+        self.processors: list[tuple[torch.nn.Module, Any, Any]] = []  # (module, original, ours)
+        self.pipeline_ref: Any = None  # weakref to the pipeline when enabled on one (num_timesteps)
+        self.active = True
+        self.layout: TokenLayout | None = None
+        self.call_serial = 0  # transformer calls so far (keys the per-layer call counters)
+        self._init_steps()
+        self._mask_cache = None
+        self._lock = threading.Lock()
+        self._warned: set[tuple[int | None, str]] = set()
+        self._layout_warned: set[TokenLayout] = set()
+        self._mask_memo: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._density: dict[int, float] = {}  # first sparse call per layer of this enable
+        self._has_sparse: bool | None = None
+        self.generations = 0
+        self._gen = _GenerationStats()
+        self._last_gen: _GenerationStats | None = None
+
+    # ------------------------------------------------------------------ per call
+    @torch.compiler.disable
+    def begin_call(self, inputs: Mapping[str, Any]) -> None:
+        """Read the layout, step and branch of one transformer call (eager: under a whole-model
+        ``torch.compile`` this is one graph break at the top of the forward)."""
+        self._mask_memo = None
+        self.call_serial += 1
+        self._advance(inputs)
+        try:
+            self.layout = self.adapter.layout(self.transformer_ref(), inputs)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            self.layout = None
+            self.note_fallback(
+                f"adapter {self.adapter.name!r} could not read the token layout of the call: {e}",
+                hint="the call's inputs are not what the adapter expects; report it with the pipeline used",
+            )
+        if self.layout is not None and self.layout not in self._layout_warned:
+            self._layout_warned.add(self.layout)
+            msg = self.plan.check_layout(self.layout)
+            if msg:
+                logger.warning("sparsediff: %s", msg)
+        self._gen.calls += 1
+
+    def nontrivial_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """:func:`_drop_trivial_mask`, memoised for the mask object every layer of one call shares
+        (one device sync per transformer call instead of one per layer)."""
+        memo = self._mask_memo
+        if memo is not None and memo[0] is mask:
+            return memo[1]
+        res = _drop_trivial_mask(mask)
+        self._mask_memo = (mask, res)
+        return res
+
+    def end_generation(self) -> None:
+        """End of a generation: log its summary, clear per-layer state (dynamic patterns' caches) and
+        the step context."""
+        self.flush_generation_log()
+        for layer in self.layers:
+            for st in layer.states.values():
+                st.reset()
+            layer.states.clear()
+        self.layout = None
+        self._mask_memo = None
+        self._clear_steps()
+
+    reset = end_generation
+
+    def mask_cache(self):
+        if self._mask_cache is None:
+            from .attention import MaskCache
+
+            self._mask_cache = MaskCache(max_entries=self.config.mask_cache_size)
+        return self._mask_cache
+
+    def fit_layout(self, num_tokens: int) -> TokenLayout | None:
+        """The layout of one attention call of ``num_tokens`` tokens within the current transformer call.
+
+        The call's layout when the length matches; for adapters with ``refit_text`` (Mochi's per-sample
+        prompts, SD3.5's image-only ``attn2``) the layout with its text re-fitted to the length
+        (:meth:`TokenLayout.refit_text`); otherwise None (the caller falls back to dense). Runs at run
+        time -- eagerly, or inside the opaque ``layer_attention`` op under ``torch.compile`` -- from the
+        call's static shapes, so compiled graphs never bake a per-call layout in.
+        """
+        layout = self.layout
+        if layout is None:
+            return None
+        if num_tokens == layout.num_tokens:
+            return layout
+        if not getattr(self.adapter, "refit_text", False):
+            return None
+        return layout.refit_text(int(num_tokens))
+
+    def cp_permutation(self, world: int, layout: TokenLayout, device: torch.device):
+        """Index ``perm`` with ``gathered[perm] == canonical`` order for a Ulysses-gathered sequence
+        of ``layout`` (the call's layout, :meth:`fit_layout` of the gathered length).
+
+        False when the gathered sequence is already in layout order, None when it does not fit.
+        Adapters with ``cp_split == "segments"`` (Flux: text and image split separately across ranks)
+        gather ``[text_0, image_0, text_1, image_1, ...]``.
+        """
+        n = layout.num_tokens
+        if getattr(self.adapter, "cp_split", "sequence") != "segments" or len(layout.segments) == 1:
+            return False
+        lens = [s.length for s in layout.segments]
+        if any(x % world for x in lens):
+            return None
+        offs = layout.offsets
+        # position in the gathered sequence of every canonical token
+        gathered_of = torch.empty(n, dtype=torch.int64)
+        pos = 0
+        for r in range(world):
+            for off, ln in zip(offs, lens):
+                c = ln // world
+                gathered_of[off + r * c : off + (r + 1) * c] = torch.arange(pos, pos + c)
+                pos += c
+        return gathered_of.to(device)
+
+    # ------------------------------------------------------------------ logging and report
+    def note_fallback(self, reason: str, layer: LayerContext | None = None, hint: str = "") -> None:
+        """A call that should have run sparse runs dense: raise under ``strict``, else a WARNING once
+        per (layer, reason) saying what to change."""
+        where = f"layer {layer.index} ({layer.name})" if layer is not None else "all self-attention layers"
+        if self.config.strict:
+            raise RuntimeError(
+                f"sparsediff (strict): {self.transformer_class} {where}: cannot run sparse attention: {reason}"
+            )
+        self._gen.count(f"fallback: {reason}")
+        key = (layer.index if layer is not None else None, reason)
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(
+            "sparsediff: %s %s runs dense attention: %s%s (strict=True makes this an error)",
+            self.transformer_class,
+            where,
+            reason,
+            f"; {hint}" if hint else "",
+        )
+
+    def note_dense(self, why: str) -> None:
+        """A call that runs dense by design (plan, warm-up, token threshold): counted for the report."""
+        self._gen.count(why)
+
+    def record_density(self, layer: int, state: Any) -> None:
+        mask = getattr(state, "last_mask", None)
+        if mask is None:
+            return
+        gen = self._gen
+        gen.sparse_calls += 1
+        if layer in gen.densities and layer in self._density:
+            return
+        d = float(mask.density())
+        gen.densities.setdefault(layer, d)
+        self._density.setdefault(layer, d)
+
+    def has_sparse_heads(self) -> bool:
+        """Whether the plan gives any head of any layer a pattern other than ``dense``."""
+        if self._has_sparse is None:
+            self._has_sparse = any(s.pattern != "dense" for ly in self.layers for s in ly.specs(ly.num_heads))
+        return self._has_sparse
+
+    def densities(self) -> dict[int, float]:
+        """Density of every layer measured on its first sparse call (of this enable)."""
+        return dict(self._density)
+
+    def report(self) -> dict[str, Any]:
+        """What sparse attention did in the current (or, between generations, the last) generation."""
+        gen = self._gen if self._gen.calls or self._last_gen is None else self._last_gen
+        d = gen.densities
+        return {
+            "transformer_class": self.transformer_class,
+            "plan": self.plan.summary(),
+            "generations": self.generations,
+            "transformer_calls": gen.calls,
+            "sparse_calls": gen.sparse_calls,
+            "dense_calls": dict(gen.dense),
+            "densities": dict(d),
+            "mean_density": (sum(d.values()) / len(d)) if d else None,
+            "max_tokens": gen.max_tokens,
+        }
+
+    def flush_generation_log(self) -> None:
+        """End of a generation: its density summary at INFO; a WARNING when a plan with sparse heads
+        never ran sparse in it (token threshold, warm-up or fallbacks took every call)."""
+        gen = self._gen
+        if not gen.calls:
+            return
+        self.generations += 1
+        self._last_gen, self._gen = gen, _GenerationStats()
+        if gen.densities and self.config.log_density:
+            d = gen.densities
+            logger.info(
+                "sparsediff: %s attention density (fraction of blocks computed) mean %.3f over %d sparse "
+                "layers; per layer %s",
+                self.transformer_class,
+                sum(d.values()) / len(d),
+                len(d),
+                ", ".join(f"{k}:{v:.2f}" for k, v in sorted(d.items())),
+            )
+        if gen.sparse_calls == 0 and self.has_sparse_heads():
+            why = ", ".join(f"{k} x{n}" for k, n in sorted(gen.dense.items(), key=lambda kv: -kv[1]))
+            hint = ""
+            if "below min_tokens" in gen.dense:
+                hint = (
+                    f" -- the largest call had {gen.max_tokens} tokens < min_tokens={self.plan.min_tokens}; "
+                    "pass min_tokens=0 to run sparse anyway"
+                )
+            logger.warning(
+                "sparsediff: %s: no self-attention call ran sparse in this generation (%s)%s",
+                self.transformer_class,
+                why or "no attention call reached sparsediff",
+                hint,
+            )
+
+
+class _GenerationStats:
+    """Counters of one generation (what :meth:`TransformerState.report` shows)."""
+
+    def __init__(self) -> None:
+        self.calls = 0  # transformer calls
+        self.sparse_calls = 0  # layer calls that ran the sparse op with a sparse plan
+        self.dense: dict[str, int] = {}  # layer calls that ran dense, by reason
+        self.densities: dict[int, float] = {}  # first sparse call's density per layer
+        self.max_tokens = 0
+
+    def count(self, why: str) -> None:
+        self.dense[why] = self.dense.get(why, 0) + 1
+
+
+class SparseRootHook(ModelHook):
+    """Root hook on the transformer: reads each call's layout, step and branch (diffusers' cache context
+    arrives through :attr:`context`); diffusers resets it at the end of a pipeline call."""
+
+    _is_stateful = True
+
+    def __init__(self, state: TransformerState) -> None:
+        super().__init__()
+        self.state = state
+        self.context = _ContextProbe(state)
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # whole-model torch.compile / torch.export: reading the layout and the step takes the
+            # call's data (and inspect.signature), which must not enter the traced graph. The call runs
+            # without a layout: dense (a dense plan, silently; a sparse plan, with a warning).
+            return args, kwargs
+        from .pipelines.base import bind_forward_inputs
+
+        self.state.begin_call(bind_forward_inputs(module, args, kwargs))
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        # the layout belongs to this call only: a later call that bypasses pre_forward (compiled
+        # whole) must not run with it
+        self.state.layout = None
+        return output
+
+    def reset_state(self, module: torch.nn.Module):
+        self.state.reset()
+        return module
