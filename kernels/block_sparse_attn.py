@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..support import MAX_HEAD_DIM
+from ..support import SUPPORTED_DTYPES as _DTYPES
+
 __all__ = ["block_sparse_attention_fwd", "not_supported_reasons", "launch_config", "tune_launch_config"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2); constexpr so @triton.jit code may read it
-MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # DOT_MODE: how tl.dot runs (fp32 accumulation in every mode).

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .support import BACKENDS, cdiv
+
 __all__ = ["block_mass_reference", "block_mass"]
 
 # Upper bound on the elements of one fp32 score chunk (2**24 = 64 MiB).
@@ -34,7 +36,7 @@ def block_mass_reference(
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     scale = scale if scale is not None else D**-0.5
-    Qb, Kb = -(-Nq // block_q), -(-Nk // block_kv)
+    Qb, Kb = cdiv(Nq, block_q), cdiv(Nk, block_kv)
     out = torch.zeros(B, H, Qb, Kb, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
@@ -47,7 +49,7 @@ def block_mass_reference(
         s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
         p = torch.exp(s - torch.where(torch.isinf(ls), 0.0, ls))
         p = torch.where(torch.isinf(ls) | ~col_ok, 0.0, p)
-        nb = -(-(r1 - r0) // block_q)
+        nb = cdiv(r1 - r0, block_q)
         p = F.pad(p, (0, 0, 0, nb * block_q - (r1 - r0)))  # rows past Nq contribute 0
         out[:, :, r0 // block_q : r0 // block_q + nb] = p.view(B, H, nb, block_q, Kb, block_kv).sum((3, 5))
     return out
@@ -68,8 +70,8 @@ def block_mass(
 
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be auto, triton or reference, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "reference":
         reasons = triton_reasons(q)
         if not reasons:

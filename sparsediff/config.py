@@ -7,10 +7,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .specs import PATTERN_PARAMS, HeadSpec
+from .support import BACKENDS as _BACKENDS
 
 __all__ = ["SparseAttentionConfig"]
-
-_BACKENDS = ("auto", "triton", "reference")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .support import cdiv as _cdiv
+
 __all__ = ["BlockSparseMask"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _as_pair(x: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -122,13 +120,20 @@ class BlockSparseMask:
         seq_lens: Sequence[int],
         device: torch.device | str | None = None,
     ) -> BlockSparseMask:
-        """A mask that attends to every key block (100 % density)."""
+        """A mask that attends to every key block (100 % density).
+
+        The one full-mask builder (dense heads, warm-up passes, :func:`sparsediff.patterns.dense_mask`).
+        Built directly -- no sort, no host sync -- and the index lists are one ``arange`` broadcast over
+        ``[batch, heads, Qb]`` (a view: ``[Qb, Kb]`` int32 per head is never materialised; the mask's
+        operations that need their own storage copy it).
+        """
         bq, bk = _as_pair(block_size, "block_size")
         nq, nk = _as_pair(seq_lens, "seq_lens")
         qb, kb = _cdiv(nq, bq), _cdiv(nk, bk)
-        return cls.from_dense(
-            torch.ones(batch, heads, qb, kb, dtype=torch.bool, device=device), (bq, bk), (nq, nk)
-        )
+        kmax = max(kb, 1)  # as from_dense: at least one (unused) slot per row
+        idx = torch.arange(kmax, dtype=torch.int32, device=device).expand(batch, heads, qb, kmax)
+        cnt = torch.full((batch, heads, qb), kb, dtype=torch.int32, device=device)
+        return cls(idx, cnt, (bq, bk), (nq, nk), validate=False)
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:

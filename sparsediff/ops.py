@@ -22,15 +22,12 @@ import torch
 
 from . import reference
 from .mask import BlockSparseMask
+from .support import BACKENDS as _BACKENDS
+from .support import MAX_HEAD_DIM, SUPPORTED_DTYPES, cdiv
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["block_sparse_attention", "check_inputs", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "triton_reasons"]
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Largest head dim the kernel takes (it pads any head dim up to the next power of two >= 16).
-MAX_HEAD_DIM = 256
-_BACKENDS = ("auto", "triton", "reference")
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask) -> None:
@@ -175,7 +172,7 @@ def _backward(ctx, grad_out, grad_lse):
     (bq, bk), scale = ctx.blocks, ctx.scale
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    Qb = -(-Nq // bq)
+    Qb = cdiv(Nq, bq)
     idx = kv_indices.to(q.device).long().expand(B, H, Qb, -1)
     cnt = kv_counts.to(q.device).long().expand(B, H, Qb)
     dq = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)

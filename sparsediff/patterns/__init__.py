@@ -4,21 +4,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..specs import HeadSpec
-from .common import cdiv, mask_from_bool
 from .lse_cache import lse_cache_select
 from .radial import radial_mask
-from .reordered import (
-    band_mask,
-    cluster_permutations,
-    cluster_topp_block_bool,
-    reordered_band,
-    reordered_permutation,
-)
+from .reordered import band_mask, cluster_permutations, cluster_topp_block_bool, reordered_permutation
 from .tile import default_tile, tile_mask, tile_permutation
 from .topp import topp_block_bool, topp_mask
 
@@ -29,7 +20,6 @@ __all__ = [
     "default_tile",
     "band_mask",
     "reordered_permutation",
-    "reordered_band",
     "cluster_permutations",
     "cluster_topp_block_bool",
     "topp_mask",
@@ -41,9 +31,9 @@ __all__ = [
 
 
 def dense_mask(layout: TokenLayout, block_size: int = 64, device=None) -> BlockSparseMask:
+    """Every block of ``layout`` (``[1, 1, Qb, Kb]``, :meth:`BlockSparseMask.full`)."""
     n = layout.num_tokens
-    nb = cdiv(n, block_size)
-    return mask_from_bool(torch.ones(nb, nb, dtype=torch.bool, device=device), block_size, n)
+    return BlockSparseMask.full(1, 1, block_size, (n, n), device)
 
 
 def static_mask(layout: TokenLayout, spec: HeadSpec, block_size: int = 64, device=None) -> BlockSparseMask:
@@ -58,12 +48,10 @@ def static_mask(layout: TokenLayout, spec: HeadSpec, block_size: int = 64, devic
             decay=float(spec.get("decay")),
             sink=bool(spec.get("sink")),
             dense_dist=int(spec.get("dense_dist")),
-            block_rule=str(spec.get("block_rule")),
             device=device,
         )
     if p == "tile":
         return tile_mask(layout, block_size, window=spec.get("window"), tile=spec.get("tile"), device=device)
     if p == "reordered" and spec.get("select") == "static":
-        band = reordered_band(layout, spec.get("band"), spec.get("band_frames"))
-        return band_mask(layout, block_size, band=band, sink=bool(spec.get("sink")), device=device)
+        return band_mask(layout, block_size, band=int(spec.get("band")), device=device)
     raise ValueError(f"{spec} has no static mask")

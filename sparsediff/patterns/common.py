@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..mask import BlockSparseMask
+from ..support import cdiv
 
 __all__ = [
     "cdiv",
@@ -31,10 +32,6 @@ __all__ = [
     "pooled_block_scores",
     "mask_from_bool",
 ]
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class Segments:
