@@ -9,7 +9,13 @@ from ..mask import BlockSparseMask
 from ..specs import HeadSpec
 from .lse_cache import lse_cache_select
 from .radial import radial_mask
-from .reordered import band_mask, cluster_permutations, cluster_topp_block_bool, reordered_permutation
+from .reordered import (
+    band_mask,
+    cluster_permutations,
+    cluster_topp_block_bool,
+    reordered_band,
+    reordered_permutation,
+)
 from .tile import default_tile, tile_mask, tile_permutation
 from .topp import topp_block_bool, topp_mask
 
@@ -20,6 +26,7 @@ __all__ = [
     "default_tile",
     "band_mask",
     "reordered_permutation",
+    "reordered_band",
     "cluster_permutations",
     "cluster_topp_block_bool",
     "topp_mask",
@@ -48,10 +55,12 @@ def static_mask(layout: TokenLayout, spec: HeadSpec, block_size: int = 64, devic
             decay=float(spec.get("decay")),
             sink=bool(spec.get("sink")),
             dense_dist=int(spec.get("dense_dist")),
+            block_rule=str(spec.get("block_rule")),
             device=device,
         )
     if p == "tile":
         return tile_mask(layout, block_size, window=spec.get("window"), tile=spec.get("tile"), device=device)
     if p == "reordered" and spec.get("select") == "static":
-        return band_mask(layout, block_size, band=int(spec.get("band")), device=device)
+        band = reordered_band(layout, spec.get("band"), spec.get("band_frames"))
+        return band_mask(layout, block_size, band=band, sink=bool(spec.get("sink")), device=device)
     raise ValueError(f"{spec} has no static mask")
