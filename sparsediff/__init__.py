@@ -23,6 +23,7 @@ from .defaults import default_plan
 from .layout import Segment, TokenLayout
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
+from .patterns.registry import register_pattern, unregister_pattern
 from .pipelines.base import Adapter, UnsupportedModelError, register_adapter
 from .plan import ModelIdentity, Plan, PlanError, PlanMismatchError
 from .specs import PATTERNS, DenseSchedule, HeadSpec
@@ -55,7 +56,9 @@ __all__ = [
     "patterns",
     "permute",
     "register_adapter",
+    "register_pattern",
     "sparse_attention",
     "sparse_attention_enabled",
     "testing",
+    "unregister_pattern",
 ]

@@ -436,8 +436,11 @@ def sparse_attention(
                     full = _full_mask(N, bs, hg, dev)
                     group_masks.append((heads, full))
                     skip_store.extend(heads)
-            else:  # pragma: no cover - HeadSpec validates names
-                raise ValueError(f"unknown pattern {p!r}")
+            else:  # a user-registered family (sparsediff.register_pattern)
+                pq = _registered_group(q, k, layout, spec, heads, bs, scale, cached, group_masks)
+                if pq is not None:
+                    perms_q.append((heads, pq))
+                    perms_k.append((heads, pq))
 
         # -------------------------------------------------------------- assemble one mask for all heads
         order = [h for heads, _ in group_masks for h in heads]
@@ -554,6 +557,35 @@ class _TokenIndex:
             y = xm.reshape(B, H * N, D).index_select(1, f)
         y = y.view(xm.shape)
         return y.transpose(1, 2) if heads_inner else y
+
+
+def _registered_group(q, k, layout, spec, heads, bs, scale, cached, group_masks):
+    """Mask (appended to ``group_masks``) and token order (returned, or None) of a group of heads of a
+    user-registered family: static masks and permutations cached like the built-in ones, dynamic
+    selections computed on the group's q/k in the family's order."""
+    from .patterns.registry import get_family
+
+    fam = get_family(spec.pattern)
+    N, dev, hg = q.shape[2], q.device, len(heads)
+    perm = None
+    if fam.permutation is not None:
+        perm = cached(("perm", layout, spec, str(dev)), lambda: fam.permutation(layout, spec, dev))
+    if fam.static_mask is not None:
+        m = cached(("mask", layout, spec, bs, str(dev)), lambda: fam.static_mask(layout, spec, bs, dev))
+        if not isinstance(m, BlockSparseMask) or tuple(m.seq_lens) != (N, N) or tuple(m.block_size) != (bs, bs):
+            raise ValueError(
+                f"pattern {spec.pattern!r}: static_mask must return a BlockSparseMask with block size {bs} "
+                f"for {N} x {N} tokens, got {m!r}"
+            )
+        group_masks.append((heads, _expand_heads(m, hg)))
+    else:
+        hl = list(heads)
+        qg, kg = q[:, hl], k[:, hl]
+        if perm is not None:
+            qg, kg = gather_tokens(qg, perm.perm), gather_tokens(kg, perm.perm)
+        bb = torch.as_tensor(fam.select(qg, kg, layout, spec, bs, scale)).to(torch.bool)
+        group_masks.append((heads, BlockSparseMask.from_dense(bb.expand(bb.shape[0], hg, -1, -1), bs, (N, N))))
+    return perm
 
 
 def _lse_cache_group(q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend, dense_nat):

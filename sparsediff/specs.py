@@ -62,7 +62,9 @@ REORDER_SELECTS = ("static", "topp")
 #: Most k-means clusters a ``reordered(order="cluster")`` head may ask for.
 MAX_CLUSTERS = 512
 
-#: Default parameters of every pattern. ``HeadSpec.make`` rejects names not listed here.
+#: Default parameters of every pattern. ``HeadSpec.make`` rejects names not listed here. Families
+#: added with :func:`sparsediff.register_pattern` are added here (and to :data:`PARAM_CHECKS`);
+#: :data:`PATTERNS` lists the built-in ones.
 PATTERN_PARAMS: dict[str, dict[str, Any]] = {
     "dense": {},
     "skip": {},
@@ -195,7 +197,10 @@ class HeadSpec:
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERN_PARAMS:
-            raise ValueError(f"unknown pattern {self.pattern!r}; known patterns: {PATTERNS}")
+            raise ValueError(
+                f"unknown pattern {self.pattern!r}; known patterns: {tuple(PATTERN_PARAMS)} "
+                "(add your own with sparsediff.register_pattern)"
+            )
         items = []
         for item in self.params:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
@@ -245,9 +250,13 @@ class HeadSpec:
         """True when the mask depends on the layout and params only (cacheable)."""
         if self.pattern in ("radial", "tile", "dense"):
             return True
-        return (
-            self.pattern == "reordered" and self.get("select") == "static" and self.get("order") != "cluster"
-        )
+        if self.pattern == "reordered":
+            return self.get("select") == "static" and self.get("order") != "cluster"
+        if self.pattern in ("skip", "topp", "lse_cache"):
+            return False
+        from .patterns.registry import get_family  # a user-registered family
+
+        return get_family(self.pattern).is_static
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict ``{"pattern": ..., "params": {...}}`` (tuples become lists)."""

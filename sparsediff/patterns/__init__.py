@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
+from ..specs import PATTERNS, HeadSpec
 from .lse_cache import lse_cache_select
 from .radial import radial_mask
+from .registry import register_pattern, unregister_pattern
 from .reordered import (
     band_mask,
     cluster_permutations,
@@ -34,6 +35,8 @@ __all__ = [
     "lse_cache_select",
     "static_mask",
     "dense_mask",
+    "register_pattern",
+    "unregister_pattern",
 ]
 
 
@@ -63,4 +66,10 @@ def static_mask(layout: TokenLayout, spec: HeadSpec, block_size: int = 64, devic
     if p == "reordered" and spec.get("select") == "static":
         band = reordered_band(layout, spec.get("band"), spec.get("band_frames"))
         return band_mask(layout, block_size, band=band, sink=bool(spec.get("sink")), device=device)
+    if p not in PATTERNS:  # a user-registered family
+        from .registry import get_family
+
+        fam = get_family(p)
+        if fam.static_mask is not None:
+            return fam.static_mask(layout, spec, block_size, device)
     raise ValueError(f"{spec} has no static mask")

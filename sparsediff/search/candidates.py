@@ -293,6 +293,17 @@ def build_structures(
                 scale=scale,
             )
             out.append(Structure(spec, ("natural",), None, None, bb))
-        else:  # pragma: no cover - HeadSpec validates names
-            raise ValueError(f"unknown pattern {p!r}")
+        else:  # a user-registered family (sparsediff.register_pattern)
+            from ..patterns.registry import get_family
+
+            fam = get_family(p)
+            perm = fam.permutation(layout, spec, dev) if fam.permutation is not None else None
+            key = ("natural",) if perm is None else ("registered", spec)
+            qp, kp = (None, None) if perm is None else _perm_fields(perm)
+            if fam.static_mask is not None:
+                bb = fam.static_mask(layout, spec, block_size, dev).to_dense()
+            else:
+                qq, kk = (q, k) if perm is None else (q[:, :, perm.perm], k[:, :, perm.perm])
+                bb = torch.as_tensor(fam.select(qq, kk, layout, spec, block_size, scale)).to(torch.bool)
+            out.append(Structure(spec, key, qp, kp, bb))
     return out

@@ -1,0 +1,139 @@
+"""A user-registered pattern family works end to end: HeadSpec, Plan (JSON round trip), the enabled
+pipeline, sparse_attention next to built-in heads, the search's block structures; bad registrations
+are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_pipelines import build
+
+import sparsediff
+from sparsediff.layout import TokenLayout
+from sparsediff.mask import BlockSparseMask
+from sparsediff.specs import HeadSpec
+
+S = HeadSpec.make
+
+
+def _strided(layout, spec, block_size, device):
+    """Key blocks at a multiple of ``stride`` from the query block (the diagonal included)."""
+    n = layout.num_tokens
+    nb = -(-n // block_size)
+    i = torch.arange(nb, device=device)
+    keep = (i.view(-1, 1) - i.view(1, -1)) % spec.get("stride") == 0
+    return BlockSparseMask.from_dense(keep[None, None], block_size, (n, n))
+
+
+def _check_stride(spec):
+    if spec.get("stride") < 1:
+        raise ValueError("stride must be >= 1")
+
+
+def _first_key_block(q, k, layout, spec, block_size, scale):
+    """Dynamic: the diagonal block plus the key block with the largest mean-pooled score."""
+    B, H, N, _ = q.shape
+    nb = -(-N // block_size)
+    pad = nb * block_size - N
+    qp = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(B, H, nb, block_size, -1).mean(3)
+    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, H, nb, block_size, -1).mean(3)
+    best = (qp @ kp.transpose(-1, -2)).argmax(-1)
+    keep = torch.eye(nb, dtype=torch.bool).expand(B, H, nb, nb).clone()
+    keep.scatter_(-1, best.unsqueeze(-1), True)
+    return keep
+
+
+@pytest.fixture
+def families():
+    fams = [
+        sparsediff.register_pattern(
+            "strided",
+            params={"stride": 2},
+            checks={"stride": (lambda v: isinstance(v, int), "an int")},
+            check=_check_stride,
+            static_mask=_strided,
+            doc="every stride-th key block",
+        ),
+        sparsediff.register_pattern("best_block", select=_first_key_block),
+    ]
+    yield fams
+    for f in fams:
+        sparsediff.unregister_pattern(f.name)
+    assert "strided" not in sparsediff.specs.PATTERN_PARAMS
+
+
+def test_registered_family_runs_through_a_plan_on_a_tiny_pipeline(families):
+    tiny = build("wan")
+    plan = sparsediff.Plan.uniform("strided", stride=3)
+    plan = sparsediff.Plan.from_dict(json.loads(plan.to_json()))  # a plan file naming the family loads
+    assert plan.default == S("strided", stride=3)
+    kw = dict(backend="reference", block_size=8, dense_steps=0, dense_layers=(), min_tokens=0)
+    dense = tiny()
+    with sparsediff.enable_sparse_attention(tiny.pipe, plan, **kw) as h:
+        out = tiny()
+        rep = h.report()["transformer"]
+    assert rep["sparse_calls"] > 0
+    n = tiny.layout.num_tokens
+    expected = _strided(tiny.layout, S("strided", stride=3), 8, None).density()
+    assert rep["mean_density"] == pytest.approx(expected) and expected < 0.5
+    out_t, dense_t = (torch.as_tensor(x) for x in (_frames(out), _frames(dense)))
+    assert out_t.shape == dense_t.shape and torch.isfinite(out_t).all() and n > 0
+
+
+def _frames(result):
+    x = result.frames if hasattr(result, "frames") else result
+    return torch.as_tensor(x[0] if isinstance(x, (list, tuple)) else x, dtype=torch.float32)
+
+
+def test_registered_families_next_to_builtin_heads_match_the_token_oracle(families):
+    from sparsediff.attention import sparse_attention
+    from sparsediff.patterns import static_mask
+
+    lay = TokenLayout.video(3, 4, 6, text_len=5, text_position="after")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, lay.num_tokens, 16, generator=g) for _ in range(3))
+    specs = [S("strided", stride=2), S("radial", decay=0.5), S("best_block")]
+    out = sparse_attention(q, k, v, lay, specs, block_size=8, backend="reference")
+    masks = [
+        static_mask(lay, specs[0], 8).to_token_mask()[0, 0].expand(2, -1, -1),
+        static_mask(lay, specs[1], 8).to_token_mask()[0, 0].expand(2, -1, -1),
+        BlockSparseMask.from_dense(
+            _first_key_block(q[:, 2:], k[:, 2:], lay, specs[2], 8, 0.25), 8, (77, 77)
+        ).to_token_mask()[:, 0],
+    ]
+    tm = torch.stack(masks, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tm)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert S("strided").is_static and not S("best_block").is_static
+
+
+def test_registered_family_is_a_search_candidate(families):
+    from sparsediff.search.candidates import build_structures
+
+    lay = TokenLayout.video(2, 4, 4)
+    q = k = torch.randn(1, 2, lay.num_tokens, 8)
+    st = build_structures([S("strided", stride=2), S("best_block")], q, k, lay, 8, 8**-0.5)
+    assert [s.spec.pattern for s in st] == ["strided", "best_block"]
+    assert float(st[0].density(lay.num_tokens, 8).max()) == pytest.approx(0.5)
+
+
+def test_bad_registrations_and_specs_are_refused(families):
+    with pytest.raises(ValueError, match="built-in"):
+        sparsediff.register_pattern("radial", static_mask=_strided)
+    with pytest.raises(ValueError, match="already registered"):
+        sparsediff.register_pattern("strided", static_mask=_strided)
+    with pytest.raises(ValueError, match="exactly one"):
+        sparsediff.register_pattern("both", static_mask=_strided, select=_first_key_block)
+    with pytest.raises(ValueError, match="unknown parameters"):
+        sparsediff.register_pattern(
+            "badcheck", params={}, checks={"x": (bool, "a bool")}, static_mask=_strided
+        )
+    with pytest.raises(ValueError, match="stride"):
+        S("strided", stride=0)  # the family's cross check
+    with pytest.raises(ValueError, match="no parameter"):
+        S("strided", width=3)
+    with pytest.raises(ValueError, match="register_pattern"):
+        S("never_registered")
+    assert "both" not in sparsediff.specs.PATTERN_PARAMS
