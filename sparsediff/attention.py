@@ -572,7 +572,11 @@ def _registered_group(q, k, layout, spec, heads, bs, scale, cached, group_masks)
         perm = cached(("perm", layout, spec, str(dev)), lambda: fam.permutation(layout, spec, dev))
     if fam.static_mask is not None:
         m = cached(("mask", layout, spec, bs, str(dev)), lambda: fam.static_mask(layout, spec, bs, dev))
-        if not isinstance(m, BlockSparseMask) or tuple(m.seq_lens) != (N, N) or tuple(m.block_size) != (bs, bs):
+        if (
+            not isinstance(m, BlockSparseMask)
+            or tuple(m.seq_lens) != (N, N)
+            or tuple(m.block_size) != (bs, bs)
+        ):
             raise ValueError(
                 f"pattern {spec.pattern!r}: static_mask must return a BlockSparseMask with block size {bs} "
                 f"for {N} x {N} tokens, got {m!r}"
@@ -584,7 +588,9 @@ def _registered_group(q, k, layout, spec, heads, bs, scale, cached, group_masks)
         if perm is not None:
             qg, kg = gather_tokens(qg, perm.perm), gather_tokens(kg, perm.perm)
         bb = torch.as_tensor(fam.select(qg, kg, layout, spec, bs, scale)).to(torch.bool)
-        group_masks.append((heads, BlockSparseMask.from_dense(bb.expand(bb.shape[0], hg, -1, -1), bs, (N, N))))
+        group_masks.append(
+            (heads, BlockSparseMask.from_dense(bb.expand(bb.shape[0], hg, -1, -1), bs, (N, N)))
+        )
     return perm
 
 
