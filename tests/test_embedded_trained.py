@@ -1,0 +1,114 @@
+"""The shipped embedded model (``sparsediff/embedded/weights/``): loaded, never trained, in these tests.
+
+What the model must do (colour and direction on held-out seeds), what its attention looks like (the probe),
+and that sparse attention on it is sparse for real and close to dense -- with negative controls showing that
+the PSNR floor catches broken attention (zeros, heads swapped).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sparsediff import enable_sparse_attention, reference
+from sparsediff.embedded import WEIGHTS_DIR, checks, data, has_trained_weights, load_embedded_pipeline, probe
+from sparsediff.metrics import video_metrics
+
+STEPS = 10
+#: PSNR (dB) of the default sparse plan vs dense at STEPS steps must stay above this floor. Measured on the
+#: shipped model (README): ~20-25 dB; attention returning zeros or the wrong heads measures < 12 dB (the
+#: negative controls below).
+PSNR_FLOOR = 15.0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # The weights are part of the package: their absence is a packaging bug, never a skip.
+    assert has_trained_weights(), f"no shipped embedded weights in {WEIGHTS_DIR}"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_embedded_pipeline()
+    torch.set_num_threads(n)
+
+
+def _generate(pipe, prompt: str, seed: int, steps: int = STEPS) -> np.ndarray:
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).frames[0]
+
+
+def test_shipped_model_is_small_fp16_and_documented():
+    files = [os.path.join(r, f) for r, _, fs in os.walk(WEIGHTS_DIR) for f in fs]
+    size = sum(os.path.getsize(f) for f in files if f.endswith(".safetensors"))
+    assert 0 < size <= 10e6
+    card = open(os.path.join(WEIGHTS_DIR, "MODEL_CARD.md")).read()
+    assert "Held-out check" in card and "probe" in card.lower()
+    assert os.path.isfile(os.path.join(WEIGHTS_DIR, "samples.png"))
+
+
+def test_colour_and_direction_on_held_out_seeds(pipe):
+    prompts = data.heldout_prompts(8)  # every direction twice, other seeds than training and its checks
+    videos = [_generate(pipe, p, data.HELDOUT_SEED + 100 + i) for i, p in enumerate(prompts)]
+    res = checks.check_videos(videos, prompts)
+    assert res.colour_rate >= 0.875, res
+    # Above chance (25 %): measured 5/8 here; 53 % on 32 held-out prompts at 20 steps (model card). The
+    # issue's bar (70 %) is not reached yet -- see sparsediff/embedded/README.md, "CPU training history".
+    assert res.direction_rate >= 0.375, res
+
+
+def test_direction_word_changes_the_video(pipe):
+    # The first CPU run's model ignored the direction word (mean |diff| 1.6e-4 between "left" and "right");
+    # the shipped one measures 0.0037-0.0045 on seeds 3-5.
+    a = _generate(pipe, "a red square moving left", 3)
+    b = _generate(pipe, "a red square moving right", 3)
+    assert float(np.abs(a - b).mean()) > 0.002
+
+
+def test_probe_finds_local_and_diffuse_heads(pipe):
+    res = probe.probe_pipeline(
+        pipe, ["a green circle moving down"], num_inference_steps=STEPS, max_queries=128
+    )
+    ratios = sorted((h.local_ratio for h in res.heads), reverse=True)
+    assert sum(r >= 5 for r in ratios) >= 3, ratios
+    kinds = res.counts()
+    assert kinds.get("diffuse", 0) + kinds.get("temporal", 0) >= 1, kinds
+
+
+def _sparse_vs_dense(pipe, prompt: str, seed: int):
+    dense = _generate(pipe, prompt, seed)
+    with enable_sparse_attention(pipe, backend="reference") as handle:
+        sparse = _generate(pipe, prompt, seed)
+        dens = handle.densities()["transformer"]
+    return dense, sparse, dens
+
+
+def test_default_plan_is_sparse_and_close_to_dense(pipe):
+    dense, sparse, dens = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11)
+    assert set(dens) == {1, 2, 3}, dens  # layer 0 is dense in the default plan
+    assert all(0 < d < 0.9 for d in dens.values()), dens
+    m = video_metrics(sparse, dense)
+    assert np.abs(sparse - dense).max() > 1e-3  # sparse really changed the computation
+    assert m.psnr > PSNR_FLOOR, m.psnr
+
+
+@pytest.mark.parametrize("broken", ["zeros", "heads_swapped"])
+def test_psnr_floor_catches_broken_attention(pipe, monkeypatch, broken):
+    real = reference._forward
+
+    def bad(q, k, v, mask, scale):
+        out, lse = real(q, k, v, mask, scale)
+        if broken == "zeros":
+            return torch.zeros_like(out), lse
+        return out.roll(1, dims=1), lse  # [B, H, N, D]: every head gets its neighbour's output
+
+    monkeypatch.setattr(reference, "_forward", bad)
+    dense, sparse, _ = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11)
+    assert video_metrics(sparse, dense).psnr < PSNR_FLOOR
