@@ -26,7 +26,8 @@ def test_demo_on_the_shipped_embedded_model_runs_sparse(tmp_path, capsys):
     # The weights ship in the package; their absence is a packaging bug, not a reason to skip.
     assert has_trained_weights(), "sparsediff/embedded/weights/ is missing from the package"
     out = tmp_path / "demo"
-    args = ["--out", str(out), "--steps", "8", "--format", "gif", "--no-progress"]
+    # the reference twin: conftest turns on Triton's interpreter, which `auto` would pick on CPU (slow)
+    args = ["--out", str(out), "--steps", "8", "--format", "gif", "--no-progress", "--backend", "reference"]
     assert demo.main(args) == 0
     assert str(out.resolve()) in capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
@@ -56,7 +57,17 @@ def test_demo_on_the_shipped_embedded_model_runs_sparse(tmp_path, capsys):
 def test_demo_random_wan_option_and_overwrite(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["--out", str(out), "--model", "random-wan", "--steps", "2", "--frames", "5", "--height", "32"]
-    args += ["--width", "48", "--format", "gif", "--no-progress", "--prompt", "anything"]
+    args += [
+        "--width",
+        "48",
+        "--format",
+        "gif",
+        "--no-progress",
+        "--prompt",
+        "anything",
+        "--backend",
+        "reference",
+    ]
     assert demo.main([*args, "--plan", "tile"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["model"].startswith("tiny random-init Wan")
