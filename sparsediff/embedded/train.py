@@ -575,17 +575,27 @@ def train(
     logger.info("exported %s (%.2f MB of safetensors)", export, size / 1e6)
     if evaluate:
         metrics.update(evaluate_export(export, cfg, dev, cpu_timing=cpu_timing))
+    _write_card(export, metrics)
+    metrics_f.close()
+    if install:
+        _install(export)
+    return metrics
+
+
+def _write_card(export: str, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` and ``MODEL_CARD.md`` of an export folder from ``metrics``."""
     with open(os.path.join(export, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1, default=str)
     with open(os.path.join(export, "MODEL_CARD.md"), "w") as f:
         f.write(render_model_card(metrics))
-    metrics_f.close()
-    if install:
-        if os.path.isdir(WEIGHTS_DIR):
-            shutil.rmtree(WEIGHTS_DIR)
-        shutil.copytree(export, WEIGHTS_DIR)
-        logger.info("installed the pipeline into %s", WEIGHTS_DIR)
-    return metrics
+
+
+def _install(export: str) -> None:
+    """Replace the package's shipped weights (:data:`WEIGHTS_DIR`) with the export folder."""
+    if os.path.isdir(WEIGHTS_DIR):
+        shutil.rmtree(WEIGHTS_DIR)
+    shutil.copytree(export, WEIGHTS_DIR)
+    logger.info("installed the pipeline into %s", WEIGHTS_DIR)
 
 
 def reevaluate(
@@ -604,15 +614,9 @@ def reevaluate(
     if history:
         metrics["history"] = history
     metrics.update(evaluate_export(export, cfg, torch.device("cpu")))
-    with open(os.path.join(export, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1, default=str)
-    with open(os.path.join(export, "MODEL_CARD.md"), "w") as f:
-        f.write(render_model_card(metrics))
+    _write_card(export, metrics)
     if install:
-        if os.path.isdir(WEIGHTS_DIR):
-            shutil.rmtree(WEIGHTS_DIR)
-        shutil.copytree(export, WEIGHTS_DIR)
-        logger.info("installed the pipeline into %s", WEIGHTS_DIR)
+        _install(export)
     return metrics
 
 
