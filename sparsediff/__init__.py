@@ -23,12 +23,15 @@ from .defaults import default_plan
 from .layout import Segment, TokenLayout
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
-from .patterns.registry import register_pattern, unregister_pattern
+from .patterns.registry import builtin_patterns, register_pattern, unregister_pattern
 from .pipelines.base import Adapter, UnsupportedModelError, register_adapter
 from .plan import ModelIdentity, Plan, PlanError, PlanMismatchError
-from .specs import PATTERNS, DenseSchedule, HeadSpec
+from .specs import DenseSchedule, HeadSpec
 
 __version__ = "0.1.0"
+
+#: Names of the built-in pattern families (each declared in ``sparsediff/patterns/<name>.py``).
+PATTERNS = builtin_patterns()
 
 __all__ = [
     "PATTERNS",

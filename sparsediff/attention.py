@@ -27,19 +27,9 @@ import torch
 from .layout import TokenLayout
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
-from .patterns import (
-    cluster_permutations,
-    cluster_topp_block_bool,
-    lse_cache_select,
-    reordered_permutation,
-    static_mask,
-    tile_permutation,
-    topp_block_bool,
-)
-from .patterns.tile import default_tile
-from .permute import Permutation, gather_tokens
+from .patterns.registry import GroupCall, get_family
+from .permute import Permutation
 from .specs import DenseSchedule, HeadSpec
-from .support import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +109,7 @@ class LayerState:
         key: ``(layout, B, H, device)`` the state was filled for; a call with another key resets it.
         last_mask: the mask of the last call, each head in its own (permuted) order -- diagnostics
             (``last_mask.density_per_head()``); skip heads served from the cache show density 0.
+        slots: ``{family: dict}`` -- state of user-registered ``"cached"`` families (:meth:`slot`).
     """
 
     def __init__(self) -> None:
@@ -134,6 +125,12 @@ class LayerState:
         self.key: tuple | None = None
         self.last_step: int | None = None
         self.last_mask: BlockSparseMask | None = None
+        self.slots: dict[str, dict[Hashable, Any]] = {}
+
+    def slot(self, family: str) -> dict[Hashable, Any]:
+        """A dict owned by the pattern family ``family`` (user ``"cached"`` families keep their state here);
+        cleared with the rest of the state."""
+        return self.slots.setdefault(family, {})
 
     def _bind(self, layout: TokenLayout, q: torch.Tensor, step: int | None) -> None:
         key = (layout, q.shape[0], q.shape[1], q.device)
@@ -208,14 +205,6 @@ def _full_mask(n: int, bs: int, heads: int, device) -> BlockSparseMask:
     return BlockSparseMask.full(1, heads, bs, (n, n), device)
 
 
-def _empty_mask(n: int, bs: int, heads: int, device) -> BlockSparseMask:
-    nb = cdiv(n, bs)
-    idx = torch.zeros(1, heads, nb, 1, dtype=torch.int32, device=device)
-    return BlockSparseMask(
-        idx, torch.zeros(1, heads, nb, dtype=torch.int32, device=device), bs, (n, n), validate=False
-    )
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -275,172 +264,42 @@ def sparse_attention(
     if state is not None:
         state._bind(layout, q, step)
 
-    def cached(key, build):
-        return cache.get_or_build(key, build) if cache is not None else build()
+    call = GroupCall(q, k, v, layout, bs, scale, step, state, cache, backend)
 
     # ------------------------------------------------------------------ warm-up / forced dense
     if force_dense or all(s.pattern == "dense" for s in groups):
-        full = cached(
-            ("full", layout, bs, str(dev), H),
-            lambda: _full_mask(N, bs, H, dev),
-        )
+        full = call.cached(("full", layout, bs, str(dev), H), lambda: _full_mask(N, bs, H, dev))
         out, lse = block_sparse_attention(q, k, v, full, scale=scale, return_lse=True, backend=backend)
         if state is not None:
             state.last_mask = full
             state._store_lse(lse, range(H))
-            for spec, heads in groups.items():
-                if spec.pattern == "skip":
-                    for h in heads:
-                        state.skip_out[h] = out[:, h].detach().clone()
+            for spec, heads in group_items:  # cached families fill their state from the exact pass
+                fam = get_family(spec.pattern)
+                if fam.on_dense is not None:
+                    fam.on_dense(call, spec, heads, out, lse)
         return out
 
-    # dense-token flags [N] (natural order / grid-first orders): built only by the dynamic patterns
-    # that need them, and kept in the cache -- a fully cached static call creates no per-call tensors
-    def dense_nat():
-        return cached(("dense_tokens", layout, str(dev)), lambda: layout.dense_mask(dev))
-
-    def gf_dense():
-        return cached(
-            ("dense_tokens_grid_first", layout, str(dev)),
-            lambda: torch.arange(N, device=dev) >= layout.grid_len,
-        )
-
-    group_masks: list[tuple[tuple[int, ...], BlockSparseMask]] = []
-    perms_q: list[tuple[tuple[int, ...], Permutation]] = []
-    perms_k: list[tuple[tuple[int, ...], Permutation]] = []
-    need_lse_for: list[tuple[int, ...]] = []  # lse_cache heads: store the LSE the op returns
-    skip_fill: list[int] = []  # skip heads whose output comes from state
-    skip_store: list[int] = []  # skip heads computed dense this call (store their output)
-
     static_key = None
-    if cache is not None and all(_is_static(sp) for sp in groups):
+    if cache is not None and all(s.is_static for s in groups):
         static_key = ("assembled", layout, group_items, bs, str(dev))
     prebuilt = cache.get(static_key) if static_key is not None else None
+    afters: list = []
+    writes = False
     if prebuilt is not None:
         mask, qi, ki = prebuilt
     else:
-        for spec, heads in groups.items():
-            hg = len(heads)
-            p = spec.pattern
-            if p in ("dense", "radial") or (p == "tile" and layout.grid is None):
-                m = cached(
-                    ("mask", layout, spec, bs, str(dev)), lambda spec=spec: static_mask(layout, spec, bs, dev)
-                )
-                group_masks.append((heads, _expand_heads(m, hg)))
-            elif p == "tile":
-                tile = spec.get("tile") or default_tile(layout.grid, bs)
-                perm = cached(
-                    ("perm", layout, "tile", tuple(tile), str(dev)),
-                    lambda t=tile: tile_permutation(layout, t, dev),
-                )
-                m = cached(
-                    ("mask", layout, spec, bs, str(dev)), lambda spec=spec: static_mask(layout, spec, bs, dev)
-                )
-                perms_q.append((heads, perm))
-                perms_k.append((heads, perm))
-                group_masks.append((heads, _expand_heads(m, hg)))
-            elif p == "reordered":
-                order, select = spec.get("order"), spec.get("select")
-                if select not in ("static", "topp"):
-                    raise ValueError(f"{spec}: select must be 'static' or 'topp'")
-                if layout.grid is None:
-                    raise ValueError(f"{spec} needs a layout with a video/image grid, got {layout}")
-                if order == "cluster":
-                    hl = list(heads)
-                    ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(layout.grid_len, bs)))
-                    ckey = (spec, heads)
-                    init = state.centroids.get(ckey) if state is not None else None
-                    pq, pk, cents, labels = cluster_permutations(
-                        q[:, hl], k[:, hl], layout, ncl, int(spec.get("kmeans_iters")), init
-                    )
-                    if state is not None:
-                        state.centroids[ckey] = cents
-                else:
-                    pq = pk = cached(
-                        ("perm", layout, order, str(dev)),
-                        lambda o=order: reordered_permutation(layout, o, dev),
-                    )
-                perms_q.append((heads, pq))
-                perms_k.append((heads, pk))
-                if select == "topp" and order == "cluster":
-                    bb = cluster_topp_block_bool(
-                        cents,
-                        labels,
-                        layout,
-                        bs,
-                        top_p=float(spec.get("top_p")),
-                        min_frac=float(spec.get("min_frac")),
-                        scale=scale,
-                    )
-                    group_masks.append((heads, BlockSparseMask.from_dense(bb, bs, (N, N))))
-                elif select == "static":
-                    m = cached(
-                        ("mask", layout, spec, bs, str(dev)),
-                        lambda spec=spec: static_mask(layout, spec, bs, dev),
-                    )
-                    group_masks.append((heads, _expand_heads(m, hg)))
-                else:
-                    hl = list(heads)
-                    qp = gather_tokens(q[:, hl], pq.perm)
-                    kp = gather_tokens(k[:, hl], pk.perm)
-                    bb = topp_block_bool(
-                        qp,
-                        kp,
-                        gf_dense(),
-                        bs,
-                        top_p=float(spec.get("top_p")),
-                        min_frac=float(spec.get("min_frac")),
-                        scale=scale,
-                    )
-                    group_masks.append((heads, BlockSparseMask.from_dense(bb, bs, (N, N))))
-            elif p == "topp":
-                hl = list(heads)
-                bb = topp_block_bool(
-                    q[:, hl],
-                    k[:, hl],
-                    dense_nat(),
-                    bs,
-                    top_p=float(spec.get("top_p")),
-                    min_frac=float(spec.get("min_frac")),
-                    scale=scale,
-                )
-                group_masks.append((heads, BlockSparseMask.from_dense(bb, bs, (N, N))))
-            elif p == "lse_cache":
-                group_masks.append(
-                    (
-                        heads,
-                        _lse_cache_group(
-                            q,
-                            k,
-                            layout,
-                            spec,
-                            heads,
-                            state,
-                            step,
-                            bs,
-                            scale,
-                            need_lse_for,
-                            backend,
-                            dense_nat,
-                        ),
-                    )
-                )
-            elif p == "skip":
-                if state is not None and all(
-                    h in state.skip_out and state.skip_out[h].shape == (B, N, v.shape[3]) for h in heads
-                ):
-                    group_masks.append((heads, _empty_mask(N, bs, hg, dev)))
-                    skip_fill.extend(heads)
-                else:
-                    logger.debug("skip heads %s have no cached output yet: computed densely", heads)
-                    full = _full_mask(N, bs, hg, dev)
-                    group_masks.append((heads, full))
-                    skip_store.extend(heads)
-            else:  # a user-registered family (sparsediff.register_pattern)
-                pq = _registered_group(q, k, layout, spec, heads, bs, scale, cached, group_masks)
-                if pq is not None:
-                    perms_q.append((heads, pq))
-                    perms_k.append((heads, pq))
+        group_masks: list[tuple[tuple[int, ...], BlockSparseMask]] = []
+        perms_q: list[tuple[tuple[int, ...], Permutation]] = []
+        perms_k: list[tuple[tuple[int, ...], Permutation]] = []
+        for spec, heads in group_items:  # one plan per group of heads, from the spec's family
+            plan = get_family(spec.pattern).plan_group(call, spec, heads)
+            group_masks.append((heads, _expand_heads(plan.mask, len(heads))))
+            if plan.perm_q is not None:
+                perms_q.append((heads, plan.perm_q))
+                perms_k.append((heads, plan.perm_q if plan.perm_k is None else plan.perm_k))
+            if plan.after is not None:
+                afters.append(plan.after)
+                writes = writes or plan.writes_output
 
         # -------------------------------------------------------------- assemble one mask for all heads
         order = [h for heads, _ in group_masks for h in heads]
@@ -464,7 +323,7 @@ def sparse_attention(
     kk = k if ki is None else ki.apply(k)
     vv = v if ki is None else ki.apply(v)
     out_p, lse_p = block_sparse_attention(qq, kk, vv, mask, scale=scale, return_lse=True, backend=backend)
-    if qi is None and not skip_fill:
+    if qi is None and not writes:
         out = out_p
     elif qi is None:
         out = torch.empty_like(q)
@@ -473,20 +332,11 @@ def sparse_attention(
         out = qi.apply(out_p, inverse=True)  # a fresh tensor, in out_p's (= q's) memory layout
         if out.stride() != q.stride():
             out = torch.empty_like(q).copy_(out)
-    for h in skip_fill:
-        out[:, h] = state.skip_out[h]
     if state is not None:
         state.last_mask = mask
-        for heads in need_lse_for:  # lse_cache heads are never permuted: lse_p is in natural order
-            state._store_lse(lse_p, heads)
-        for h in skip_store:
-            state.skip_out[h] = out[:, h].detach().clone()
+    for after in afters:
+        after(out, lse_p)
     return out
-
-
-def _is_static(spec: HeadSpec) -> bool:
-    """Mask and permutation depend on (layout, spec, block size) only: the assembled result is cacheable."""
-    return spec.is_static
 
 
 class _TokenIndex:
@@ -557,75 +407,3 @@ class _TokenIndex:
             y = xm.reshape(B, H * N, D).index_select(1, f)
         y = y.view(xm.shape)
         return y.transpose(1, 2) if heads_inner else y
-
-
-def _registered_group(q, k, layout, spec, heads, bs, scale, cached, group_masks):
-    """Mask (appended to ``group_masks``) and token order (returned, or None) of a group of heads of a
-    user-registered family: static masks and permutations cached like the built-in ones, dynamic
-    selections computed on the group's q/k in the family's order."""
-    from .patterns.registry import get_family
-
-    fam = get_family(spec.pattern)
-    N, dev, hg = q.shape[2], q.device, len(heads)
-    perm = None
-    if fam.permutation is not None:
-        perm = cached(("perm", layout, spec, str(dev)), lambda: fam.permutation(layout, spec, dev))
-    if fam.static_mask is not None:
-        m = cached(("mask", layout, spec, bs, str(dev)), lambda: fam.static_mask(layout, spec, bs, dev))
-        if (
-            not isinstance(m, BlockSparseMask)
-            or tuple(m.seq_lens) != (N, N)
-            or tuple(m.block_size) != (bs, bs)
-        ):
-            raise ValueError(
-                f"pattern {spec.pattern!r}: static_mask must return a BlockSparseMask with block size {bs} "
-                f"for {N} x {N} tokens, got {m!r}"
-            )
-        group_masks.append((heads, _expand_heads(m, hg)))
-    else:
-        hl = list(heads)
-        qg, kg = q[:, hl], k[:, hl]
-        if perm is not None:
-            qg, kg = gather_tokens(qg, perm.perm), gather_tokens(kg, perm.perm)
-        bb = torch.as_tensor(fam.select(qg, kg, layout, spec, bs, scale)).to(torch.bool)
-        group_masks.append(
-            (heads, BlockSparseMask.from_dense(bb.expand(bb.shape[0], hg, -1, -1), bs, (N, N)))
-        )
-    return perm
-
-
-def _lse_cache_group(q, k, layout, spec, heads, state, step, bs, scale, need_lse_for, backend, dense_nat):
-    """Mask for a group of lse_cache heads; refreshes per the schedule (see module docs)."""
-    N = q.shape[2]
-    hg = len(heads)
-    dev = q.device
-    if state is None:
-        logger.debug("lse_cache heads %s without a LayerState run dense", heads)
-        return _full_mask(N, bs, hg, dev)
-    need_lse_for.append(heads)  # the op's LSE refreshes the cache on every call
-    key = (spec, heads)
-    refresh = int(spec.get("refresh"))
-    cachedm = state.indices.get(key)
-    due = (
-        cachedm is None or step is None or cachedm[1] is None or refresh <= 1 or step - cachedm[1] >= refresh
-    )
-    if not due:
-        return cachedm[0]
-    if not state._has_lse(heads):  # no LSE yet: this call is dense and seeds the cache
-        state.indices.pop(key, None)
-        return _full_mask(N, bs, hg, dev)
-    hl = list(heads)
-    mask, achieved = lse_cache_select(
-        q[:, hl],
-        k[:, hl],
-        state.lse[:, hl],
-        dense_nat(),
-        bs,
-        recall=float(spec.get("recall")),
-        min_frac=float(spec.get("min_frac")),
-        scale=scale,
-        backend=backend,
-    )
-    state.indices[key] = (mask, step)
-    state.last_recall[key] = achieved
-    return mask

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AttentionCall", "LayerContext"]
 
-#: patterns whose state must be updated during dense (warm-up) passes: run them through sparse_attention
-_STATEFUL_PATTERNS = frozenset({"skip", "lse_cache"})
-
 
 @dataclass(frozen=True)
 class AttentionCall:
@@ -176,7 +173,7 @@ class LayerContext:
             root.note_dense("below min_tokens")
             return self.dense(kwargs)
         step, num_steps = root.step_info()
-        stateful = any(s.pattern in _STATEFUL_PATTERNS for s in specs)
+        stateful = any(s.kind == "cached" for s in specs)  # state across steps (skip, lse_cache)
         force_dense = self._force_dense(step, num_steps)
         if force_dense and not stateful:
             root.note_dense("warm-up (dense_steps / dense_layers)")

@@ -4,47 +4,24 @@ A :class:`HeadSpec` is a pattern name plus its parameters, frozen and hashable: 
 the head's pattern and part of every mask-cache key. Parameters are stored sorted by name, with lists
 turned into tuples, so equal specs compare and hash equal however they were written.
 
-Patterns and their parameters (defaults in :data:`PATTERN_PARAMS`; unknown names are rejected, and
-every value is checked at construction against :data:`PARAM_CHECKS` -- type and range -- so a bad value
-fails where the spec is written, not deep inside a pattern builder):
-
-``dense``      exact attention.
-``skip``       the head's output is replaced by the output cached at the last dense pass of this
-               layer (``force_dense`` step); before any cache exists the head is computed densely.
-``radial``     static energy-decay mask. ``decay`` (spatial window factor), ``sink`` (key frame 0 always
-               kept), ``dense_dist`` (frame distance computed in full; 1 = neighbouring frames),
-               ``block_rule`` (``"any"``: a block is kept when any token pair is in the pattern;
-               ``"reference"``: the radial-attention authors' column-density rule, fewer blocks).
-``tile``       static 3D sliding-tile window. ``window=(wt, wh, ww)`` in tiles with STA's meaning
-               (``2 * (w // 2) + 1`` tiles around a centre clamped inside the grid: an even ``w`` keeps
-               ``w + 1`` tiles), ``tile=(tf, th, tw)`` in tokens (``None`` = chosen from the block size).
-``reordered``  per-head permutation + block selection. ``order``: ``"frame"`` (position-major, temporal
-               heads), one of the six axis orders ``"fhw" "fwh" "hfw" "hwf" "wfh" "whf"``, ``"hilbert"``
-               or ``"cluster"``; ``select``: ``"static"`` (token band ``|i - j| <= band`` on the
-               reordered order) or ``"topp"`` (dynamic, ``top_p`` / ``min_frac``); ``clusters`` (k-means
-               clusters for ``order="cluster"``, 0 = one per block, at most 512), ``kmeans_iters``.
-               The static band is ``band`` tokens, or ``band_frames`` frames' worth of tokens
-               (``ceil(band_frames * H * W)``; give at most one of the two), default one frame
-               (``H * W`` tokens); ``sink`` (static only) also keeps the first ``H * W`` keys of the
-               reordered order for every query (Sparse-VideoGen's attention sink).
-``topp``       dynamic mean-pooled block scores on the natural order, softmax, keep key blocks up to a
-               cumulative ``top_p`` with at least ``min_frac`` of the key blocks.
-``lse_cache``  cached-LSE block selection. ``recall`` target, ``refresh`` (recompute the kept blocks
-               every ``refresh`` steps), ``min_frac``.
+Pattern families are declared in one module each (``sparsediff/patterns/<name>.py``: parameters with
+defaults and value checks, kind, mask / permutation) and collected by :mod:`sparsediff.patterns.registry`,
+which fills :data:`PATTERN_PARAMS` / :data:`PARAM_CHECKS` / :data:`SPEC_CHECKS` here. Unknown names are
+rejected, and every value is checked at construction -- type and range -- so a bad value fails where the
+spec is written, not deep inside a pattern builder. Built-in families: ``dense``, ``skip``, ``radial``,
+``tile``, ``reordered``, ``topp``, ``lse_cache`` (:data:`PATTERNS`); users add their own with
+:func:`sparsediff.register_pattern`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "HeadSpec",
-    "PATTERNS",
     "PATTERN_PARAMS",
     "AXIS_ORDERS",
     "REORDER_ORDERS",
@@ -62,103 +39,28 @@ REORDER_SELECTS = ("static", "topp")
 #: Most k-means clusters a ``reordered(order="cluster")`` head may ask for.
 MAX_CLUSTERS = 512
 
-#: Default parameters of every pattern. ``HeadSpec.make`` rejects names not listed here. Families
-#: added with :func:`sparsediff.register_pattern` are added here (and to :data:`PARAM_CHECKS`);
-#: :data:`PATTERNS` lists the built-in ones.
-PATTERN_PARAMS: dict[str, dict[str, Any]] = {
-    "dense": {},
-    "skip": {},
-    "radial": {"decay": 1.0, "sink": False, "dense_dist": 1, "block_rule": "any"},
-    "tile": {"window": (3, 3, 3), "tile": None},
-    "reordered": {
-        "order": "frame",
-        "select": "static",
-        "band": None,
-        "band_frames": None,
-        "sink": False,
-        "top_p": 0.9,
-        "min_frac": 0.05,
-        "clusters": 0,
-        "kmeans_iters": 4,
-    },
-    "topp": {"top_p": 0.9, "min_frac": 0.05},
-    "lse_cache": {"recall": 0.95, "refresh": 5, "min_frac": 0.0},
-}
-PATTERNS = tuple(PATTERN_PARAMS)
+#: Parameter defaults of every registered pattern family, ``{pattern: {name: default}}``. Filled by the
+#: registry (:mod:`sparsediff.patterns.registry`): each family declares its parameters in its own module
+#: (``sparsediff/patterns/<name>.py``); :func:`sparsediff.register_pattern` adds user families here.
+PATTERN_PARAMS: dict[str, dict[str, Any]] = {}
 
-
-# ---------------------------------------------------------------------- parameter value checks
-# Each check returns True when the value is allowed; the text says what is allowed (error messages).
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_ge(lo: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: _is_int(v) and v >= lo), f"an int >= {lo}"
-
-
-def _frac(lo_open: bool) -> tuple[Callable[[Any], bool], str]:
-    if lo_open:
-        return (lambda v: _is_real(v) and 0 < v <= 1), "a number in (0, 1]"
-    return (lambda v: _is_real(v) and 0 <= v <= 1), "a number in [0, 1]"
-
-
-def _int3(v: Any) -> bool:
-    return isinstance(v, tuple) and len(v) == 3 and all(_is_int(x) and x >= 1 for x in v)
-
-
-#: ``PARAM_CHECKS[pattern][name] = (predicate, description of the allowed values)``.
-PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "dense": {},
-    "skip": {},
-    "radial": {
-        "decay": ((lambda v: _is_real(v) and v > 0), "a finite number > 0"),
-        "sink": ((lambda v: isinstance(v, bool)), "a bool"),
-        "dense_dist": _int_ge(0),
-        "block_rule": ((lambda v: v in ("any", "reference")), "'any' or 'reference'"),
-    },
-    "tile": {
-        "window": (_int3, "three positive ints (wt, wh, ww), in tiles"),
-        "tile": ((lambda v: v is None or _int3(v)), "None or three positive ints (tf, th, tw), in tokens"),
-    },
-    "reordered": {
-        "order": ((lambda v: v in REORDER_ORDERS), f"one of {REORDER_ORDERS}"),
-        "select": ((lambda v: v in REORDER_SELECTS), f"one of {REORDER_SELECTS}"),
-        "band": ((lambda v: v is None or (_is_int(v) and v >= 0)), "None or an int >= 0 (tokens)"),
-        "band_frames": (
-            (lambda v: v is None or (_is_real(v) and v >= 0)),
-            "None or a finite number >= 0 (frames of H*W tokens)",
-        ),
-        "sink": ((lambda v: isinstance(v, bool)), "a bool"),
-        "top_p": _frac(True),
-        "min_frac": _frac(False),
-        "clusters": (
-            (lambda v: _is_int(v) and 0 <= v <= MAX_CLUSTERS),
-            f"an int in [0, {MAX_CLUSTERS}] (0 = one cluster per block)",
-        ),
-        "kmeans_iters": _int_ge(1),
-    },
-    "topp": {"top_p": _frac(True), "min_frac": _frac(False)},
-    "lse_cache": {"recall": _frac(True), "refresh": _int_ge(1), "min_frac": _frac(False)},
-}
-assert all(set(PARAM_CHECKS[p]) == set(PATTERN_PARAMS[p]) for p in PATTERN_PARAMS)
-
-
-def _check_reordered(spec: HeadSpec) -> None:
-    if spec.get("band") is not None and spec.get("band_frames") is not None:
-        raise ValueError(
-            f"{spec!r}: give the band either in tokens (band) or in frames (band_frames), not both"
-        )
-    if spec.get("sink") and spec.get("select") != "static":
-        raise ValueError(f"{spec!r}: sink=True applies to select='static' bands only")
-
+#: ``PARAM_CHECKS[pattern][name] = (predicate, description of the allowed values)`` (filled by the registry).
+PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
 #: Checks across parameters, run after the per-value checks (``SPEC_CHECKS[pattern](spec)`` raises).
-SPEC_CHECKS: dict[str, Callable[[HeadSpec], None]] = {"reordered": _check_reordered}
+SPEC_CHECKS: dict[str, Callable[[HeadSpec], None]] = {}
+
+
+def _registry():
+    from .patterns import registry  # importing the package registers the built-in families
+
+    return registry
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PATTERNS":  # the built-in family names, from the registry
+        return _registry().builtin_patterns()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_value(pattern: str, name: str, value: Any) -> None:
@@ -196,6 +98,8 @@ class HeadSpec:
     params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.pattern not in PATTERN_PARAMS:
+            _registry()
         if self.pattern not in PATTERN_PARAMS:
             raise ValueError(
                 f"unknown pattern {self.pattern!r}; known patterns: {tuple(PATTERN_PARAMS)} "
@@ -247,16 +151,13 @@ class HeadSpec:
 
     @property
     def is_static(self) -> bool:
-        """True when the mask depends on the layout and params only (cacheable)."""
-        if self.pattern in ("radial", "tile", "dense"):
-            return True
-        if self.pattern == "reordered":
-            return self.get("select") == "static" and self.get("order") != "cluster"
-        if self.pattern in ("skip", "topp", "lse_cache"):
-            return False
-        from .patterns.registry import get_family  # a user-registered family
+        """True when the mask depends on the layout and params only (cacheable): the family's kind."""
+        return _registry().get_family(self.pattern).is_static_spec(self)
 
-        return get_family(self.pattern).is_static
+    @property
+    def kind(self) -> str:
+        """``"static"``, ``"dynamic"`` or ``"cached"`` (see :mod:`sparsediff.patterns.registry`)."""
+        return _registry().get_family(self.pattern).kind_of(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict ``{"pattern": ..., "params": {...}}`` (tuples become lists)."""

@@ -80,6 +80,7 @@ def test_registered_family_runs_through_a_plan_on_a_tiny_pipeline(families):
     assert rep["mean_density"] == pytest.approx(expected) and expected < 0.5
     out_t, dense_t = (torch.as_tensor(x) for x in (_frames(out), _frames(dense)))
     assert out_t.shape == dense_t.shape and torch.isfinite(out_t).all() and n > 0
+    assert (out_t - dense_t).abs().max() > 1e-4  # the family's mask changed the result
 
 
 def _frames(result):
@@ -137,3 +138,110 @@ def test_bad_registrations_and_specs_are_refused(families):
     with pytest.raises(ValueError, match="register_pattern"):
         S("never_registered")
     assert "both" not in sparsediff.specs.PATTERN_PARAMS
+
+
+# ---------------------------------------------------------------------- the full form: a "cached" family
+def _frozen_topk_plan(call, spec, heads):
+    """Cached: the key blocks with the largest exact attention mass at the last dense pass, frozen until
+    the next one (a user's own LSE-cache-like family)."""
+    from sparsediff.patterns import GroupPlan
+
+    slot = call.state.slot("frozen_topk") if call.state is not None else {}
+    key = tuple(heads)
+    if key not in slot:  # no dense pass yet: exact, and nothing to reuse
+        return GroupPlan(mask=call.full_mask(len(heads)))
+    return GroupPlan(mask=slot[key])
+
+
+def _frozen_topk_on_dense(call, spec, heads, out, lse):
+    hl, n, bs = list(heads), call.num_tokens, call.block_size
+    q, k = call.q[:, hl].float(), call.k[:, hl].float()
+    p = torch.softmax(q @ k.transpose(-1, -2) * call.scale, -1)  # exact probabilities [B, Hg, N, N]
+    nb = -(-n // bs)
+    pad = nb * bs - n
+    mass = torch.nn.functional.pad(p, (0, pad, 0, pad)).view(*p.shape[:2], nb, bs, nb, bs).sum((3, 5))
+    top = mass.topk(int(spec.get("keep")), dim=-1).indices
+    keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True)
+    call.state.slot("frozen_topk")[tuple(heads)] = BlockSparseMask.from_dense(keep, bs, (n, n))
+
+
+@pytest.fixture
+def cached_family():
+    fam = sparsediff.register_pattern(
+        "frozen_topk",
+        params={"keep": 2},
+        checks={"keep": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1")},
+        plan_group=_frozen_topk_plan,
+        on_dense=_frozen_topk_on_dense,
+        kind="cached",
+    )
+    yield fam
+    sparsediff.unregister_pattern("frozen_topk")
+
+
+def test_cached_family_reuses_its_dense_pass_state(cached_family):
+    from sparsediff.attention import LayerState, sparse_attention
+
+    lay = TokenLayout.video(2, 4, 8)
+    g = torch.Generator().manual_seed(1)
+    q0, k0, v0, q1, k1, v1 = (torch.randn(1, 2, lay.num_tokens, 16, generator=g) for _ in range(6))
+    specs = [S("frozen_topk"), S("dense")]
+    assert S("frozen_topk").kind == "cached" and not S("frozen_topk").is_static
+    st = LayerState()
+    sparse_attention(q0, k0, v0, lay, specs, st, step=0, force_dense=True, block_size=8, backend="reference")
+    frozen = st.slot("frozen_topk")[(0,)]
+    assert frozen.density() == pytest.approx(2 / 8)  # 2 of 8 key blocks per query block
+    out = sparse_attention(q1, k1, v1, lay, specs, st, step=1, block_size=8, backend="reference")
+    # head 0 ran on the mask chosen from step 0's q/k (not step 1's), head 1 dense
+    tm = frozen.to_token_mask()[0, 0]
+    ref0 = torch.nn.functional.scaled_dot_product_attention(q1[:, :1], k1[:, :1], v1[:, :1], attn_mask=tm)
+    torch.testing.assert_close(out[:, :1], ref0, rtol=1e-5, atol=1e-5)
+    dense1 = torch.nn.functional.scaled_dot_product_attention(q1, k1, v1)
+    torch.testing.assert_close(out[:, 1:], dense1[:, 1:], rtol=1e-5, atol=1e-5)
+    assert (out[:, 0] - dense1[:, 0]).abs().max() > 1e-2
+    st.reset()
+    assert st.slots == {}
+
+
+def test_cached_family_runs_through_a_pipeline_with_dense_warmup(cached_family):
+    tiny = build("wan")
+    kw = dict(backend="reference", block_size=8, dense_steps=1, dense_layers=(), min_tokens=0)
+    dense = _frames(tiny())
+    with sparsediff.enable_sparse_attention(
+        tiny.pipe, sparsediff.Plan.uniform("frozen_topk", keep=1), **kw
+    ) as h:
+        out = _frames(tiny())
+        rep = h.report()["transformer"]
+    # the warm-up step filled the family's state; the later steps ran on it, sparse
+    assert rep["sparse_calls"] > 0 and 0 < rep["mean_density"] < 1
+    assert (out - dense).abs().max() > 1e-4
+
+
+def test_full_form_registration_is_checked():
+    with pytest.raises(ValueError, match="kind"):
+        sparsediff.register_pattern("nokind", plan_group=_frozen_topk_plan)
+    with pytest.raises(ValueError, match="on_dense"):
+        sparsediff.register_pattern("odd", static_mask=_strided, on_dense=_frozen_topk_on_dense)
+    assert "nokind" not in sparsediff.specs.PATTERN_PARAMS and "odd" not in sparsediff.specs.PATTERN_PARAMS
+
+
+def test_builtin_families_are_declared_in_their_own_modules():
+    from sparsediff.patterns.registry import get_family
+
+    for name in sparsediff.PATTERNS:
+        fam = get_family(name)
+        assert fam.builtin and fam.plan.__module__ == f"sparsediff.patterns.{name}", name
+        assert set(fam.params) == set(fam.checks) == set(sparsediff.specs.PATTERN_PARAMS[name])
+    kinds = {n: get_family(n).kind_of(S(n)) for n in sparsediff.PATTERNS}
+    assert kinds == {
+        "dense": "static",
+        "radial": "static",
+        "tile": "static",
+        "reordered": "static",
+        "topp": "dynamic",
+        "skip": "cached",
+        "lse_cache": "cached",
+    }
+    assert (
+        S("reordered", order="cluster").kind == "dynamic" and S("reordered", select="topp").kind == "dynamic"
+    )

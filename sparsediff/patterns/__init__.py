@@ -1,15 +1,21 @@
-"""Pattern builders. Each static builder is a pure function ``(layout, block_size, **params) -> BlockSparseMask``
-(batch 1, head 1); dynamic ones take q/k. :func:`static_mask` dispatches a :class:`~sparsediff.HeadSpec`.
+"""Pattern families, one module each, collected by :mod:`.registry` (see there for the protocol).
+
+Static builders are pure functions ``(layout, block_size, **params) -> BlockSparseMask`` (batch 1, head 1);
+dynamic ones take q/k. :func:`static_mask` builds the mask of any static :class:`~sparsediff.HeadSpec`.
 """
 
 from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
-from ..specs import PATTERNS, HeadSpec
+from ..specs import HeadSpec
+
+# The built-in families: each module registers its family on import.
+from . import dense, lse_cache, radial, reordered, skip, tile, topp  # noqa: F401
+from .dense import dense_mask
 from .lse_cache import lse_cache_select
 from .radial import radial_mask
-from .registry import register_pattern, unregister_pattern
+from .registry import GroupCall, GroupPlan, PatternFamily, get_family, register_pattern, unregister_pattern
 from .reordered import (
     band_mask,
     cluster_permutations,
@@ -37,39 +43,16 @@ __all__ = [
     "dense_mask",
     "register_pattern",
     "unregister_pattern",
+    "get_family",
+    "PatternFamily",
+    "GroupCall",
+    "GroupPlan",
 ]
-
-
-def dense_mask(layout: TokenLayout, block_size: int = 64, device=None) -> BlockSparseMask:
-    """Every block of ``layout`` (``[1, 1, Qb, Kb]``, :meth:`BlockSparseMask.full`)."""
-    n = layout.num_tokens
-    return BlockSparseMask.full(1, 1, block_size, (n, n), device)
 
 
 def static_mask(layout: TokenLayout, spec: HeadSpec, block_size: int = 64, device=None) -> BlockSparseMask:
     """The ``[1, 1, Qb, Kb]`` mask of a static spec, in the order of its permutation (if any)."""
-    p = spec.pattern
-    if p == "dense":
-        return dense_mask(layout, block_size, device)
-    if p == "radial":
-        return radial_mask(
-            layout,
-            block_size,
-            decay=float(spec.get("decay")),
-            sink=bool(spec.get("sink")),
-            dense_dist=int(spec.get("dense_dist")),
-            block_rule=str(spec.get("block_rule")),
-            device=device,
-        )
-    if p == "tile":
-        return tile_mask(layout, block_size, window=spec.get("window"), tile=spec.get("tile"), device=device)
-    if p == "reordered" and spec.get("select") == "static":
-        band = reordered_band(layout, spec.get("band"), spec.get("band_frames"))
-        return band_mask(layout, block_size, band=band, sink=bool(spec.get("sink")), device=device)
-    if p not in PATTERNS:  # a user-registered family
-        from .registry import get_family
-
-        fam = get_family(p)
-        if fam.static_mask is not None:
-            return fam.static_mask(layout, spec, block_size, device)
-    raise ValueError(f"{spec} has no static mask")
+    fam = get_family(spec.pattern)
+    if fam.static_mask is None:
+        raise ValueError(f"{spec} has no static mask")
+    return fam.static_mask(layout, spec, block_size, device)

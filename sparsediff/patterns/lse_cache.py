@@ -17,10 +17,16 @@ step old (with a sparse pass it is ``lse_true + log(recall of the row)``, i.e. w
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..mask import BlockSparseMask
+from . import params
 from .common import apply_dense_tokens, dense_token_blocks, min_count, select_cumulative
+from .registry import register_builtin
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["lse_cache_select"]
 
@@ -53,3 +59,54 @@ def lse_cache_select(
     keep = apply_dense_tokens(keep, dense_token_blocks(dense_tokens.to(keep.device), block_size))
     mask = BlockSparseMask.from_dense(keep, block_size, (q.shape[2], k.shape[2]))
     return mask, achieved
+
+
+# ---------------------------------------------------------------------- the family (see registry.py)
+def _store_lse(state, heads):
+    # lse_cache heads are never permuted: the op's LSE is in natural order
+    return lambda out, lse: state._store_lse(lse, heads)
+
+
+def _plan(call, spec, heads):
+    """Mask of a group of lse_cache heads: refreshed per the schedule, else the cached one (module docs)."""
+    from .registry import GroupPlan
+
+    state, step, hg = call.state, call.step, len(heads)
+    if state is None:
+        logger.debug("lse_cache heads %s without a LayerState run dense", heads)
+        return GroupPlan(mask=call.full_mask(hg))
+    after = _store_lse(state, heads)  # the op's LSE refreshes the cache on every call
+    key = (spec, tuple(heads))
+    refresh = int(spec.get("refresh"))
+    cached = state.indices.get(key)
+    due = cached is None or step is None or cached[1] is None or refresh <= 1 or step - cached[1] >= refresh
+    if not due:
+        return GroupPlan(mask=cached[0], after=after)
+    if not state._has_lse(heads):  # no LSE yet: this call is dense and seeds the cache
+        state.indices.pop(key, None)
+        return GroupPlan(mask=call.full_mask(hg), after=after)
+    hl = list(heads)
+    mask, achieved = lse_cache_select(
+        call.q[:, hl],
+        call.k[:, hl],
+        state.lse[:, hl],
+        call.dense_tokens(),
+        call.block_size,
+        recall=float(spec.get("recall")),
+        min_frac=float(spec.get("min_frac")),
+        scale=call.scale,
+        backend=call.backend,
+    )
+    state.indices[key] = (mask, step)
+    state.last_recall[key] = achieved
+    return GroupPlan(mask=mask, after=after)
+
+
+FAMILY = register_builtin(
+    "lse_cache",
+    params={"recall": 0.95, "refresh": 5, "min_frac": 0.0},
+    checks={"recall": params.frac(True), "refresh": params.int_ge(1), "min_frac": params.frac(False)},
+    kind="cached",
+    doc="cached-LSE block selection: recall target, refresh (steps between selections), min_frac",
+    plan=_plan,
+)

@@ -38,7 +38,9 @@ import torch
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
+from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
+from .registry import register_builtin, static_group
 
 __all__ = ["radial_mask", "radial_frame_rule", "RADIAL_BLOCK_RULES"]
 
@@ -151,3 +153,37 @@ def _reference_blocks(layout, seg, a, b, full, allowed, w, block, device) -> Blo
         bb[end // block, :] = True
         bb[:, end // block] = True
     return mask_from_bool(bb, block, n)
+
+
+# ---------------------------------------------------------------------- the family (see registry.py)
+def _static(layout: TokenLayout, spec, block_size: int, device=None) -> BlockSparseMask:
+    return radial_mask(
+        layout,
+        block_size,
+        decay=float(spec.get("decay")),
+        sink=bool(spec.get("sink")),
+        dense_dist=int(spec.get("dense_dist")),
+        block_rule=str(spec.get("block_rule")),
+        device=device,
+    )
+
+
+def _plan(call, spec, heads):
+    return static_group(call, spec, heads, lambda: _static(call.layout, spec, call.block_size, call.device))
+
+
+FAMILY = register_builtin(
+    "radial",
+    params={"decay": 1.0, "sink": False, "dense_dist": 1, "block_rule": "any"},
+    checks={
+        "decay": params.positive(),
+        "sink": params.boolean(),
+        "dense_dist": params.int_ge(0),
+        "block_rule": params.one_of(RADIAL_BLOCK_RULES),
+    },
+    kind="static",
+    doc="static energy-decay mask: decay (spatial window factor), sink (key frame 0 always kept), "
+    "dense_dist (frame distance computed in full), block_rule ('any' superset / 'reference' authors' rule)",
+    static_mask=_static,
+    plan=_plan,
+)

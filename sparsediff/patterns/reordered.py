@@ -33,8 +33,10 @@ import torch
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..permute import Permutation, cluster_order, layout_order, lift
-from ..specs import AXIS_ORDERS
+from ..specs import AXIS_ORDERS, MAX_CLUSTERS, REORDER_ORDERS, REORDER_SELECTS
+from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
+from .registry import register_builtin
 
 __all__ = [
     "reordered_permutation",
@@ -148,3 +150,104 @@ def cluster_topp_block_bool(
     bb = (hq @ keepc @ hk.transpose(-1, -2)) > 0
     dense_tok = torch.arange(n, device=bb.device) >= ng
     return apply_dense_tokens(bb, dense_token_blocks(dense_tok, block_size))
+
+
+# ---------------------------------------------------------------------- the family (see registry.py)
+def _check(spec) -> None:
+    if spec.get("band") is not None and spec.get("band_frames") is not None:
+        raise ValueError(
+            f"{spec!r}: give the band either in tokens (band) or in frames (band_frames), not both"
+        )
+    if spec.get("sink") and spec.get("select") != "static":
+        raise ValueError(f"{spec!r}: sink=True applies to select='static' bands only")
+
+
+def _kind(spec) -> str:
+    return "static" if spec.get("select") == "static" and spec.get("order") != "cluster" else "dynamic"
+
+
+def _static(layout: TokenLayout, spec, block_size: int, device=None) -> BlockSparseMask:
+    if spec.get("select") != "static":
+        raise ValueError(f"{spec} has no static mask (select={spec.get('select')!r})")
+    band = reordered_band(layout, spec.get("band"), spec.get("band_frames"))
+    return band_mask(layout, block_size, band=band, sink=bool(spec.get("sink")), device=device)
+
+
+def _plan(call, spec, heads):
+    from ..permute import gather_tokens
+    from .registry import GroupPlan, static_group
+    from .topp import topp_block_bool
+
+    layout, bs, dev, n = call.layout, call.block_size, call.device, call.num_tokens
+    order, select = spec.get("order"), spec.get("select")
+    if layout.grid is None:
+        raise ValueError(f"{spec} needs a layout with a video/image grid, got {layout}")
+    hl = list(heads)
+    if order == "cluster":
+        ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(layout.grid_len, bs)))
+        ckey = (spec, tuple(heads))
+        state = call.state
+        init = state.centroids.get(ckey) if state is not None else None
+        pq, pk, cents, labels = cluster_permutations(
+            call.q[:, hl], call.k[:, hl], layout, ncl, int(spec.get("kmeans_iters")), init
+        )
+        if state is not None:
+            state.centroids[ckey] = cents
+    else:
+        pq = pk = call.cached(
+            ("perm", layout, order, str(dev)), lambda: reordered_permutation(layout, order, dev)
+        )
+    if select == "static":
+        plan = static_group(call, spec, heads, lambda: _static(layout, spec, bs, dev), pq)
+        plan.perm_k = pk
+        return plan
+    top_p, min_frac = float(spec.get("top_p")), float(spec.get("min_frac"))
+    if order == "cluster":
+        bb = cluster_topp_block_bool(
+            cents, labels, layout, bs, top_p=top_p, min_frac=min_frac, scale=call.scale
+        )
+    else:
+        qp = gather_tokens(call.q[:, hl], pq.perm)
+        kp = gather_tokens(call.k[:, hl], pk.perm)
+        bb = topp_block_bool(
+            qp, kp, call.dense_tokens_grid_first(), bs, top_p=top_p, min_frac=min_frac, scale=call.scale
+        )
+    return GroupPlan(mask=BlockSparseMask.from_dense(bb, bs, (n, n)), perm_q=pq, perm_k=pk)
+
+
+FAMILY = register_builtin(
+    "reordered",
+    params={
+        "order": "frame",
+        "select": "static",
+        "band": None,
+        "band_frames": None,
+        "sink": False,
+        "top_p": 0.9,
+        "min_frac": 0.05,
+        "clusters": 0,
+        "kmeans_iters": 4,
+    },
+    checks={
+        "order": params.one_of(REORDER_ORDERS),
+        "select": params.one_of(REORDER_SELECTS),
+        "band": ((lambda v: v is None or (params.is_int(v) and v >= 0)), "None or an int >= 0 (tokens)"),
+        "band_frames": (
+            (lambda v: v is None or (params.is_real(v) and v >= 0)),
+            "None or a finite number >= 0 (frames of H*W tokens)",
+        ),
+        "sink": params.boolean(),
+        "top_p": params.frac(True),
+        "min_frac": params.frac(False),
+        "clusters": (
+            (lambda v: params.is_int(v) and 0 <= v <= MAX_CLUSTERS),
+            f"an int in [0, {MAX_CLUSTERS}] (0 = one cluster per block)",
+        ),
+        "kmeans_iters": params.int_ge(1),
+    },
+    kind=_kind,
+    check=_check,
+    doc="per-head token permutation (order) + block selection (select: static band / dynamic top-p)",
+    static_mask=_static,
+    plan=_plan,
+)

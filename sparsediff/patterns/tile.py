@@ -25,7 +25,9 @@ import torch
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..permute import Permutation, lift, tile_ids, tile_order
+from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
+from .registry import register_builtin, static_group
 
 __all__ = ["default_tile", "tile_permutation", "tile_mask", "tile_window_rule"]
 
@@ -99,3 +101,37 @@ def tile_mask(
     coords = torch.stack([g // (ntiles[1] * ntiles[2]), (g // ntiles[2]) % ntiles[1], g % ntiles[2]], -1)
     keep = tile_window_rule(coords.unsqueeze(1), coords.unsqueeze(0), ntiles, window)
     return mask_from_bool(reduce_segment_pairs(seg, seg, keep, nb, nb), block_size, n)
+
+
+# ---------------------------------------------------------------------- the family (see registry.py)
+def _static(layout: TokenLayout, spec, block_size: int, device=None) -> BlockSparseMask:
+    return tile_mask(layout, block_size, window=spec.get("window"), tile=spec.get("tile"), device=device)
+
+
+def _plan(call, spec, heads):
+    layout, bs, dev = call.layout, call.block_size, call.device
+    perm = None
+    if layout.grid is not None:
+        tile = spec.get("tile") or default_tile(layout.grid, bs)
+        perm = call.cached(
+            ("perm", layout, "tile", tuple(tile), str(dev)), lambda: tile_permutation(layout, tile, dev)
+        )
+    return static_group(call, spec, heads, lambda: _static(layout, spec, bs, dev), perm)
+
+
+FAMILY = register_builtin(
+    "tile",
+    params={"window": (3, 3, 3), "tile": None},
+    checks={
+        "window": (params.int3, "three positive ints (wt, wh, ww), in tiles"),
+        "tile": (
+            (lambda v: v is None or params.int3(v)),
+            "None or three positive ints (tf, th, tw), in tokens",
+        ),
+    },
+    kind="static",
+    doc="static 3D sliding-tile window: window (wt, wh, ww) in tiles with STA's meaning (an even w keeps "
+    "w + 1 tiles), tile (tf, th, tw) in tokens (None = from the block size)",
+    static_mask=_static,
+    plan=_plan,
+)

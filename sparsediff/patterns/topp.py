@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..mask import BlockSparseMask
+from . import params
 from .common import apply_dense_tokens, dense_token_blocks, min_count, pooled_block_scores, select_cumulative
+from .registry import register_builtin
 
 __all__ = ["topp_block_bool", "topp_mask"]
 
@@ -44,3 +46,30 @@ def topp_mask(q, k, dense_tokens, block_size, *, top_p=0.9, min_frac=0.05, scale
     bb = topp_block_bool(q, k, dense_tokens, block_size, top_p=top_p, min_frac=min_frac, scale=scale)
     n = q.shape[2]
     return BlockSparseMask.from_dense(bb, block_size, (n, k.shape[2]))
+
+
+# ---------------------------------------------------------------------- the family (see registry.py)
+def _plan(call, spec, heads):
+    from .registry import GroupPlan
+
+    hl, n = list(heads), call.num_tokens
+    bb = topp_block_bool(
+        call.q[:, hl],
+        call.k[:, hl],
+        call.dense_tokens(),
+        call.block_size,
+        top_p=float(spec.get("top_p")),
+        min_frac=float(spec.get("min_frac")),
+        scale=call.scale,
+    )
+    return GroupPlan(mask=BlockSparseMask.from_dense(bb, call.block_size, (n, n)))
+
+
+FAMILY = register_builtin(
+    "topp",
+    params={"top_p": 0.9, "min_frac": 0.05},
+    checks={"top_p": params.frac(True), "min_frac": params.frac(False)},
+    kind="dynamic",
+    doc="dynamic top-p over mean-pooled block scores: top_p (cumulative mass), min_frac (least kept)",
+    plan=_plan,
+)
