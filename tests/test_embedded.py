@@ -381,6 +381,29 @@ def test_warm_start_grows_the_patch_embedding_and_keeps_the_function():
         warm_start_state(bad, new.state_dict())
 
 
+def test_product_coordinates_and_random_new_channels():
+    from sparsediff.embedded.pipeline import build_pipeline, coord_channels_of, with_coordinates
+    from sparsediff.embedded.train import warm_start_state
+
+    x = torch.zeros(1, 3, 4, 6, 8)
+    y = with_coordinates(x, 5)
+    assert y.shape == (1, 8, 4, 6, 8)
+    torch.testing.assert_close(y[:, 6], y[:, 3] * y[:, 4])  # t * y
+    torch.testing.assert_close(y[:, 7], y[:, 3] * y[:, 5])  # t * x
+    # the product is what tells a clip's start from its end *and* side: it flips sign with time
+    assert y[0, 7, 0, 0, 0] > 0 > y[0, 7, -1, 0, 0]
+    old = build_pipeline(_tiny_config(), seed=1).transformer
+    new = build_pipeline(_tiny_config(coord_channels=5), seed=2).transformer
+    assert coord_channels_of(new) == 5
+    zero = warm_start_state(old.state_dict(), new.state_dict())["patch_embedding.weight"]
+    rnd = warm_start_state(old.state_dict(), new.state_dict(), 4.0, torch.Generator().manual_seed(0))
+    w = rnd["patch_embedding.weight"]
+    assert torch.equal(zero[:, :6], old.state_dict()["patch_embedding.weight"]) and not zero[:, 6:].any()
+    assert torch.equal(w[:, :6], zero[:, :6])
+    torch.testing.assert_close(w[:, 6].norm(), torch.tensor(4.0))
+    torch.testing.assert_close(w[:, 7].norm(), torch.tensor(4.0))
+
+
 def test_token_codes_keep_words_apart_and_the_bag_reaches_every_position():
     tok = CaptionTokenizer()
     caps = ["a red circle moving left", "a red circle moving right"]

@@ -93,13 +93,20 @@ class EmbeddedModelConfig:
     run at 2 x 16 x 16 px, shift 1.0 left conditional and unconditional losses equal after 457 steps while
     shift 3.0 gave 50 % right colours after 474).
 
-    ``coord_channels`` (0 or 3): the transformer also reads fixed (t, y, x) coordinate ramps in [-1, 1]
+    ``coord_channels`` (0, 3 or 5): the transformer also reads fixed (t, y, x) coordinate ramps in [-1, 1]
     concatenated to its pixel input (:func:`with_coordinates`). Wan has no absolute position embedding (RoPE
     is relative only), so at high noise, where ``x_t`` is almost pure noise, a token cannot tell where in the
     frame or clip it sits, and the prompted *direction* -- "starts on the right, ends on the left" -- cannot
     be expressed: the first CPU run (6 690 steps, no coordinates) learned colours but its output changed by
     1.6e-4 (mean |diff|) when only the direction word changed. The channels are part of the transformer's
     ``in_channels`` (``in_channels - out_channels`` of them), so a saved model carries the choice.
+    With 5, the products ``t*y`` and ``t*x`` are appended too. Measured (CPU runs 5-7, 3 channels): the model
+    learned the direction's *axis* but not its sign -- the x0 prediction at noise 1 for "left" and "right"
+    was the same to 0.003 mean |diff| (0.05 between "left" and "up"), and its text projection had squeezed
+    the left/right difference 4x smaller than left/up. The sign only matters jointly with time *and*
+    position (where a "right" clip starts is left of where it ends): a three-way interaction whose pairwise
+    parts carry no signal, which gradient descent learns very slowly. With ``t*x`` / ``t*y`` given, the sign
+    is a two-way interaction with one input feature.
 
     ``token_code_scale``: the text encoder adds a fixed orthogonal code per word to its output
     (:class:`~sparsediff.embedded.text.CaptionTextEncoder`), so words cannot collapse together; the first run's
@@ -484,22 +491,28 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         return EmbeddedVideoPipelineOutput(frames=video)
 
 
+#: Coordinate channels :func:`with_coordinates` can append (0: none; 3: t, y, x; 5: also t*y, t*x).
+COORD_CHANNELS = (0, 3, 5)
+
+
 def with_coordinates(x: torch.Tensor, coord_channels: int) -> torch.Tensor:
-    """``x [B, C, F, H, W]`` with ``coord_channels`` (0 or 3) fixed coordinate ramps appended: t, y, x, each
-    in [-1, 1] over the clip's frames / rows / columns (pixel centres), in ``x``'s dtype and device."""
+    """``x [B, C, F, H, W]`` with ``coord_channels`` fixed coordinate channels appended: 3 = the ramps t, y,
+    x, each in [-1, 1] over the clip's frames / rows / columns (pixel centres); 5 = also the products t*y and
+    t*x (see :class:`EmbeddedModelConfig`), in ``x``'s dtype and device."""
     if coord_channels == 0:
         return x
-    if coord_channels != 3:
-        raise ValueError(f"coord_channels must be 0 or 3, got {coord_channels}")
+    if coord_channels not in COORD_CHANNELS:
+        raise ValueError(f"coord_channels must be one of {COORD_CHANNELS}, got {coord_channels}")
     B, _, F, H, W = x.shape
 
     def ramp(n: int) -> torch.Tensor:
-        return ((torch.arange(n, device=x.device, dtype=torch.float32) + 0.5) / n * 2 - 1).to(x.dtype)
+        return (torch.arange(n, device=x.device, dtype=torch.float32) + 0.5) / n * 2 - 1
 
     t = ramp(F).view(1, 1, F, 1, 1).expand(B, 1, F, H, W)
     y = ramp(H).view(1, 1, 1, H, 1).expand(B, 1, F, H, W)
     xx = ramp(W).view(1, 1, 1, 1, W).expand(B, 1, F, H, W)
-    return torch.cat([x, t, y, xx], dim=1)
+    chans = [t, y, xx] + ([t * y, t * xx] if coord_channels == 5 else [])
+    return torch.cat([x] + [c.to(x.dtype) for c in chans], dim=1)
 
 
 def coord_channels_of(transformer: torch.nn.Module) -> int:

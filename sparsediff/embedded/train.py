@@ -125,7 +125,12 @@ def _preset(name: str) -> TrainConfig:
         return TrainConfig(
             preset="cpu",
             model=EmbeddedModelConfig(
-                num_layers=4, ffn_dim=512, sample_num_frames=8, sample_height=32, sample_width=32
+                num_layers=4,
+                ffn_dim=512,
+                sample_num_frames=8,
+                sample_height=32,
+                sample_width=32,
+                coord_channels=5,
             ),
             resolutions=[(8, 32, 32), (8, 16, 16)],
             resolution_weights=[0.5, 0.5],
@@ -234,14 +239,21 @@ def _sample(
     return vids
 
 
-def warm_start_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def warm_start_state(
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
+    new_channel_norm: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Map a checkpoint's state dict ``old`` onto a model whose state dict is ``new``.
 
     Same shapes are copied. The patch embedding's weight (``patch_embedding.weight``, ``[inner, C_in, ...]``)
     may have grown along its input channels (coordinate channels added to the input): the old values fill its
     leading channels and the new channels start at zero, so the warm-started model computes exactly what the
-    old one did until training uses the new inputs. Any other mismatch (missing key, other shape change)
-    raises.
+    old one did until training uses the new inputs -- or, with ``new_channel_norm > 0``, at random weights
+    of that norm per channel (a feature downstream layers can combine with the text from the first step; a
+    zero column only gets the gradient of its own linear use). Any other mismatch (missing key, other shape
+    change) raises.
     """
     out = {}
     for k, t in new.items():
@@ -259,6 +271,10 @@ def warm_start_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor])
         ):
             z = torch.zeros_like(t)
             z[:, : o.shape[1]] = o.to(t.dtype)
+            if new_channel_norm > 0:
+                for c in range(o.shape[1], t.shape[1]):
+                    r = torch.randn(z[:, c].shape, generator=generator)
+                    z[:, c] = (r * (new_channel_norm / r.norm())).to(t.dtype)
             out[k] = z
         else:
             raise ValueError(
@@ -314,6 +330,7 @@ def train(
     command: str | None = None,
     resume_total_steps: int | None = None,
     init_from: str | None = None,
+    init_channel_norm: float = 0.0,
 ) -> dict[str, Any]:
     """Run a training job; returns the final metrics dict (also written to ``out/pipeline/metrics.json``).
 
@@ -394,7 +411,8 @@ def train(
             ("ema_transformer", ema.transformer),
             ("ema_text_encoder", ema.text_encoder),
         ):
-            module.load_state_dict(warm_start_state(ck[key], module.state_dict()))
+            g = torch.Generator().manual_seed(cfg.seed + 7)  # the same new columns for weights and EMA
+            module.load_state_dict(warm_start_state(ck[key], module.state_dict(), init_channel_norm, g))
         logger.info("weights from %s (step %d of that run); fresh optimizer", init_from, ck["step"])
     cap = sched_state["total"]  # the time budget may cut the plan, never extend it beyond this
 
@@ -723,6 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         "embedding may grow by coordinate channels)",
     )
     ap.add_argument(
+        "--init-channel-norm",
+        type=float,
+        default=0.0,
+        help="with --init-from: norm of the random weights of new input channels (default 0: zero weights)",
+    )
+    ap.add_argument(
         "--evaluate-only",
         action="store_true",
         help="do not train: re-run the checks/probe/timing on OUT/pipeline and rewrite its card (and --install)",
@@ -758,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         command=cmd,
         resume_total_steps=args.steps if args.resume else None,
         init_from=args.init_from,
+        init_channel_norm=args.init_channel_norm,
     )
     return 0
 
