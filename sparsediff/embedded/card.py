@@ -40,9 +40,7 @@ def render_model_card(metrics: dict[str, Any]) -> str:
     lines = [
         "# sparsediff embedded model",
         "",
-        "A tiny text-to-video Diffusion Transformer (diffusers `WanTransformer3DModel`"
-        + (", subclassed for pooled-text adaLN" if model.get("pooled_text") else "")
-        + ", pixel space) trained from",
+        "A tiny text-to-video Diffusion Transformer (diffusers `WanTransformer3DModel`, pixel space) trained from",
         "scratch on sparsediff's procedural dataset (coloured shapes moving in a prompted direction,",
         "`sparsediff/embedded/data.py`). It exists so that the demo, the samples and the search tests have a model",
         "with *learned* attention on machines where no real model can be downloaded. It is not a general video",
@@ -52,15 +50,7 @@ def render_model_card(metrics: dict[str, Any]) -> str:
         "",
         f"- transformer: {model.get('num_layers', '?')} layers, {model.get('num_heads', '?')} heads x "
         f"{model.get('head_dim', '?')} dims, FFN {model.get('ffn_dim', '?')}, patch {model.get('patch_size', '?')}, "
-        f"3 pixel channels out, 3 + {model.get('coord_channels', 0)} in (pixels + fixed t/y/x coordinate ramps"
-        + (", t*y, t*x" if model.get("coord_channels") == 5 else "")
-        + ")"
-        + (
-            "; the mean text embedding also modulates every block's adaptive layer norm "
-            "(`EmbeddedWanTransformer3DModel(pooled_text=True)`)"
-            if model.get("pooled_text")
-            else ""
-        ),
+        f"3 pixel channels out, 3 + {model.get('coord_channels', 0)} in (pixels + fixed t/y/x coordinate ramps)",
         f"- text encoder: word-level tokenizer + {model.get('text_layers', '?')}-layer transformer, width "
         f"{model.get('text_dim', '?')}, fixed orthogonal per-word codes added with weight "
         f"{model.get('token_code_scale', 0.0)}",

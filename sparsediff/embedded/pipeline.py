@@ -11,10 +11,6 @@ Components (``pipe.components``):
 * ``scheduler`` -- ``FlowMatchEulerDiscreteScheduler`` (rectified flow: ``x_t = (1 - s) x_0 + s noise``,
   the transformer predicts ``noise - x_0``, timesteps ``1000 s``).
 
-With ``EmbeddedModelConfig(pooled_text=True)`` the transformer is
-:class:`~sparsediff.embedded.transformer.EmbeddedWanTransformer3DModel`, a ``WanTransformer3DModel`` subclass
-whose adaLN modulation also sees the mean text embedding; attention is the parent's.
-
 The denoising loop mirrors ``WanPipeline``: the transformer is called twice per step under CFG (conditional
 then unconditional, each in ``transformer.cache_context("cond" / "uncond")``), timestep ``t.expand(B)``.
 
@@ -41,7 +37,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from .text import CaptionTextEncoder, CaptionTokenizer
-from .transformer import EmbeddedWanTransformer3DModel
 
 __all__ = [
     "EmbeddedVideoPipeline",
@@ -113,10 +108,6 @@ class EmbeddedModelConfig:
     parts carry no signal, which gradient descent learns very slowly. With ``t*x`` / ``t*y`` given, the sign
     is a two-way interaction with one input feature.
 
-    ``pooled_text``: the transformer is :class:`~sparsediff.embedded.transformer.EmbeddedWanTransformer3DModel`
-    (a ``WanTransformer3DModel`` whose adaLN modulation also sees the mean text embedding, zero-initialised)
-    instead of the plain class -- see that module for why.
-
     ``token_code_scale``: the text encoder adds a fixed orthogonal code per word to its output
     (:class:`~sparsediff.embedded.text.CaptionTextEncoder`), so words cannot collapse together; the first run's
     learned encoder had brought the four direction words within 0.4 % of each other.
@@ -136,7 +127,6 @@ class EmbeddedModelConfig:
     rope_max_seq_len: int = 256
     shift: float = 3.0
     coord_channels: int = 3
-    pooled_text: bool = False
     token_code_scale: float = 1.0
     token_code_bag: bool = True
     sample_num_frames: int = 16
@@ -165,11 +155,7 @@ class EmbeddedModelConfig:
 
 def _build_models(cfg: EmbeddedModelConfig) -> tuple[WanTransformer3DModel, CaptionTextEncoder]:
     tok_vocab = CaptionTokenizer(max_length=cfg.max_text_length).vocab_size
-    cls, extra = WanTransformer3DModel, {}
-    if cfg.pooled_text:
-        cls, extra = EmbeddedWanTransformer3DModel, {"pooled_text": True}
-    transformer = cls(
-        **extra,
+    transformer = WanTransformer3DModel(
         patch_size=tuple(cfg.patch_size),
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,

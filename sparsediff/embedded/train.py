@@ -131,7 +131,6 @@ def _preset(name: str) -> TrainConfig:
                 sample_height=32,
                 sample_width=32,
                 coord_channels=5,
-                pooled_text=True,
             ),
             resolutions=[(8, 32, 32), (8, 16, 16)],
             resolution_weights=[0.5, 0.5],
@@ -240,11 +239,6 @@ def _sample(
     return vids
 
 
-#: Parameters a warm start may add (modules that start at zero, so the warm-started model computes what the
-#: checkpoint did): the pooled-text adaLN projection of :class:`.transformer.EmbeddedWanTransformer3DModel`.
-_NEW_MODULES = ("condition_embedder.pooled_proj.",)
-
-
 def warm_start_state(
     old: dict[str, torch.Tensor],
     new: dict[str, torch.Tensor],
@@ -259,13 +253,10 @@ def warm_start_state(
     old one did until training uses the new inputs -- or, with ``new_channel_norm > 0``, at random weights
     of that norm per channel (a feature downstream layers can combine with the text from the first step; a
     zero column only gets the gradient of its own linear use). Any other mismatch (missing key, other shape
-    change) raises. Parameters of modules added since with zero init (``_NEW_MODULES``) keep ``new``'s.
+    change) raises.
     """
     out = {}
     for k, t in new.items():
-        if k not in old and k.startswith(_NEW_MODULES):
-            out[k] = t.clone()  # a module added since (zero-initialised: the function is unchanged)
-            continue
         if k not in old:
             raise KeyError(f"warm start: {k} not in the checkpoint")
         o = old[k]
