@@ -38,7 +38,10 @@ How one self-attention call reaches sparsediff (diffusers 0.42)::
 * **Compile.** Nothing per layer is a Python constant the compiler specialises on: the layer is
   identified by a small int64 tensor, and under ``torch.compile`` the whole layer attention is one opaque
   ``torch.library`` op (``sparsediff_hooks::layer_attention``), so ``compile_repeated_blocks`` traces
-  one graph for all blocks. Mask building etc. runs eagerly inside the op.
+  one graph for all blocks. Mask building etc. runs eagerly inside the op. A whole-model compile /
+  ``torch.export`` also gets the root hook's per-call work (step, layout) as an opaque op
+  (``sparsediff_hooks::begin_call``) that runs at run time: static patterns run sparse there, dynamic
+  ones fall back to dense with a warning.
 * **Steps.** From diffusers' ``cache_context`` (the root hook holds a ``StateManager`` probe that
   receives it), else from the timestep of each call -- see :class:`.hooks_steps.StepTracking`. Nothing is
   patched onto the scheduler. Per-layer caches are keyed by the branch (the context's name).

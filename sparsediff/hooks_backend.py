@@ -113,8 +113,19 @@ def _sparsediff_backend(
     if ctx is None:  # not one of our processors (e.g. the global backend was set to "sparsediff")
         return call_backend(None, kwargs)
     if torch.compiler.is_compiling() and _parallel_config is None:
+        # call_token: the whole-model compiled call's begin_call op (None under regional compile,
+        # where the root hook ran eagerly): orders this op after it
         return torch.ops.sparsediff_hooks.layer_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, ctx.key
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            ctx.key,
+            ctx.root.call_token,
         )
     return ctx.attention(kwargs)
 

@@ -1,16 +1,29 @@
-"""Compile glue: under ``torch.compile`` a layer's whole attention is one opaque ``torch.library`` op.
+"""Compile glue: under ``torch.compile`` / ``torch.export`` the sparsediff work of a call runs inside opaque
+``torch.library`` ops, eagerly, at run time.
 
-Nothing per layer may be a Python constant the compiler specialises on (``compile_repeated_blocks``
-traces one graph for all blocks): the layer travels as a small int64 tensor (:attr:`LayerContext.key`)
-and the op finds it again in this module's registry (weak references, so a dropped transformer is not
-kept alive). Mask building etc. runs eagerly inside the op.
+* ``sparsediff_hooks::layer_attention`` -- a layer's whole attention. Nothing per layer may be a Python
+  constant the compiler specialises on (``compile_repeated_blocks`` traces one graph for all blocks): the
+  layer travels as a small int64 tensor (:attr:`LayerContext.key`) and the op finds it again in this
+  module's registry (weak references, so a dropped transformer is not kept alive). Mask building etc.
+  runs eagerly inside the op.
+* ``sparsediff_hooks::begin_call`` -- the root hook's per-call work (step / branch / generation and the
+  token layout: :meth:`TransformerState.begin_call`) when the *whole* transformer is compiled or
+  exported. The traced root hook hands it the call's tensor inputs; the call's other inputs (ints,
+  bools, tuples: compile-time constants, guarded by the compiler) are recorded at trace time
+  (:func:`_call_signature`, run by Dynamo as a constant function) and found again by an int key. The op
+  returns a token tensor that every ``layer_attention`` op of the call takes as an input, so it runs
+  first and is never dropped. The layout is therefore read from the *run-time* inputs (Flux's
+  ``img_ids`` values included), exactly as in an eager call.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,12 +31,19 @@ from .hooks_backend import call_backend, dispatch_kwargs
 
 if TYPE_CHECKING:
     from .hooks_dispatch import LayerContext
+    from .hooks_state import TransformerState
 
-__all__ = ["register_layer", "release_layer"]
+__all__ = ["register_layer", "release_layer", "release_state", "traced_begin_call"]
 
 _LAYERS: dict[int, weakref.ReferenceType[LayerContext]] = {}
 _NEXT_ID = [0]
 _LOCK = threading.Lock()
+#: trace-time signatures of whole-model compiled calls: key -> (state, tensor input names, constant inputs)
+_CALLS: dict[int, tuple[weakref.ReferenceType[TransformerState], tuple[str, ...], dict[str, Any]]] = {}
+_CALL_KEYS: dict[tuple[int, tuple[str, ...], tuple[tuple[str, Any], ...]], int] = {}
+_CALL_IDS = itertools.count()
+_WARNED_UNKNOWN = [False]
+logger = logging.getLogger(__name__)
 
 
 def register_layer(ctx: LayerContext) -> int:
@@ -40,6 +60,80 @@ def release_layer(layer_id: int) -> None:
         _LAYERS.pop(layer_id, None)
 
 
+def release_state(state: TransformerState) -> None:
+    """Forget the call signatures recorded for ``state`` (on disable)."""
+    with _LOCK:
+        for k in [k for k, (ref, _, _) in _CALLS.items() if ref() is None or ref() is state]:
+            del _CALLS[k]
+        for sk in [sk for sk, k in _CALL_KEYS.items() if k not in _CALLS]:
+            del _CALL_KEYS[sk]
+
+
+# ---------------------------------------------------------------------- the call (whole-model compile)
+def _is_constant(v: Any) -> bool:
+    """A value the compiler treats as a constant of the call (None, bool, int, float, str, nested tuples)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_is_constant(x) for x in v)
+    return False
+
+
+def _frozen(v: Any) -> Any:
+    return tuple(_frozen(x) for x in v) if isinstance(v, (tuple, list)) else v
+
+
+@torch.compiler.assume_constant_result
+def _call_signature(state: TransformerState, names: tuple[str, ...], consts: tuple) -> int:
+    """Key of (state, tensor input names, constant inputs); runs at trace time, its result is a constant."""
+    consts = tuple((n, _frozen(v)) for n, v in consts)
+    sk = (state.uid, tuple(names), consts)
+    with _LOCK:
+        k = _CALL_KEYS.get(sk)
+        if k is None:
+            k = _CALL_KEYS[sk] = next(_CALL_IDS)
+            _CALLS[k] = (weakref.ref(state), tuple(names), dict(consts))
+    return k
+
+
+def traced_begin_call(state: TransformerState, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The root hook's ``begin_call`` as traced code: the ``begin_call`` op on the call's tensor inputs.
+
+    ``inputs``: the forward's arguments by name. Tensor inputs go to the op; constants are recorded
+    with :func:`_call_signature`; anything else (dicts such as ``attention_kwargs``, objects) is not
+    seen by the adapter -- an adapter that needs it reports that it cannot read the layout (dense, with
+    a warning). Returns the token every ``layer_attention`` op of the call takes.
+    """
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    consts: list[tuple[str, Any]] = []
+    for n, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            names.append(n)
+            tensors.append(v)
+        elif _is_constant(v):
+            consts.append((n, v))
+    key = _call_signature(state, tuple(names), tuple(consts))
+    return torch.ops.sparsediff_hooks.begin_call(tensors, key)
+
+
+@torch.library.custom_op("sparsediff_hooks::begin_call", mutates_args=())
+def _begin_call_op(tensors: list[torch.Tensor], call_key: int) -> torch.Tensor:
+    entry = _CALLS.get(call_key)
+    state = entry[0]() if entry is not None else None
+    if state is not None and state.active:
+        inputs = dict(entry[2])
+        inputs.update(zip(entry[1], tensors))
+        state.begin_call(inputs, compiled=True)
+    return torch.zeros(1, dtype=torch.int64)
+
+
+@_begin_call_op.register_fake
+def _(tensors, call_key):
+    return torch.empty(1, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------- one layer's attention
 @torch.library.custom_op("sparsediff_hooks::layer_attention", mutates_args=())
 def _layer_attention_op(
     query: torch.Tensor,
@@ -51,16 +145,40 @@ def _layer_attention_op(
     scale: float | None,
     enable_gqa: bool,
     layer_key: torch.Tensor,
+    call_token: torch.Tensor | None = None,
 ) -> torch.Tensor:
     ref = _LAYERS.get(int(layer_key.reshape(-1)[0]))
     ctx = ref() if ref is not None else None
     kwargs = dispatch_kwargs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None)
-    out = call_backend(None, kwargs) if ctx is None else ctx.attention(kwargs)
+    if ctx is None:
+        if not _WARNED_UNKNOWN[0]:
+            _WARNED_UNKNOWN[0] = True
+            logger.warning(
+                "sparsediff: a compiled / exported graph calls the attention of a layer that has no sparse "
+                "attention enabled in this process (disabled, or the program was loaded elsewhere): it runs "
+                "dense attention"
+            )
+        out = call_backend(None, kwargs)
+    elif ctx.root.compiled_call and ctx.root.layout is not None and _dynamic_heads(ctx, query.shape[2]):
+        out = ctx._fallback(
+            kwargs,
+            "a dynamic pattern (topp, lse_cache, skip, reordered cluster/topp) under a whole-model "
+            "torch.compile / torch.export",
+            "use static patterns (radial, tile, reordered static) there, or compile the blocks with "
+            "transformer.compile_repeated_blocks()",
+        )
+    else:
+        out = ctx.attention(kwargs)
     res = torch.empty_like(query)  # the fake's strides; never alias an input
     res.copy_(out)
     return res
 
 
+def _dynamic_heads(ctx: LayerContext, num_heads: int) -> bool:
+    """Whether the plan gives any head of this layer a pattern whose mask is not static."""
+    return any(not s.is_static for s in ctx.specs(num_heads))
+
+
 @_layer_attention_op.register_fake
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layer_key):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layer_key, call_token=None):
     return torch.empty_like(query)

@@ -121,8 +121,9 @@ class LayerContext:
             return self._fallback(
                 kwargs,
                 "the token layout of this call is unknown",
-                "a whole-model torch.compile / torch.export cannot read it (compile the blocks with "
-                "transformer.compile_repeated_blocks() instead), or the adapter failed (see above)",
+                "the adapter could not read it (see above; under a whole-model torch.compile / "
+                "torch.export the adapter sees only the call's tensors and int/float/bool/str/tuple "
+                "inputs -- compile the blocks with transformer.compile_repeated_blocks() instead)",
             )
         if pc is not None:
             return self._context_parallel(kwargs, pc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 import weakref
 from typing import Any
@@ -21,11 +22,20 @@ from diffusers.hooks import HookRegistry
 
 from .config import SparseAttentionConfig
 from .hooks_backend import backend_member, current, ensure_backend_registered
+from .hooks_compiled import release_state
 from .hooks_dispatch import LayerContext
 from .hooks_state import SparseRootHook, TransformerState
 from .plan import Plan
 
-__all__ = ["ROOT_HOOK_NAME", "apply_sparse_attention", "remove_sparse_attention", "get_state"]
+__all__ = [
+    "ROOT_HOOK_NAME",
+    "apply_sparse_attention",
+    "remove_sparse_attention",
+    "get_state",
+    "adopt_processors",
+]
+
+logger = logging.getLogger(__name__)
 
 ROOT_HOOK_NAME = "sparsediff_root"
 _STATE_ATTR = "_sparsediff_state"
@@ -96,6 +106,64 @@ def _is_sparse_processor(proc: Any) -> bool:
     return hasattr(type(proc), "_sparsediff_base")
 
 
+def _wrap_processor(orig: Any, base: type, ctx: LayerContext) -> Any:
+    """A ``Sparse<base>`` instance with ``orig``'s attributes, owning ``ctx``.
+
+    Processors that are ``nn.Module`` s (IP-adapter processors hold the image projections) are wrapped the
+    same way: the new object shares ``orig``'s parameter and submodule dicts, so it holds the same weights
+    (``state_dict`` keys unchanged).
+    """
+    ctx.fallback = getattr(orig, "_attention_backend", None)
+    new = object.__new__(_sparse_processor_class(base))
+    d = dict(vars(orig))
+    d.pop("_attention_backend", None)
+    vars(new).update(d)
+    new._sd_ctx = ctx
+    return new
+
+
+def _set_processor(mod: torch.nn.Module, proc: Any) -> None:
+    """``mod.processor = proc``, also between module and plain processors (diffusers' ``set_processor``)."""
+    setter = getattr(mod, "set_processor", None)
+    if callable(setter):
+        setter(proc)
+    else:
+        mod.processor = proc
+
+
+def adopt_processors(state: TransformerState) -> None:
+    """Take over processors installed by other code while enabled (before each eager transformer call).
+
+    Loading an IP-adapter (``pipe.load_ip_adapter`` / ``transformer._load_ip_adapter_weights``) or any
+    ``set_attn_processor`` replaces the processors of the managed attention modules. A replacement built
+    with ``proc.__class__()`` is a ``Sparse<Processor>`` already (it finds its layer through the module);
+    another class (Flux: ``FluxIPAdapterAttnProcessor``, an ``nn.Module`` with the IP projections) is
+    wrapped like the processors at enable time, so the layer stays sparse. On disable the adopted
+    processor -- not the one from before enable -- is put back: the model keeps its IP-adapter. A
+    replacement that does not call ``dispatch_attention_fn`` cannot be served: that layer runs the
+    replacement's own dense attention, with a warning.
+    """
+    for i, (mod, _, ours) in enumerate(state.processors):
+        proc = mod.processor
+        if proc is ours or _is_sparse_processor(proc):
+            continue
+        ctx = ours._sd_ctx
+        base = state.adapter.dispatch_processors.get(type(proc).__name__, type(proc))
+        if not hasattr(base, "_attention_backend"):
+            state.note_fallback(
+                f"its processor was replaced by {type(proc).__name__}, which does not call dispatch_attention_fn",
+                ctx,
+                "the adapter needs a dispatch_processors entry for that processor class",
+            )
+            continue
+        new = _wrap_processor(proc, base, ctx)
+        _set_processor(mod, new)
+        state.processors[i] = (mod, proc, new)
+        logger.info(
+            "sparsediff: %s: took over the processor %s set while enabled", ctx.name, type(proc).__name__
+        )
+
+
 def get_state(transformer: torch.nn.Module) -> TransformerState | None:
     return getattr(transformer, _STATE_ATTR, None)
 
@@ -128,11 +196,6 @@ def apply_sparse_attention(
     bases = []
     for name, mod in mods:
         proc = mod.processor
-        if isinstance(proc, torch.nn.Module):
-            raise TypeError(
-                f"{name}: processor {type(proc).__name__} is an nn.Module (e.g. IP-adapter weights); "
-                "sparse attention does not support module processors"
-            )
         if _is_sparse_processor(proc):
             raise RuntimeError(f"{name} already has a sparsediff processor")
         base = adapter.dispatch_processors.get(type(proc).__name__, type(proc))
@@ -146,13 +209,8 @@ def apply_sparse_attention(
     for i, ((name, mod), base) in enumerate(zip(mods, bases)):
         orig = mod.processor
         ctx = LayerContext(state, i, name, int(mod.heads))
-        ctx.fallback = getattr(orig, "_attention_backend", None)
-        new = object.__new__(_sparse_processor_class(base))
-        d = dict(vars(orig))
-        d.pop("_attention_backend", None)
-        vars(new).update(d)
-        new._sd_ctx = ctx
-        mod.processor = new
+        new = _wrap_processor(orig, base, ctx)
+        _set_processor(mod, new)
         with _LOCK:
             _MODULE_LAYERS[mod] = ctx
         state.layers.append(ctx)
@@ -182,12 +240,14 @@ def remove_sparse_attention(transformer: torch.nn.Module) -> bool:
             orig._attention_backend = fb
         if mod.processor is ours or _is_sparse_processor(mod.processor):
             # ours, or one rebuilt from it with ``__class__()`` (IP-adapter loading): the original back
-            mod.processor = orig
+            # (for a processor adopted while enabled: that one, see adopt_processors)
+            _set_processor(mod, orig)
         with _LOCK:
             if _MODULE_LAYERS.get(mod) is ours._sd_ctx:
                 del _MODULE_LAYERS[mod]
     for ctx in state.layers:
         ctx.close()
+    release_state(state)
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None:
         registry.remove_hook(ROOT_HOOK_NAME, recurse=False)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 import threading
 import weakref
@@ -18,6 +20,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .config import SparseAttentionConfig
+from .hooks_compiled import traced_begin_call
 from .hooks_dispatch import _drop_trivial_mask
 from .hooks_steps import StepTracking, _ContextProbe
 from .layout import TokenLayout
@@ -29,6 +32,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["TransformerState", "SparseRootHook"]
+
+_UIDS = itertools.count()
+
+
+def _forward_params(cls: type) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """(positional parameter names of ``cls.forward`` after ``self``, defaults of all its parameters)."""
+    sig = inspect.signature(cls.forward)
+    names, defaults = [], {}
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        if p.default is not p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            defaults[p.name] = p.default
+    return tuple(names), defaults
 
 
 class TransformerState(StepTracking):
@@ -42,6 +59,14 @@ class TransformerState(StepTracking):
     def __init__(self, transformer: torch.nn.Module, adapter: Any, plan: Plan, config: SparseAttentionConfig):
         self.transformer_ref = weakref.ref(transformer)
         self.transformer_class = type(transformer).__name__
+        self.uid = next(_UIDS)  # keys this state's compiled-call signatures (never reused, unlike id())
+        #: forward's parameter names in order and their defaults (binds a call's inputs in traced code,
+        #: where ``inspect.signature`` cannot run)
+        self.forward_params = _forward_params(type(transformer))
+        #: whole-model compile / export: the token of the running call's ``begin_call`` op (trace time)
+        self.call_token: torch.Tensor | None = None
+        #: the running call is a whole-model compiled / exported one (its ``begin_call`` ran in the op)
+        self.compiled_call = False
         self.adapter = adapter
         self.plan = plan
         self.config = config
@@ -65,9 +90,16 @@ class TransformerState(StepTracking):
 
     # ------------------------------------------------------------------ per call
     @torch.compiler.disable
-    def begin_call(self, inputs: Mapping[str, Any]) -> None:
-        """Read the layout, step and branch of one transformer call (eager: under a whole-model
-        ``torch.compile`` this is one graph break at the top of the forward)."""
+    def begin_call(self, inputs: Mapping[str, Any], compiled: bool = False) -> None:
+        """Read the layout, step and branch of one transformer call. Eager, from the root hook; under a
+        whole-model ``torch.compile`` / ``torch.export`` at run time inside the ``begin_call`` op
+        (:mod:`.hooks_compiled`, ``compiled=True``: ``inputs`` then holds the call's tensors and its
+        compile-time constants only)."""
+        self.compiled_call = compiled
+        if not compiled:  # processors replaced while enabled (IP-adapter loading): take them over
+            from .hooks_install import adopt_processors
+
+            adopt_processors(self)
         self._mask_memo = None
         self.call_serial += 1
         self._advance(inputs)
@@ -287,8 +319,14 @@ class SparseRootHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         if torch.compiler.is_compiling():
             # whole-model torch.compile / torch.export: reading the layout and the step takes the
-            # call's data (and inspect.signature), which must not enter the traced graph. The call runs
-            # without a layout: dense (a dense plan, silently; a sparse plan, with a warning).
+            # call's data, which must not enter the traced graph -- the graph calls the begin_call op,
+            # which does it at run time; the layer ops of this call take its token
+            names, defaults = self.state.forward_params
+            inputs = dict(defaults)
+            for name, a in zip(names, args):
+                inputs[name] = a
+            inputs.update(kwargs)
+            self.state.call_token = traced_begin_call(self.state, inputs)
             return args, kwargs
         from .pipelines.base import bind_forward_inputs
 
@@ -299,6 +337,7 @@ class SparseRootHook(ModelHook):
         # the layout belongs to this call only: a later call that bypasses pre_forward (compiled
         # whole) must not run with it
         self.state.layout = None
+        self.state.call_token = None
         return output
 
     def reset_state(self, module: torch.nn.Module):

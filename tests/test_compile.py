@@ -160,3 +160,102 @@ def test_compiled_refit_layouts_run_sparse(fresh_dynamo, monkeypatch, name):
         assert [x[0] for x in seen_c] == [x[0] for x in seen_e]  # same layouts, same call order
         torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(eager[0][0], base, atol=1e-4)  # the sparse plan really changed the output
+
+
+# ------------------------------------------------------------------ whole-model compile / export
+def _wan_calls():
+    x, enc = torch.randn(1, 16, 3, 8, 12), torch.randn(1, 4, 32)
+    return [(x, torch.tensor([tv]), enc) for tv in (900.0, 500.0)]  # step 0 (warm-up, dense), step 1
+
+
+@pytest.mark.parametrize("mode", ["compile", "export"])
+def test_whole_model_compile_and_export_run_static_plans_sparse(fresh_dynamo, mode):
+    """Static patterns (tile / radial per head, dense heads between) run sparse under a whole-model
+    ``torch.compile(fullgraph=True)`` and in a ``torch.export`` program: the root hook's per-call work
+    (step, layout) runs at run time in the ``begin_call`` op. Each compiled call equals the eager
+    sparse call -- the warm-up step dense, the next step sparse (so the step is tracked at run time),
+    not dense -- with ``strict=True`` (any dense fallback raises), no graph break, no recompile."""
+    counters = fresh_dynamo
+    t = _wan_transformer().eval()
+    calls = _wan_calls()
+    plan = _per_layer_plan(t)
+    kw = {**SPARSE_KW, "dense_steps": 1}
+    with torch.no_grad():
+        base = [t(*c, return_dict=False)[0] for c in calls]
+        h = api.enable_sparse_attention(t, plan, **kw, strict=True)
+        eager = [t(*c, return_dict=False)[0] for c in calls]
+        eager_report = h.report()["transformer"]
+        if mode == "compile":
+            run = torch.compile(t, fullgraph=True, backend="aot_eager")
+        else:
+            run = torch.export.export(t, calls[0], {"return_dict": False}).module()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [run(*c, return_dict=False)[0] for c in calls]
+        report = h.report()["transformer"]
+    h.disable()
+    if mode == "compile":
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(eager[0], base[0], rtol=0, atol=0)  # warm-up step: dense
+    assert not torch.allclose(eager[1], base[1], atol=1e-4)  # the plan really is sparse
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[1], base[1], atol=1e-4), "compiled call ran dense"
+    # the compiled calls are a generation of their own (timestep went up), counted like eager ones
+    assert report["generations"] == eager_report["generations"] + 1, report
+    for k in ("transformer_calls", "sparse_calls", "densities"):
+        assert report[k] == eager_report[k], (k, report, eager_report)
+
+
+def test_whole_model_compile_dynamic_patterns_fall_back_dense(fresh_dynamo, caplog):
+    """Dynamic patterns (here ``topp``) are not served under a whole-model compile: those layers run the
+    model's own dense attention with a WARNING naming the remedy; a static head in the same plan still
+    runs sparse (so the compiled call is neither the eager sparse call nor the dense one)."""
+    import logging
+
+    t = _wan_transformer().eval()
+    x, ts, enc = _wan_calls()[1]
+    plan = Plan.per_head(t, [[HeadSpec.make("topp")] * 2, [HeadSpec.make("tile", window=(1, 1, 1))] * 2])
+    with torch.no_grad():
+        base = t(x, ts, enc, return_dict=False)[0]
+        h = api.enable_sparse_attention(t, plan, **SPARSE_KW)
+        eager = t(x, ts, enc, return_dict=False)[0]
+        before = h.report()["transformer"]["sparse_calls"]
+        compiled = torch.compile(t, fullgraph=True, backend="aot_eager")
+        with caplog.at_level(logging.WARNING, logger="sparsediff"):
+            got = compiled(x, ts, enc, return_dict=False)[0]
+        after = h.report()["transformer"]["sparse_calls"]
+    h.disable()
+    msgs = [r.getMessage() for r in caplog.records if "dynamic pattern" in r.getMessage()]
+    assert len(msgs) == 1 and "layer 0" in msgs[0] and "compile_repeated_blocks" in msgs[0], caplog.text
+    assert before == 2 and after == before + 1, (before, after)  # compiled: layer 1 only
+    assert not torch.allclose(got, base, atol=1e-4)
+    assert not torch.allclose(got, eager, atol=1e-4)
+
+
+def test_whole_model_compile_in_pipeline_family_default_matches_eager(fresh_dynamo):
+    """The tiny WanPipeline with its family default (radial, 25 % dense warm-up steps, dense first
+    layer) and the transformer compiled whole (``fullgraph=True``): steps come from the pipeline's
+    ``cache_context`` at run time, so every call does what the eager call did -- same output, same
+    report (sparse calls, warm-up calls, densities), one graph, no graph break."""
+    from tiny_pipelines import build
+
+    counters = fresh_dynamo
+    tiny = build("wan")
+    pipe = tiny.pipe
+    with torch.no_grad():
+        base = tiny(num_inference_steps=4)
+        h = pipe.enable_sparse_attention(backend="reference", block_size=8, min_tokens=0, strict=True)
+        eager = tiny(num_inference_steps=4)
+        rep_eager = h.report()["transformer"]
+        pipe.transformer.compile(fullgraph=True, backend="aot_eager")
+        compiled = tiny(num_inference_steps=4)
+        rep = h.report()["transformer"]
+    h.disable()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not torch.allclose(eager, base, atol=1e-4)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert rep["sparse_calls"] > 0 and rep["dense_calls"], rep
+    for k in ("transformer_calls", "sparse_calls", "dense_calls", "densities"):
+        assert rep[k] == rep_eager[k], (k, rep, rep_eager)

@@ -325,7 +325,8 @@ def test_op_gradients_match_masked_dense_attention():
 def test_whole_model_compile_fullgraph_and_export_with_sparse_attention_enabled(caplog):
     """torch.compile(fullgraph=True) of the whole transformer (no graph break, no recompile on the
     second call) and torch.export both work with sparse attention enabled: an all-dense plan is exact;
-    a sparse plan runs dense there (the layout needs the call's data) and says so at WARNING."""
+    a dynamic pattern (topp) runs dense there and says so at WARNING. (Static patterns run sparse:
+    tests/test_compile.py::test_whole_model_compile_and_export_run_static_plans_sparse.)"""
     t = _wan_transformer().eval()
     x, ts, enc = torch.randn(1, 16, 3, 8, 12), torch.tensor([500.0]), torch.randn(1, 4, 32)
     with torch.no_grad():
@@ -344,7 +345,7 @@ def test_whole_model_compile_fullgraph_and_export_with_sparse_attention_enabled(
     assert torch.equal(out, out2)
     torch.testing.assert_close(out3, base, rtol=1e-5, atol=1e-5)
 
-    h = api.enable_sparse_attention(t, SPARSE_PLAN, **_BARE_KW)
+    h = api.enable_sparse_attention(t, Plan.uniform("topp"), **_BARE_KW)
     torch._dynamo.reset()
     compiled = torch.compile(t, fullgraph=True, backend="aot_eager")
     with caplog.at_level(logging.WARNING, logger=LOGGER), torch.no_grad():
