@@ -334,10 +334,15 @@ class SparseRootHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        # the layout belongs to this call only: a later call that bypasses pre_forward (compiled
-        # whole) must not run with it
-        self.state.layout = None
-        self.state.call_token = None
+        # The layout belongs to this call only: a later call that bypasses pre_forward (compiled whole)
+        # must not run with it. Except under gradient checkpointing: backward reruns the blocks after
+        # this call returned, and the rerun must take the same path (else torch's checkpoint fails with
+        # "a different number of tensors was saved"); the next call's pre_forward replaces it.
+        if not (
+            torch.is_grad_enabled() and module.training and getattr(module, "gradient_checkpointing", False)
+        ):
+            self.state.layout = None
+            self.state.call_token = None
         return output
 
     def reset_state(self, module: torch.nn.Module):

@@ -287,6 +287,29 @@ def test_backward_through_sparse_attention():
     assert dens and all(0 < d < 1 for d in dens.values())
 
 
+def test_gradient_checkpointing_recomputes_the_same_sparse_attention():
+    """diffusers' gradient checkpointing reruns each block in backward, after the transformer call has
+    returned: the recompute must see the call's layout and take the same (sparse) path, so gradients equal
+    those without checkpointing (diffusers' test_gradient_checkpointing_equivalence failed with a sparse
+    plan: 'A different number of tensors was saved during the original forward and recomputation')."""
+    x, e, t = torch.randn(1, 16, 3, 8, 12), torch.randn(1, 4, 32), torch.tensor([500.0])
+    grads, dens = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        tr = _wan_transformer().train()
+        if ckpt:
+            tr.enable_gradient_checkpointing()
+        h = api.enable_sparse_attention(tr, SPARSE_PLAN, **{**_BARE_KW, "dense_steps": 0}, strict=True)
+        tr(x, t, e, return_dict=False)[0].square().mean().backward()
+        dens.append(h.densities()["transformer"])
+        h.disable()
+        grads.append({n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None})
+    assert dens[0] == dens[1] and all(0 < d < 1 for d in dens[0].values())
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_op_gradients_match_masked_dense_attention():
     """The op's backward (chunked recompute) against autograd through dense attention with the
     densified token mask: ragged blocks, an empty row (lse = -inf), gradients of out and lse."""
