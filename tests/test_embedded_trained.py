@@ -59,17 +59,18 @@ def test_colour_and_direction_on_held_out_seeds(pipe):
     videos = [_generate(pipe, p, data.HELDOUT_SEED + 100 + i) for i, p in enumerate(prompts)]
     res = checks.check_videos(videos, prompts)
     assert res.colour_rate >= 0.875, res
-    # Above chance (25 %): measured 5/8 here; 53 % on 32 held-out prompts at 20 steps (model card). The
-    # issue's bar (70 %) is not reached yet -- see sparsediff/embedded/README.md, "CPU training history".
-    assert res.direction_rate >= 0.375, res
+    # The bar is 70 %: measured 8/8 here (and 16/16 held-out in the model card); the model before
+    # the product coordinates (see sparsediff/embedded/README.md, "CPU training history") measured 5/8.
+    assert res.direction_rate >= 0.75, res
 
 
 def test_direction_word_changes_the_video(pipe):
-    # The first CPU run's model ignored the direction word (mean |diff| 1.6e-4 between "left" and "right");
-    # the shipped one measures 0.0037-0.0045 on seeds 3-5.
+    # The first CPU run's model ignored the direction word (mean |diff| 1.6e-4 between "left" and "right"),
+    # the next one mostly (0.0037-0.0045, only the axis learned); the shipped one measures 0.029-0.074 on
+    # seeds 3-5.
     a = _generate(pipe, "a red square moving left", 3)
     b = _generate(pipe, "a red square moving right", 3)
-    assert float(np.abs(a - b).mean()) > 0.002
+    assert float(np.abs(a - b).mean()) > 0.015
 
 
 def test_probe_finds_local_and_diffuse_heads(pipe):
