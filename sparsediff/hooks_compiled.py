@@ -8,8 +8,9 @@
   runs eagerly inside the op.
 * ``sparsediff_hooks::begin_call`` -- the root hook's per-call work (step / branch / generation and the
   token layout: :meth:`TransformerState.begin_call`) when the *whole* transformer is compiled or
-  exported. The traced root hook hands it the call's tensor inputs; the call's other inputs (ints,
-  bools, tuples: compile-time constants, guarded by the compiler) are recorded at trace time
+  exported. The traced root hook hands it the call's tensor inputs and its ints (possibly symbolic, as
+  the op's ``SymInt[]`` argument); the structure of the call's other inputs (None, bools, floats,
+  strings, tuples: compile-time constants, guarded by the compiler) is recorded at trace time
   (:func:`_call_signature`, run by Dynamo as a constant function) and found again by an int key. The op
   returns a token tensor that every ``layer_attention`` op of the call takes as an input, so it runs
   first and is never dropped. The layout is therefore read from the *run-time* inputs (Flux's
@@ -38,8 +39,9 @@ __all__ = ["register_layer", "release_layer", "release_state", "traced_begin_cal
 _LAYERS: dict[int, weakref.ReferenceType[LayerContext]] = {}
 _NEXT_ID = [0]
 _LOCK = threading.Lock()
-#: trace-time signatures of whole-model compiled calls: key -> (state, tensor input names, constant inputs)
-_CALLS: dict[int, tuple[weakref.ReferenceType[TransformerState], tuple[str, ...], dict[str, Any]]] = {}
+#: trace-time signatures of whole-model compiled calls: key -> (state, tensor input names, other inputs'
+#: structure: ``(name, split value)`` pairs, see :func:`_split_ints`)
+_CALLS: dict[int, tuple[weakref.ReferenceType[TransformerState], tuple[str, ...], tuple]] = {}
 _CALL_KEYS: dict[tuple[int, tuple[str, ...], tuple[tuple[str, Any], ...]], int] = {}
 _CALL_IDS = itertools.count()
 _WARNED_UNKNOWN = [False]
@@ -70,66 +72,91 @@ def release_state(state: TransformerState) -> None:
 
 
 # ---------------------------------------------------------------------- the call (whole-model compile)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def _is_constant(v: Any) -> bool:
-    """A value the compiler treats as a constant of the call (None, bool, int, float, str, nested tuples)."""
-    if v is None or isinstance(v, (bool, int, float, str)):
+    """A value the call can pass on (None, bool, int, float, str, nested tuples / lists of them)."""
+    if v is None or isinstance(v, (bool, float, str)) or _is_int(v):
         return True
     if isinstance(v, (tuple, list)):
         return all(_is_constant(x) for x in v)
     return False
 
 
-def _frozen(v: Any) -> Any:
-    return tuple(_frozen(x) for x in v) if isinstance(v, (tuple, list)) else v
+def _split_ints(v: Any, ints: list) -> tuple:
+    """``v`` as a hashable structure whose ints are slots into ``ints`` (which collects them).
+
+    Ints travel to the op as a ``SymInt[]`` argument, not as constants: under ``dynamic=True`` (or
+    automatic dynamic shapes) they are symbolic -- e.g. QwenImage's ``img_shapes`` -- and the op must see
+    the run-time value without a recompile per size."""
+    if _is_int(v):
+        ints.append(v)
+        return ("i", len(ints) - 1)
+    if isinstance(v, (tuple, list)):
+        return ("t", tuple(_split_ints(x, ints) for x in v))
+    return ("c", v)
+
+
+def _join_ints(s: tuple, ints: list[int]) -> Any:
+    tag, v = s
+    if tag == "i":
+        return int(ints[v])
+    if tag == "t":
+        return tuple(_join_ints(x, ints) for x in v)
+    return v
 
 
 @torch.compiler.assume_constant_result
 def _call_signature(state: TransformerState, names: tuple[str, ...], consts: tuple) -> int:
-    """Key of (state, tensor input names, constant inputs); runs at trace time, its result is a constant."""
-    consts = tuple((n, _frozen(v)) for n, v in consts)
+    """Key of (state, tensor input names, structure of the other inputs); runs at trace time, its result
+    is a constant."""
     sk = (state.uid, tuple(names), consts)
     with _LOCK:
         k = _CALL_KEYS.get(sk)
         if k is None:
             k = _CALL_KEYS[sk] = next(_CALL_IDS)
-            _CALLS[k] = (weakref.ref(state), tuple(names), dict(consts))
+            _CALLS[k] = (weakref.ref(state), tuple(names), consts)
     return k
 
 
 def traced_begin_call(state: TransformerState, inputs: Mapping[str, Any]) -> torch.Tensor:
     """The root hook's ``begin_call`` as traced code: the ``begin_call`` op on the call's tensor inputs.
 
-    ``inputs``: the forward's arguments by name. Tensor inputs go to the op; constants are recorded
-    with :func:`_call_signature`; anything else (dicts such as ``attention_kwargs``, objects) is not
-    seen by the adapter -- an adapter that needs it reports that it cannot read the layout (dense, with
-    a warning). Returns the token every ``layer_attention`` op of the call takes.
+    ``inputs``: the forward's arguments by name. Tensor inputs and every int (possibly symbolic) go to the
+    op; the structure of the other inputs (None, bools, floats, strings, tuples) is recorded with
+    :func:`_call_signature`; anything else (dicts such as ``attention_kwargs``, objects) is not seen by
+    the adapter -- an adapter that needs it reports that it cannot read the layout (dense, with a
+    warning). Returns the token every ``layer_attention`` op of the call takes.
     """
     names: list[str] = []
     tensors: list[torch.Tensor] = []
+    ints: list = []
     consts: list[tuple[str, Any]] = []
     for n, v in inputs.items():
         if isinstance(v, torch.Tensor):
             names.append(n)
             tensors.append(v)
         elif _is_constant(v):
-            consts.append((n, v))
+            consts.append((n, _split_ints(v, ints)))
     key = _call_signature(state, tuple(names), tuple(consts))
-    return torch.ops.sparsediff_hooks.begin_call(tensors, key)
+    return torch.ops.sparsediff_hooks.begin_call(tensors, ints, key)
 
 
 @torch.library.custom_op("sparsediff_hooks::begin_call", mutates_args=())
-def _begin_call_op(tensors: list[torch.Tensor], call_key: int) -> torch.Tensor:
+def _begin_call_op(tensors: list[torch.Tensor], ints: list[int], call_key: int) -> torch.Tensor:
     entry = _CALLS.get(call_key)
     state = entry[0]() if entry is not None else None
     if state is not None and state.active:
-        inputs = dict(entry[2])
+        inputs = {n: _join_ints(s, ints) for n, s in entry[2]}
         inputs.update(zip(entry[1], tensors))
         state.begin_call(inputs, compiled=True)
     return torch.zeros(1, dtype=torch.int64)
 
 
 @_begin_call_op.register_fake
-def _(tensors, call_key):
+def _(tensors, ints, call_key):
     return torch.empty(1, dtype=torch.int64)
 
 

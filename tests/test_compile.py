@@ -259,3 +259,46 @@ def test_whole_model_compile_in_pipeline_family_default_matches_eager(fresh_dyna
     assert rep["sparse_calls"] > 0 and rep["dense_calls"], rep
     for k in ("transformer_calls", "sparse_calls", "dense_calls", "densities"):
         assert rep[k] == rep_eager[k], (k, rep, rep_eager)
+
+
+def _qwen_call(h: int, w: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, h * w, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "encoder_hidden_states_mask": torch.ones(1, 5, dtype=torch.long),
+        "timestep": torch.tensor([1.0]),
+        "img_shapes": [(1, h, w)],
+        "return_dict": False,
+    }
+
+
+def test_whole_model_compile_dynamic_shapes_reads_int_inputs_at_run_time(fresh_dynamo):
+    """``torch.compile(fullgraph=True, dynamic=True)`` of a transformer whose layout comes from int
+    inputs (QwenImage's ``img_shapes``: symbolic under dynamic shapes) at two image sizes: no trace error,
+    no recompile, and each call runs the tile plan on *its own* grid -- equal to the eager sparse call,
+    not dense. (Regression: the ints went to a constant-folded function and Dynamo refused them.)"""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    t = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()  # fmt: skip
+    calls = [_qwen_call(8, 8), _qwen_call(12, 8, seed=1)]
+    plan = Plan.uniform("tile", window=(1, 1, 1))
+    with torch.no_grad():
+        base = [t(**c)[0] for c in calls]
+        h = api.enable_sparse_attention(t, plan, **SPARSE_KW, strict=True)
+        eager = [t(**c)[0] for c in calls]
+        before = h.report()["transformer"]["sparse_calls"]
+        run = torch.compile(t, fullgraph=True, dynamic=True, backend="aot_eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [run(**c)[0] for c in calls]
+        after = h.report()["transformer"]["sparse_calls"]
+    h.disable()
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    assert after - before == before > 0, (before, after)  # every compiled call ran sparse, as eager
+    for g, e, b in zip(got, eager, base):
+        assert not torch.allclose(e, b, atol=1e-4)  # the plan really is sparse at both sizes
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
