@@ -141,14 +141,16 @@ def traced_begin_call(state: TransformerState, inputs: Mapping[str, Any]) -> tor
         elif _is_constant(v):
             consts.append((n, _split_ints(v, ints)))
     key = _call_signature(state, tuple(names), tuple(consts))
-    return torch.ops.sparsediff_hooks.begin_call(tensors, ints, key)
+    # the key leads the int list: an AOTInductor package hands an *empty* SymInt[] to the op as None
+    return torch.ops.sparsediff_hooks.begin_call(tensors, [key, *ints])
 
 
 @torch.library.custom_op("sparsediff_hooks::begin_call", mutates_args=())
-def _begin_call_op(tensors: list[torch.Tensor], ints: list[int], call_key: int) -> torch.Tensor:
-    entry = _CALLS.get(call_key)
+def _begin_call_op(tensors: list[torch.Tensor], key_and_ints: list[int]) -> torch.Tensor:
+    entry = _CALLS.get(int(key_and_ints[0]))
     state = entry[0]() if entry is not None else None
     if state is not None and state.active:
+        ints = key_and_ints[1:]
         inputs = {n: _join_ints(s, ints) for n, s in entry[2]}
         inputs.update(zip(entry[1], tensors))
         state.begin_call(inputs, compiled=True)
@@ -156,7 +158,7 @@ def _begin_call_op(tensors: list[torch.Tensor], ints: list[int], call_key: int) 
 
 
 @_begin_call_op.register_fake
-def _(tensors, ints, call_key):
+def _(tensors, key_and_ints):
     return torch.empty(1, dtype=torch.int64)
 
 
