@@ -19,6 +19,12 @@ __all__ = ["block_sparse_attention", "attention_ref"]
 # Upper bound on the elements of one gathered K (or V) chunk and of its scores, fp32: 2**22 = 16 MiB
 # (measured on CPU: 20 % faster than 64 MiB chunks at N = 4096, cache-friendlier, same op count).
 _CHUNK_ELEMS = 1 << 22
+#: Elements of each of the grouped path's two gather buffers (K and V), fp32: 2**17 = 512 KiB, so a
+#: slice's gathered K/V are still in cache when the attention call reads them. Measured on the 2-core CI
+#: machine (AMD EPYC, 512 KiB L2 per core; 2026-11-30, one thread, block 64, 50 % random masks, speed-up
+#: over dense SDPA at N = 512 / 1024 / 2048, D = 64): 32 KiB 0.89 / 0.94 / 1.19, 512 KiB 1.32 / 1.36 /
+#: 1.38, 1 MiB 1.24 / 1.41 / 1.47, 4 MiB 0.81 / 1.21 / 1.42; one gather per group (64 MiB at N = 2048) 0.7.
+_GATHER_ELEMS = 1 << 17
 
 
 def block_sparse_attention(
@@ -61,142 +67,24 @@ def _forward(
         and mask.num_q_blocks > 0
         and _cpu_flash_available()
     ):
-        plan = _run_plan(mask, q.shape[0], q.shape[-1])
-        if plan is not None:
-            return _forward_runs(q, k, v, mask, scale, plan)
         return _forward_grouped(q, k, v, mask, scale)
     return _forward_chunked(q, k, v, mask, scale)
-
-
-#: The run path (K/V views, one fused call per run) pays off once the grouped path's gathers leave the
-#: cache: measured on the 2-core CI machine (2026-11-29, one thread, banded masks, block 64), grouped was as
-#: fast or faster up to N = 1024 (<= 12 MiB gathered) and runs were 1.9x faster at N = 2048 (64-128 MiB).
-_GATHER_CACHE_BYTES = 16 << 20
-#: ... as long as each call replaces at least this much gathering (many tiny runs: scattered masks).
-_MIN_BYTES_PER_CALL = 64 << 10
-
-
-def _run_plan(
-    mask: BlockSparseMask, batch: int, head_dim: int, *, force: bool = False
-) -> list[tuple[int, int, list[int], list[tuple[int, int]]]] | None:
-    """Decompose every (mask batch, query block) row into heads sharing the same contiguous key-block runs.
-
-    Returns ``[(mask_batch, q_block, heads, [(first_kv_block, n_blocks), ...]), ...]`` (rows with no key
-    block left out), or ``None`` when the grouped path is expected to be faster (gathers that stay in cache,
-    or too many small runs; see ``_GATHER_CACHE_BYTES``; ``force`` returns the plan anyway).
-    """
-    idx = mask.kv_indices.cpu()
-    cnt = mask.kv_counts.cpu()
-    Bm, H, Qb, M = idx.shape
-    if M == 0:
-        return []
-    valid = torch.arange(M) < cnt.unsqueeze(-1)  # [Bm, H, Qb, M]
-    # a run starts at slot 0 and wherever an index is not its predecessor + 1 (indices strictly increase)
-    start = valid.clone()
-    start[..., 1:] &= idx[..., 1:] != idx[..., :-1] + 1
-    n_runs = int(start.sum())
-    if n_runs == 0:
-        return []
-    bk = mask.block_size[1]
-    gathered = int(cnt.sum()) * bk * head_dim * 4 * 2 * (batch if Bm == 1 else 1)  # grouped path: K and V
-    if not force and (gathered < _GATHER_CACHE_BYTES or (n_runs / H) * _MIN_BYTES_PER_CALL > gathered):
-        return None  # gathers stay in cache, or even with every head sharing its runs the calls are too many
-    groups: dict[tuple[int, int, tuple], list[int]] = {}
-    idx_l, cnt_l, start_l = idx.tolist(), cnt.tolist(), start.tolist()
-    for b in range(Bm):
-        for h in range(H):
-            for i in range(Qb):
-                c = cnt_l[b][h][i]
-                if c == 0:
-                    continue
-                row, st = idx_l[b][h][i], start_l[b][h][i]
-                runs, first = [], 0
-                for j in range(1, c + 1):
-                    if j == c or st[j]:
-                        runs.append((row[first], j - first))
-                        first = j
-                groups.setdefault((b, i, tuple(runs)), []).append(h)
-    calls = sum(len(key[2]) for key in groups)
-    if not force and calls * _MIN_BYTES_PER_CALL > gathered:
-        return None
-    return [(b, i, heads, list(runs)) for (b, i, runs), heads in groups.items()]
-
-
-class _HeadSelect:
-    """``x[batch slice, heads, lo:hi]`` of a ``[B, H, N, D]`` tensor: a view when the heads are all heads or
-    a contiguous range, else an ``index_select`` copy of just the ``lo:hi`` slice."""
-
-    def __init__(self, bsl: slice, heads: list[int], num_heads: int) -> None:
-        self.bsl = bsl
-        self.all = len(heads) == num_heads
-        self.contiguous = heads == list(range(heads[0], heads[-1] + 1))
-        self.hsl = slice(heads[0], heads[-1] + 1) if self.contiguous else torch.tensor(heads)
-
-    def __call__(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        x = x[self.bsl, :, lo:hi]
-        if self.all:
-            return x
-        return x[:, self.hsl] if self.contiguous else x.index_select(1, self.hsl)
-
-
-def _forward_runs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: BlockSparseMask,
-    scale: float,
-    plan: list[tuple[int, int, list[int], list[tuple[int, int]]]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU path for structured masks: for each query block, the heads that list the same contiguous runs
-    of key blocks attend to *views* of K/V (no gather, no mask: a run's last block simply ends at ``Nk``),
-    one fused CPU flash call per run; several runs are merged exactly through their LSEs."""
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    bq, bk = mask.block_size
-    Bm = mask.kv_indices.shape[0]
-    qf, kf, vf = q.float(), k.float(), v.float()
-    out = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)
-    lse = torch.full((B, H, Nq), -math.inf, dtype=torch.float32, device=q.device)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    for b, i, heads, runs in plan:
-        bsl = slice(None) if Bm == 1 else slice(b, b + 1)
-        q0, q1 = i * bq, min((i + 1) * bq, Nq)
-        sel = _HeadSelect(bsl, heads, H)
-        qi = sel(qf, q0, q1)
-        parts = []
-        for a, n in runs:
-            o, l_ = flash(qi, sel(kf, a * bk, min((a + n) * bk, Nk)), sel(vf, a * bk, min((a + n) * bk, Nk)),
-                          0.0, False, scale=scale)  # fmt: skip
-            parts.append((o, l_))
-        if len(parts) == 1:
-            o, l_ = parts[0]
-        else:
-            ls = torch.stack([p[1] for p in parts])  # [R, b, h, n]
-            l_ = torch.logsumexp(ls, 0)
-            w = torch.exp(ls - l_)
-            o = sum(w[r].unsqueeze(-1) * parts[r][0] for r in range(len(parts)))
-        if sel.all:
-            out[bsl, :, q0:q1] = o
-            lse[bsl, :, q0:q1] = l_
-        else:
-            hidx = torch.tensor(heads)
-            out_v = out[bsl, :, q0:q1]
-            lse_v = lse[bsl, :, q0:q1]
-            out_v.index_copy_(1, hidx, o)
-            lse_v.index_copy_(1, hidx, l_)
-    return _finish(out, lse, q)
 
 
 def _forward_grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path: query blocks grouped by their number of listed key blocks, one fused attention call
-    (PyTorch's CPU flash kernel, which also returns the LSE) per group on exactly the gathered key blocks.
+    (PyTorch's CPU flash kernel, which also returns the LSE) per slice of a group on exactly the gathered
+    key blocks.
 
     No padding slots and no score buffer: each (batch, head, query block) of a group attends to the
     concatenation of its ``c`` listed key blocks, so the work is the mask's density times dense work, in
-    the same fused, cache-blocked kernel dense SDPA uses. A ragged last key block is the only masked case
-    (an additive ``-inf`` bias on its padded keys, only for groups that list it).
+    the same fused, cache-blocked kernel dense SDPA uses. The gathered K/V go through two small work
+    buffers (``_GATHER_ELEMS`` elements), allocated once per call and refilled slice by slice, so the
+    attention reads them from cache: gathering a whole group at once (64 MiB at N = 2048, 50 %) made
+    the path slower than dense SDPA. A ragged last key block is the only masked case (an additive
+    ``-inf`` bias on its padded keys, only for slices that list it).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -215,34 +103,63 @@ def _forward_grouped(
     vp = blocked(v, Kb, bk)
     cnt = mask.kv_counts.expand(B, H, Qb).reshape(-1).long()  # [B*H*Qb]
     idx = mask.kv_indices.expand(B, H, Qb, -1).reshape(B * H * Qb, -1).long()
-    kv_base = (torch.arange(B * H, device=dev) * Kb).repeat_interleave(Qb)  # [B*H*Qb]
-    out = torch.zeros(B * H * Qb, bq, D, dtype=torch.float32, device=dev)
-    lse = torch.full((B * H * Qb, bq), -math.inf, dtype=torch.float32, device=dev)
+    out = torch.empty(B * H * Qb, bq, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * H * Qb, bq, dtype=torch.float32, device=dev)
     ragged = Kb * bk != Nk
     counts, order = torch.sort(cnt, stable=True)
     uniq, sizes = torch.unique_consecutive(counts, return_counts=True)
+    groups = list(zip(uniq.tolist(), sizes.tolist()))
+    block_elems = bk * D
+    # rows per slice: as many as fill the buffer, at least one (a single row may exceed the budget)
+    cap = max((min(n, max(1, _GATHER_ELEMS // (c * block_elems))) * c for c, n in groups if c), default=0)
+    kbuf = torch.empty(cap * block_elems, dtype=torch.float32, device=dev)
+    vbuf = torch.empty(cap * block_elems, dtype=torch.float32, device=dev)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     start = 0
-    for c, n in zip(uniq.tolist(), sizes.tolist()):
-        rows = order[start : start + n]
+    for c, n in groups:
+        group = order[start : start + n]
         start += n
         if c == 0:
+            out.index_fill_(0, group, 0.0)
+            lse.index_fill_(0, group, -math.inf)
             continue
-        blocks = idx[rows, :c] + kv_base[rows, None]  # [n, c]
-        kg = kp.index_select(0, blocks.reshape(-1)).view(n, 1, c * bk, D)
-        vg = vp.index_select(0, blocks.reshape(-1)).view(n, 1, c * bk, D)
-        bias = None
-        if ragged:
-            last = idx[rows, :c] == Kb - 1  # [n, c]
-            if bool(last.any()):
-                pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]
-                bad = last[:, :, None] & pad_key  # [n, c, bk]
-                bias = torch.zeros(n, 1, 1, c * bk, dtype=torch.float32, device=dev)
-                bias.masked_fill_(bad.view(n, 1, 1, c * bk), -math.inf)
-        o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qp.index_select(0, rows).view(n, 1, bq, D), kg, vg, 0.0, False, attn_mask=bias, scale=scale
-        )
-        out.index_copy_(0, rows, o.view(n, bq, D))
-        lse.index_copy_(0, rows, l_.view(n, bq))
+        step = max(1, _GATHER_ELEMS // (c * block_elems))
+        # a group of consecutive rows (every row lists as many blocks: the usual case) is read and
+        # written through slices instead of index ops (the stable sort keeps a group ascending)
+        first = int(group[0])
+        consecutive = int(group[-1]) - first == n - 1
+        for s0 in range(0, n, step):
+            rows = group[s0 : s0 + step]
+            m = rows.numel()
+            r0 = first + s0
+            blocks = (idx[rows, :c] + (rows // Qb * Kb)[:, None]).reshape(-1)  # rows of kp: [m * c]
+            gathered = (m * c, bk, D)
+            kg = torch.index_select(kp, 0, blocks, out=kbuf[: m * c * block_elems].view(gathered))
+            vg = torch.index_select(vp, 0, blocks, out=vbuf[: m * c * block_elems].view(gathered))
+            bias = None
+            if ragged:
+                last = idx[rows, :c] == Kb - 1  # [m, c]
+                if bool(last.any()):
+                    pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]
+                    bad = last[:, :, None] & pad_key  # [m, c, bk]
+                    bias = torch.zeros(m, 1, 1, c * bk, dtype=torch.float32, device=dev)
+                    bias.masked_fill_(bad.view(m, 1, 1, c * bk), -math.inf)
+            qs = qp[r0 : r0 + m] if consecutive else qp.index_select(0, rows)
+            o, l_ = flash(
+                qs.view(m, 1, bq, D),
+                kg.view(m, 1, c * bk, D),
+                vg.view(m, 1, c * bk, D),
+                0.0,
+                False,
+                attn_mask=bias,
+                scale=scale,
+            )
+            if consecutive:
+                out[r0 : r0 + m] = o.view(m, bq, D)
+                lse[r0 : r0 + m] = l_.view(m, bq)
+            else:
+                out.index_copy_(0, rows, o.view(m, bq, D))
+                lse.index_copy_(0, rows, l_.view(m, bq))
     out = out.view(B, H, Qb * bq, D)[:, :, :Nq]
     lse = lse.view(B, H, Qb * bq)[:, :, :Nq]
     return _finish(out, lse, q)
@@ -329,7 +246,10 @@ def _forward_chunked(
 
 
 def _finish(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Output has q's dtype and q's memory layout (e.g. a [B, N, H, D] buffer seen as [B, H, N, D]).
+    # Output has q's dtype and q's memory layout (e.g. a [B, N, H, D] buffer seen as [B, H, N, D]); an
+    # fp32 work buffer that already has both is returned as it is (it is fresh: it never aliases q).
+    if out.dtype == q.dtype and out.shape == q.shape and out.stride() == q.stride():
+        return out, lse.contiguous()
     res = torch.empty_like(q) if out.shape[-1] == q.shape[-1] else q.new_empty(out.shape)
     res.copy_(out)
     return res, lse.contiguous()

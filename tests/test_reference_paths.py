@@ -1,6 +1,6 @@
-"""The twin's three CPU/GPU paths -- contiguous runs on K/V views (structured masks), grouped gathers
-(scattered masks), chunked padded gathers (non-CPU devices) -- against the dense oracle, on ugly shapes:
-ragged last blocks, q != k lengths, per-batch masks, heads that share runs non-contiguously, empty rows."""
+"""The twin's two paths -- grouped gathers through the CPU flash kernel (CPU), chunked padded gathers
+(other devices) -- against the dense oracle, on ugly shapes: ragged last blocks, q != k lengths,
+per-batch masks, heads that differ, empty rows, NaN inputs."""
 
 from __future__ import annotations
 
@@ -36,26 +36,19 @@ def _oracle(q, k, v, mask: BlockSparseMask):
 
 @pytest.mark.parametrize("per_batch", [False, True])
 @pytest.mark.parametrize("nq,nk,bs", [(97, 113, 16), (200, 200, 32), (64, 130, 16)])
-def test_run_path_matches_oracle_on_structured_masks(per_batch, nq, nk, bs):
+def test_paths_match_oracle_on_structured_masks(per_batch, nq, nk, bs):
     g = torch.Generator().manual_seed(nq + nk)
     B, H, D = 2, 4, 24
     q = torch.randn(B, nq, H, D, generator=g).transpose(1, 2)  # diffusers' layout, read as a view
     k, v = (torch.randn(B, H, nk, D, generator=g) for _ in range(2))
     qb, kb = math.ceil(nq / bs), math.ceil(nk / bs)
     mask = BlockSparseMask.from_dense(_banded(B, H, qb, kb, per_batch), bs, (nq, nk))
-    plan = reference._run_plan(mask, B, D, force=True)
-    assert any(len(r[3]) == 2 for r in plan)  # runs path, with LSE merges
-    assert any(r[2] == [0, 2] for r in plan)  # a non-contiguous head group
-    out, lse = reference._forward_runs(q, k, v, mask, D**-0.5, plan)
     ref_out, ref_lse = _oracle(q, k, v, mask)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
-    assert torch.isneginf(lse[:, 1, bs : 2 * bs]).all() and (out[:, 1, bs : 2 * bs] == 0).all()  # empty row
-    # the three paths agree with each other
     for path in (reference._forward_grouped, reference._forward_chunked):
-        o2, l2 = path(q, k, v, mask, D**-0.5)
-        torch.testing.assert_close(o2, out, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(l2, lse, atol=2e-5, rtol=1e-4)
+        out, lse = path(q, k, v, mask, D**-0.5)
+        torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+        assert torch.isneginf(lse[:, 1, bs : 2 * bs]).all() and (out[:, 1, bs : 2 * bs] == 0).all()  # empty
 
 
 def test_scattered_masks_take_the_grouped_path_and_match_oracle():
@@ -65,14 +58,47 @@ def test_scattered_masks_take_the_grouped_path_and_match_oracle():
     nb = math.ceil(N / bs)
     blocks = torch.rand(1, H, nb, nb, generator=g) < 0.3
     mask = BlockSparseMask.from_dense(blocks, bs, (N, N))
-    assert reference._run_plan(mask, B, D) is None  # too many runs: gathers are cheaper than calls
     out, lse = reference._forward(q, k, v, mask, D**-0.5)
     ref_out, ref_lse = _oracle(q, k, v, mask)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
 
 
-def test_nan_reaches_only_rows_that_attend_it_on_the_run_path():
+@pytest.mark.parametrize("uniform", [False, True])
+@pytest.mark.parametrize("budget_blocks", [1, 3, 7])
+def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks, uniform):
+    """The grouped path refills its gather buffers slice by slice when a group does not fit
+    (``_GATHER_ELEMS``): with a budget of a few key blocks every group is cut into many slices (and a
+    row longer than the budget still runs whole) -- ragged last key block, per-batch masks, empty rows,
+    q != k lengths -- and must equal the oracle exactly as the unsliced call does. ``uniform``: every
+    row lists the same number of blocks, so all rows form one group of consecutive rows (the slice
+    path, no index ops); else groups of scattered rows."""
+    g = torch.Generator().manual_seed(budget_blocks)
+    B, H, nq, nk, D, bs = 2, 3, 150, 201, 8, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (nq, nk, nk))
+    qb, kb = math.ceil(nq / bs), math.ceil(nk / bs)
+    if uniform:
+        pick = torch.rand(B, H, qb, kb, generator=g).argsort(-1)[..., :4]
+        blocks = torch.zeros(B, H, qb, kb, dtype=torch.bool).scatter_(-1, pick, True)
+        assert blocks[..., -1].any() and not blocks[..., -1].all()  # the ragged block, in some slices
+    else:
+        blocks = torch.rand(B, H, qb, kb, generator=g) < 0.4
+        blocks[:, :, :, -1] |= torch.rand(B, H, qb, generator=g) < 0.5  # the ragged block, in some slices
+        blocks[0, 1, 2] = False  # an empty row
+    mask = BlockSparseMask.from_dense(blocks, bs, (nq, nk))
+    whole = reference._forward_grouped(q, k, v, mask, D**-0.5)
+    monkeypatch.setattr(reference, "_GATHER_ELEMS", budget_blocks * bs * D)
+    out, lse = reference._forward_grouped(q, k, v, mask, D**-0.5)
+    ref_out, ref_lse = _oracle(q, k, v, mask)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, whole[0], atol=0, rtol=0)
+    if not uniform:
+        assert torch.isneginf(lse[0, 1, 2 * bs : 3 * bs]).all() and (out[0, 1, 2 * bs : 3 * bs] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["grouped", "chunked"])
+def test_nan_reaches_only_rows_that_attend_it(path):
     B, H, N, D, bs = 1, 2, 64, 8, 16
     q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
     v[:, :, 60] = float("nan")  # in key block 3
@@ -80,15 +106,5 @@ def test_nan_reaches_only_rows_that_attend_it_on_the_run_path():
     blocks[..., 0, :2] = True  # query block 0 never sees block 3
     blocks[..., 1:, 2:] = True
     mask = BlockSparseMask.from_dense(blocks, bs, (N, N))
-    plan = reference._run_plan(mask, B, D, force=True)
-    out, _ = reference._forward_runs(q, k, v, mask, D**-0.5, plan)
+    out, _ = getattr(reference, f"_forward_{path}")(q, k, v, mask, D**-0.5)
     assert torch.isfinite(out[:, :, :bs]).all() and torch.isnan(out[:, :, bs:]).all()
-
-
-def test_uniform_banded_masks_take_the_run_path():
-    # all heads share the band: one call per run and query block beats gathering every listed block
-    B, H, N, D, bs = 1, 8, 4096, 64, 64  # gathers would exceed the cache (64 MiB)
-    blocks = _banded(B, 1, N // bs, N // bs, per_batch=False).expand(1, H, -1, -1)
-    mask = BlockSparseMask.from_dense(blocks, bs, (N, N))
-    plan = reference._run_plan(mask, B, D)
-    assert plan is not None and all(r[2] == list(range(H)) for r in plan)
