@@ -200,11 +200,6 @@ def _expand_heads(m: BlockSparseMask, hg: int) -> BlockSparseMask:
     )
 
 
-def _full_mask(n: int, bs: int, heads: int, device) -> BlockSparseMask:
-    """All blocks for ``heads`` heads (:meth:`BlockSparseMask.full`: no sort, no host sync)."""
-    return BlockSparseMask.full(1, heads, bs, (n, n), device)
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,7 +263,7 @@ def sparse_attention(
 
     # ------------------------------------------------------------------ warm-up / forced dense
     if force_dense or all(s.pattern == "dense" for s in groups):
-        full = call.cached(("full", layout, bs, str(dev), H), lambda: _full_mask(N, bs, H, dev))
+        full = call.cached(("full", layout, bs, str(dev), H), lambda: call.full_mask(H))
         out, lse = block_sparse_attention(q, k, v, full, scale=scale, return_lse=True, backend=backend)
         if state is not None:
             state.last_mask = full

@@ -129,7 +129,7 @@ class GroupCall:
         )
 
     def full_mask(self, heads: int) -> BlockSparseMask:
-        """Every block, for ``heads`` heads."""
+        """Every block, for ``heads`` heads (:meth:`BlockSparseMask.full`: no sort, no host sync)."""
         n = self.num_tokens
         return BlockSparseMask.full(1, heads, self.block_size, (n, n), self.device)
 
