@@ -74,23 +74,25 @@ def _forward(
 def _forward_grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU path: query blocks grouped by their number of listed key blocks, one fused attention call
-    (PyTorch's CPU flash kernel, which also returns the LSE) per slice of a group on exactly the gathered
-    key blocks.
+    """CPU path: the query blocks of each (batch, head), grouped by their number of listed key blocks, one
+    fused attention call (PyTorch's CPU flash kernel, which also returns the LSE) per slice of a group on
+    exactly the gathered key blocks.
 
-    No padding slots and no score buffer: each (batch, head, query block) of a group attends to the
-    concatenation of its ``c`` listed key blocks, so the work is the mask's density times dense work, in
-    the same fused, cache-blocked kernel dense SDPA uses. The gathered K/V go through two small work
-    buffers (``_GATHER_ELEMS`` elements), allocated once per call and refilled slice by slice, so the
-    attention reads them from cache: gathering a whole group at once (64 MiB at N = 2048, 50 %) made
-    the path slower than dense SDPA. A ragged last key block is the only masked case (an additive
-    ``-inf`` bias on its padded keys, only for slices that list it).
+    No padding slots and no score buffer: each query block of a group attends to the concatenation of its
+    ``c`` listed key blocks, so the work is the mask's density times dense work, in the same fused,
+    cache-blocked kernel dense SDPA uses. The gathered K/V go through two small work buffers
+    (``_GATHER_ELEMS`` elements), allocated once per call and refilled slice by slice, so the attention
+    reads them from cache (gathering a whole group at once, 64 MiB at N = 2048 and 50 %, made the path
+    slower than dense SDPA). Queries are read and outputs written in place, through ``[Qb, bq, D]``
+    views of ``q`` and of the result in the caller's layout, when the query blocks tile ``Nq`` (else
+    through padded copies): fresh memory is what costs most at small N. A ragged last key block is the
+    only masked case (an additive ``-inf`` bias on its padded keys, only for slices that list it).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     bq, bk = mask.block_size
     Qb, Kb = mask.num_q_blocks, mask.num_kv_blocks
-    dev = q.device
+    dev, f32 = q.device, torch.float32
 
     def blocked(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
         x = x.float()
@@ -98,71 +100,106 @@ def _forward_grouped(
             x = F.pad(x, (0, 0, 0, nb * bs - x.shape[2]))
         return x.reshape(B * H * nb, bs, x.shape[-1])
 
-    qp = blocked(q, Qb, bq)  # [B*H*Qb, bq, D]
-    kp = blocked(k, Kb, bk)  # [B*H*Kb, bk, D]
+    kp = blocked(k, Kb, bk)  # [B*H*Kb, bk, D]: index_select gathers whole blocks from it
     vp = blocked(v, Kb, bk)
-    cnt = mask.kv_counts.expand(B, H, Qb).reshape(-1).long()  # [B*H*Qb]
+    whole_q = Qb * bq == Nq
+    if whole_q:
+        q5 = q.float().unflatten(2, (Qb, bq))  # [B, H, Qb, bq, D] views, any strides
+        res = torch.empty_like(q)
+        out5 = res.unflatten(2, (Qb, bq))
+    else:
+        q5 = F.pad(q.float(), (0, 0, 0, Qb * bq - Nq)).unflatten(2, (Qb, bq))
+        res = torch.empty(B, H, Qb * bq, D, dtype=f32, device=dev)
+        out5 = res.unflatten(2, (Qb, bq))
+    lse = torch.empty(B, H, Qb * bq, dtype=f32, device=dev)
+    lse4 = lse.view(B, H, Qb, bq)
+    cnt = mask.kv_counts.expand(B, H, Qb).reshape(-1).long()  # rows (b, h, i) in that order
     idx = mask.kv_indices.expand(B, H, Qb, -1).reshape(B * H * Qb, -1).long()
-    out = torch.empty(B * H * Qb, bq, D, dtype=torch.float32, device=dev)
-    lse = torch.empty(B * H * Qb, bq, dtype=torch.float32, device=dev)
-    ragged = Kb * bk != Nk
-    counts, order = torch.sort(cnt, stable=True)
-    uniq, sizes = torch.unique_consecutive(counts, return_counts=True)
-    groups = list(zip(uniq.tolist(), sizes.tolist()))
+    M = idx.shape[1]
+    # groups: the rows of one (batch, head) listing the same number of blocks, ascending (stable sort)
+    key = torch.arange(B * H * Qb, device=dev) // Qb * (M + 1) + cnt
+    skey, order = torch.sort(key, stable=True)
+    uniq, sizes = torch.unique_consecutive(skey, return_counts=True)
+    groups = [(u // (M + 1), u % (M + 1), n) for u, n in zip(uniq.tolist(), sizes.tolist())]
     block_elems = bk * D
-    # rows per slice: as many as fill the buffer, at least one (a single row may exceed the budget)
-    cap = max((min(n, max(1, _GATHER_ELEMS // (c * block_elems))) * c for c, n in groups if c), default=0)
-    kbuf = torch.empty(cap * block_elems, dtype=torch.float32, device=dev)
-    vbuf = torch.empty(cap * block_elems, dtype=torch.float32, device=dev)
+    ragged = Kb * bk != Nk
+    pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]: padded keys of the last block
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def attend(qs: torch.Tensor, lists: torch.Tensor, bh: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        """``qs`` [g, m, bq, D] against the key blocks ``lists`` [g, m, c] of (batch, head) ``bh`` [g, 1, 1]."""
+        g, m, c = lists.shape
+        blocks = (lists + bh * Kb).reshape(-1)
+        gathered = (g * m * c, bk, D)
+        kg = torch.index_select(kp, 0, blocks, out=kbuf[: blocks.numel() * block_elems].view(gathered))
+        vg = torch.index_select(vp, 0, blocks, out=vbuf[: blocks.numel() * block_elems].view(gathered))
+        bias = None
+        if ragged:
+            last = lists == Kb - 1
+            if bool(last.any()):
+                bias = torch.zeros(g, m, 1, c * bk, dtype=f32, device=dev)
+                bias.masked_fill_((last[..., None] & pad_key).view(g, m, 1, c * bk), -math.inf)
+        o, l_ = flash(qs, kg.view(g, m, c * bk, D), vg.view(g, m, c * bk, D), 0.0, False,
+                      attn_mask=bias, scale=scale)  # fmt: skip
+        return o, l_
+
+    # Heads whose query blocks all list c blocks (uniform masks: the usual case) run several whole heads
+    # per call as [heads, Qb, bq, D] views; the other groups run per head, in slices of query blocks.
+    units: list[list] = []  # [bh, c, rows, heads]
     start = 0
-    for c, n in groups:
-        group = order[start : start + n]
+    for bh, c, n in groups:
+        rows = order[start : start + n]
         start += n
-        if c == 0:
-            out.index_fill_(0, group, 0.0)
-            lse.index_fill_(0, group, -math.inf)
+        u = units[-1] if units else None
+        if (
+            u is not None and n == Qb and u[2].numel() == Qb * u[3] and u[1] == c and c > 0
+            and bh == u[0] + u[3] and bh // H == u[0] // H and (u[3] + 1) * Qb * c * block_elems <= _GATHER_ELEMS
+        ):  # fmt: skip
+            u[3] += 1
+            u[2] = torch.cat([u[2], rows])
+        else:
+            units.append([bh, c, rows, 1])
+    # the gather buffers: the largest call's blocks (a per-head slice takes as many rows as fit the budget,
+    # at least one, which may exceed it)
+    cap = max(
+        (nh * Qb * c if nh > 1 else min(rows.numel(), max(1, _GATHER_ELEMS // (c * block_elems))) * c
+         for _, c, rows, nh in units if c),
+        default=0,
+    )  # fmt: skip
+    kbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
+    vbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
+    for bh, c, rows, nh in units:
+        b, h = divmod(bh, H)
+        if nh > 1:  # whole heads h .. h + nh - 1, rows in (head, query block) order
+            bhs = torch.arange(bh, bh + nh, device=dev).view(nh, 1, 1)
+            o, l_ = attend(q5[b, h : h + nh], idx[rows, :c].view(nh, Qb, c), bhs)
+            out5[b, h : h + nh] = o
+            lse4[b, h : h + nh] = l_
             continue
+        n = rows.numel()
+        qi = rows - bh * Qb  # query blocks of this (batch, head)
+        q_bh, out_bh, lse_bh = q5[b, h], out5[b, h], lse4[b, h]  # [Qb, bq(, D)] views
+        if c == 0:
+            out_bh.index_fill_(0, qi, 0.0)
+            lse_bh.index_fill_(0, qi, -math.inf)
+            continue
+        first = int(qi[0])
+        consecutive = int(qi[-1]) - first == n - 1  # slices instead of index ops
         step = max(1, _GATHER_ELEMS // (c * block_elems))
-        # a group of consecutive rows (every row lists as many blocks: the usual case) is read and
-        # written through slices instead of index ops (the stable sort keeps a group ascending)
-        first = int(group[0])
-        consecutive = int(group[-1]) - first == n - 1
         for s0 in range(0, n, step):
-            rows = group[s0 : s0 + step]
-            m = rows.numel()
-            r0 = first + s0
-            blocks = (idx[rows, :c] + (rows // Qb * Kb)[:, None]).reshape(-1)  # rows of kp: [m * c]
-            gathered = (m * c, bk, D)
-            kg = torch.index_select(kp, 0, blocks, out=kbuf[: m * c * block_elems].view(gathered))
-            vg = torch.index_select(vp, 0, blocks, out=vbuf[: m * c * block_elems].view(gathered))
-            bias = None
-            if ragged:
-                last = idx[rows, :c] == Kb - 1  # [m, c]
-                if bool(last.any()):
-                    pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]
-                    bad = last[:, :, None] & pad_key  # [m, c, bk]
-                    bias = torch.zeros(m, 1, 1, c * bk, dtype=torch.float32, device=dev)
-                    bias.masked_fill_(bad.view(m, 1, 1, c * bk), -math.inf)
-            qs = qp[r0 : r0 + m] if consecutive else qp.index_select(0, rows)
-            o, l_ = flash(
-                qs.view(m, 1, bq, D),
-                kg.view(m, 1, c * bk, D),
-                vg.view(m, 1, c * bk, D),
-                0.0,
-                False,
-                attn_mask=bias,
-                scale=scale,
-            )
+            i0, m = first + s0, min(step, n - s0)
+            sl = qi[s0 : s0 + m]
+            qs = q_bh[i0 : i0 + m] if consecutive else q_bh.index_select(0, sl)
+            o, l_ = attend(qs.unsqueeze(0), idx[rows[s0 : s0 + m], :c].unsqueeze(0), bh)
             if consecutive:
-                out[r0 : r0 + m] = o.view(m, bq, D)
-                lse[r0 : r0 + m] = l_.view(m, bq)
+                out_bh[i0 : i0 + m] = o[0]
+                lse_bh[i0 : i0 + m] = l_[0]
             else:
-                out.index_copy_(0, rows, o.view(m, bq, D))
-                lse.index_copy_(0, rows, l_.view(m, bq))
-    out = out.view(B, H, Qb * bq, D)[:, :, :Nq]
-    lse = lse.view(B, H, Qb * bq)[:, :, :Nq]
-    return _finish(out, lse, q)
+                out_bh.index_copy_(0, sl, o[0].to(out_bh.dtype))
+                lse_bh.index_copy_(0, sl, l_[0])
+    if whole_q:
+        return res, lse
+    return _finish(res[:, :, :Nq], lse[:, :, :Nq], q)
 
 
 def _forward_chunked(

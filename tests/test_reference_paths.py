@@ -64,18 +64,22 @@ def test_scattered_masks_take_the_grouped_path_and_match_oracle():
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("nq,dtype", [(150, torch.float32), (160, torch.float32), (160, torch.bfloat16)])
 @pytest.mark.parametrize("uniform", [False, True])
-@pytest.mark.parametrize("budget_blocks", [1, 3, 7])
-def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks, uniform):
+@pytest.mark.parametrize("budget_blocks", [1, 3, 7, 80, 1000])
+def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks, uniform, nq, dtype):
     """The grouped path refills its gather buffers slice by slice when a group does not fit
     (``_GATHER_ELEMS``): with a budget of a few key blocks every group is cut into many slices (and a
     row longer than the budget still runs whole) -- ragged last key block, per-batch masks, empty rows,
     q != k lengths -- and must equal the oracle exactly as the unsliced call does. ``uniform``: every
     row lists the same number of blocks, so all rows form one group of consecutive rows (the slice
-    path, no index ops); else groups of scattered rows."""
+    path, no index ops; with a budget of 80 or 1000 blocks, two or three whole heads per call); else
+    groups of scattered rows. Inputs in diffusers' ``[B, N, H, D]`` layout
+    (read through views; the output comes back in that layout and dtype), ``nq`` = 150 a ragged last
+    query block (padded copies), 160 whole blocks (queries read and outputs written in place)."""
     g = torch.Generator().manual_seed(budget_blocks)
-    B, H, nq, nk, D, bs = 2, 3, 150, 201, 8, 16
-    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (nq, nk, nk))
+    B, H, nk, D, bs = 2, 3, 201, 8, 16
+    q, k, v = (torch.randn(B, n, H, D, generator=g).to(dtype).transpose(1, 2) for n in (nq, nk, nk))
     qb, kb = math.ceil(nq / bs), math.ceil(nk / bs)
     if uniform:
         pick = torch.rand(B, H, qb, kb, generator=g).argsort(-1)[..., :4]
@@ -90,7 +94,9 @@ def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks
     monkeypatch.setattr(reference, "_GATHER_ELEMS", budget_blocks * bs * D)
     out, lse = reference._forward_grouped(q, k, v, mask, D**-0.5)
     ref_out, ref_lse = _oracle(q, k, v, mask)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert out.dtype == dtype and out.stride() == q.stride()
+    torch.testing.assert_close(out, ref_out, **tol)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out, whole[0], atol=0, rtol=0)
     if not uniform:
