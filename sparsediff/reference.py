@@ -74,19 +74,20 @@ def _forward(
 def _forward_grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU path: the query blocks of each (batch, head), grouped by their number of listed key blocks, one
-    fused attention call (PyTorch's CPU flash kernel, which also returns the LSE) per slice of a group on
-    exactly the gathered key blocks.
+    """CPU path: fused attention calls (PyTorch's CPU flash kernel, which also returns the LSE) on exactly
+    the gathered key blocks of the query blocks they serve.
 
-    No padding slots and no score buffer: each query block of a group attends to the concatenation of its
-    ``c`` listed key blocks, so the work is the mask's density times dense work, in the same fused,
-    cache-blocked kernel dense SDPA uses. The gathered K/V go through two small work buffers
-    (``_GATHER_ELEMS`` elements), allocated once per call and refilled slice by slice, so the attention
-    reads them from cache (gathering a whole group at once, 64 MiB at N = 2048 and 50 %, made the path
-    slower than dense SDPA). Queries are read and outputs written in place, through ``[Qb, bq, D]``
-    views of ``q`` and of the result in the caller's layout, when the query blocks tile ``Nq`` (else
-    through padded copies): fresh memory is what costs most at small N. A ragged last key block is the
-    only masked case (an additive ``-inf`` bias on its padded keys, only for slices that list it).
+    No padding slots and no score buffer: each query block attends to the concatenation of its ``c``
+    listed key blocks, so the work is the mask's density times dense work, in the same fused,
+    cache-blocked kernel dense SDPA uses. Query blocks go to the kernel together when they list as many
+    blocks: whole heads whose rows all list ``c`` blocks (uniform masks, the usual case) as
+    ``[heads, Qb, bq, D]`` views of ``q`` and of the result in the caller's layout (no copy of either
+    when the query blocks tile ``Nq``), the rows of other heads grouped by their count across heads
+    through index ops. The gathered K/V go through two small work buffers (``_GATHER_ELEMS`` elements),
+    allocated once per call and refilled call by call, so the kernel reads them from cache (gathering a
+    whole group at once, 64 MiB at N = 2048 and 50 %, made the path slower than dense SDPA); fresh
+    memory is what costs most at small N. A ragged last key block is the only masked case (an additive
+    ``-inf`` bias on its padded keys, only for calls that list it).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -113,21 +114,51 @@ def _forward_grouped(
         out5 = res.unflatten(2, (Qb, bq))
     lse = torch.empty(B, H, Qb * bq, dtype=f32, device=dev)
     lse4 = lse.view(B, H, Qb, bq)
-    cnt = mask.kv_counts.expand(B, H, Qb).reshape(-1).long()  # rows (b, h, i) in that order
+    cnt3 = mask.kv_counts.expand(B, H, Qb)
+    cnt = cnt3.reshape(-1).long()  # rows (b, h, i) in that order
     idx = mask.kv_indices.expand(B, H, Qb, -1).reshape(B * H * Qb, -1).long()
-    M = idx.shape[1]
-    # groups: the rows of one (batch, head) listing the same number of blocks, ascending (stable sort)
-    key = torch.arange(B * H * Qb, device=dev) // Qb * (M + 1) + cnt
-    skey, order = torch.sort(key, stable=True)
-    uniq, sizes = torch.unique_consecutive(skey, return_counts=True)
-    groups = [(u // (M + 1), u % (M + 1), n) for u, n in zip(uniq.tolist(), sizes.tolist())]
     block_elems = bk * D
     ragged = Kb * bk != Nk
     pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]: padded keys of the last block
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
+    # Heads whose query blocks all list c blocks (uniform masks, the usual case): runs of such heads go
+    # through the kernel as [heads, Qb, bq, D] views, as many whole heads per call as the budget allows
+    # (a head over the budget alone: in slices of consecutive query blocks). The rows of the other heads
+    # are grouped by their count across heads (few calls), read and written through index ops.
+    head_c = cnt3[..., 0].reshape(-1).tolist()
+    uniform = (cnt3 == cnt3[..., :1]).all(-1).reshape(-1)
+    runs: list[list[int]] = []  # [first (batch * H + head), c, heads]
+    for bh in torch.nonzero(uniform).view(-1).tolist():
+        c, r = head_c[bh], runs[-1] if runs else None
+        if (
+            r is not None and r[0] + r[2] == bh and r[1] == c and bh // H == r[0] // H
+            and (r[2] + 1) * Qb * max(c, 1) * block_elems <= _GATHER_ELEMS
+        ):  # fmt: skip
+            r[2] += 1
+        else:
+            runs.append([bh, c, 1])
+    groups: list[tuple[int, torch.Tensor]] = []  # (c, rows of idx) of the non-uniform heads
+    if not bool(uniform.all()):
+        rest = torch.nonzero(~uniform.repeat_interleave(Qb)).view(-1)
+        counts, order = torch.sort(cnt[rest], stable=True)
+        uniq, sizes = torch.unique_consecutive(counts, return_counts=True)
+        groups = list(zip(uniq.tolist(), torch.split(rest[order], sizes.tolist())))
+
+    def per_call(c: int) -> int:  # query blocks per call: as many as fit the budget, at least one
+        return max(1, _GATHER_ELEMS // (max(c, 1) * block_elems))
+
+    cap = max(
+        [r[2] * Qb * r[1] if r[2] > 1 else min(Qb, per_call(r[1])) * r[1] for r in runs]
+        + [min(rows.numel(), per_call(c)) * c for c, rows in groups],
+        default=0,
+    )
+    kbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
+    vbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
+
     def attend(qs: torch.Tensor, lists: torch.Tensor, bh: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
-        """``qs`` [g, m, bq, D] against the key blocks ``lists`` [g, m, c] of (batch, head) ``bh`` [g, 1, 1]."""
+        """``qs`` [g, m, bq, D] against the key blocks ``lists`` [g, m, c] of (batch * H + head) ``bh``
+        (an int, or [g, m, 1])."""
         g, m, c = lists.shape
         blocks = (lists + bh * Kb).reshape(-1)
         gathered = (g * m * c, bk, D)
@@ -143,60 +174,50 @@ def _forward_grouped(
                       attn_mask=bias, scale=scale)  # fmt: skip
         return o, l_
 
-    # Heads whose query blocks all list c blocks (uniform masks: the usual case) run several whole heads
-    # per call as [heads, Qb, bq, D] views; the other groups run per head, in slices of query blocks.
-    units: list[list] = []  # [bh, c, rows, heads]
-    start = 0
-    for bh, c, n in groups:
-        rows = order[start : start + n]
-        start += n
-        u = units[-1] if units else None
-        if (
-            u is not None and n == Qb and u[2].numel() == Qb * u[3] and u[1] == c and c > 0
-            and bh == u[0] + u[3] and bh // H == u[0] // H and (u[3] + 1) * Qb * c * block_elems <= _GATHER_ELEMS
-        ):  # fmt: skip
-            u[3] += 1
-            u[2] = torch.cat([u[2], rows])
-        else:
-            units.append([bh, c, rows, 1])
-    # the gather buffers: the largest call's blocks (a per-head slice takes as many rows as fit the budget,
-    # at least one, which may exceed it)
-    cap = max(
-        (nh * Qb * c if nh > 1 else min(rows.numel(), max(1, _GATHER_ELEMS // (c * block_elems))) * c
-         for _, c, rows, nh in units if c),
-        default=0,
-    )  # fmt: skip
-    kbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
-    vbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
-    for bh, c, rows, nh in units:
+    for bh, c, nh in runs:
         b, h = divmod(bh, H)
-        if nh > 1:  # whole heads h .. h + nh - 1, rows in (head, query block) order
+        if c == 0:
+            out5[b, h : h + nh] = 0.0
+            lse4[b, h : h + nh] = -math.inf
+        elif nh > 1:
             bhs = torch.arange(bh, bh + nh, device=dev).view(nh, 1, 1)
+            rows = slice(bh * Qb, (bh + nh) * Qb)
             o, l_ = attend(q5[b, h : h + nh], idx[rows, :c].view(nh, Qb, c), bhs)
             out5[b, h : h + nh] = o
             lse4[b, h : h + nh] = l_
-            continue
-        n = rows.numel()
-        qi = rows - bh * Qb  # query blocks of this (batch, head)
-        q_bh, out_bh, lse_bh = q5[b, h], out5[b, h], lse4[b, h]  # [Qb, bq(, D)] views
-        if c == 0:
-            out_bh.index_fill_(0, qi, 0.0)
-            lse_bh.index_fill_(0, qi, -math.inf)
-            continue
-        first = int(qi[0])
-        consecutive = int(qi[-1]) - first == n - 1  # slices instead of index ops
-        step = max(1, _GATHER_ELEMS // (c * block_elems))
-        for s0 in range(0, n, step):
-            i0, m = first + s0, min(step, n - s0)
-            sl = qi[s0 : s0 + m]
-            qs = q_bh[i0 : i0 + m] if consecutive else q_bh.index_select(0, sl)
-            o, l_ = attend(qs.unsqueeze(0), idx[rows[s0 : s0 + m], :c].unsqueeze(0), bh)
-            if consecutive:
-                out_bh[i0 : i0 + m] = o[0]
-                lse_bh[i0 : i0 + m] = l_[0]
-            else:
-                out_bh.index_copy_(0, sl, o[0].to(out_bh.dtype))
-                lse_bh.index_copy_(0, sl, l_[0])
+        else:
+            step = per_call(c)
+            for i0 in range(0, Qb, step):
+                i1 = min(Qb, i0 + step)
+                lists = idx[bh * Qb + i0 : bh * Qb + i1, :c]
+                o, l_ = attend(q5[b, h, i0:i1].unsqueeze(0), lists.unsqueeze(0), bh)
+                out5[b, h, i0:i1] = o[0]
+                lse4[b, h, i0:i1] = l_[0]
+    if groups:  # rows of the non-uniform heads: blocked copies of q / the output, index ops on rows
+        qp = q5.reshape(B * H * Qb, bq, D)  # a view when q is [B, H, N, D]-contiguous fp32
+        flat_out = res.is_contiguous() and res.dtype == f32
+        of = (
+            out5.view(B * H * Qb, bq, D)
+            if flat_out
+            else torch.empty(B * H * Qb, bq, D, dtype=f32, device=dev)
+        )
+        lf = lse.view(B * H * Qb, bq)
+        for c, rows in groups:
+            step = per_call(c)
+            for s0 in range(0, rows.numel(), step):
+                r = rows[s0 : s0 + step]
+                if c == 0:
+                    of.index_fill_(0, r, 0.0)
+                    lf.index_fill_(0, r, -math.inf)
+                    continue
+                o, l_ = attend(
+                    qp.index_select(0, r).unsqueeze(0), idx[r, :c].unsqueeze(0), (r // Qb).view(1, -1, 1)
+                )
+                of.index_copy_(0, r, o[0])
+                lf.index_copy_(0, r, l_[0])
+        if not flat_out:
+            for bh in torch.nonzero(~uniform).view(-1).tolist():
+                out5[bh // H, bh % H] = of[bh * Qb : (bh + 1) * Qb]
     if whole_q:
         return res, lse
     return _finish(res[:, :, :Nq], lse[:, :, :Nq], q)

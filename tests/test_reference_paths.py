@@ -74,7 +74,7 @@ def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks
     q != k lengths -- and must equal the oracle exactly as the unsliced call does. ``uniform``: every
     row lists the same number of blocks, so all rows form one group of consecutive rows (the slice
     path, no index ops; with a budget of 80 or 1000 blocks, two or three whole heads per call); else
-    groups of scattered rows. Inputs in diffusers' ``[B, N, H, D]`` layout
+    one uniform head and two whose rows are grouped by count across heads (index ops). Inputs in diffusers' ``[B, N, H, D]`` layout
     (read through views; the output comes back in that layout and dtype), ``nq`` = 150 a ragged last
     query block (padded copies), 160 whole blocks (queries read and outputs written in place)."""
     g = torch.Generator().manual_seed(budget_blocks)
@@ -89,6 +89,8 @@ def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks
         blocks = torch.rand(B, H, qb, kb, generator=g) < 0.4
         blocks[:, :, :, -1] |= torch.rand(B, H, qb, generator=g) < 0.5  # the ragged block, in some slices
         blocks[0, 1, 2] = False  # an empty row
+        pick = torch.rand(B, qb, kb, generator=g).argsort(-1)[..., :3]
+        blocks[:, 0] = torch.zeros(B, qb, kb, dtype=torch.bool).scatter_(-1, pick, True)  # head 0 uniform
     mask = BlockSparseMask.from_dense(blocks, bs, (nq, nk))
     whole = reference._forward_grouped(q, k, v, mask, D**-0.5)
     monkeypatch.setattr(reference, "_GATHER_ELEMS", budget_blocks * bs * D)
