@@ -1,8 +1,9 @@
 """Pure-PyTorch twin of the block-sparse attention kernel: the reference oracle and the CPU fallback.
 
-It processes query blocks in chunks and gathers only the listed key/value blocks, so it never
-materialises an ``Nq x Nk`` score matrix and its cost scales with the mask density. All arithmetic is
-done in float32 (``upcast``); the output is cast back to the input dtype.
+It gathers only the listed key/value blocks of each query block, so it never materialises an
+``Nq x Nk`` score matrix and its cost scales with the mask density: on CPU through PyTorch's fused CPU
+flash kernel (:func:`_forward_grouped`), elsewhere in chunks of query blocks (:func:`_forward_chunked`).
+All arithmetic is done in float32 (``upcast``); the output is cast back to the input dtype.
 """
 
 from __future__ import annotations
