@@ -20,11 +20,12 @@ __all__ = ["block_sparse_attention", "attention_ref"]
 # Upper bound on the elements of one gathered K (or V) chunk and of its scores, fp32: 2**22 = 16 MiB
 # (measured on CPU: 20 % faster than 64 MiB chunks at N = 4096, cache-friendlier, same op count).
 _CHUNK_ELEMS = 1 << 22
-#: Elements of each of the grouped path's two gather buffers (K and V), fp32: 2**17 = 512 KiB, so a
-#: slice's gathered K/V are still in cache when the attention call reads them. Measured on the 2-core CI
-#: machine (AMD EPYC, 512 KiB L2 per core; 2026-11-30, one thread, block 64, 50 % random masks, speed-up
-#: over dense SDPA at N = 512 / 1024 / 2048, D = 64): 32 KiB 0.89 / 0.94 / 1.19, 512 KiB 1.32 / 1.36 /
-#: 1.38, 1 MiB 1.24 / 1.41 / 1.47, 4 MiB 0.81 / 1.21 / 1.42; one gather per group (64 MiB at N = 2048) 0.7.
+#: Elements of each of the grouped path's two gather buffers (K and V) per torch thread, fp32: 2**17 =
+#: 512 KiB, so a call's gathered K/V are still in cache when the kernel reads them. Measured on the 2-core
+#: CI machine (AMD EPYC, 512 KiB L2 per core; 2026-11-30, block 64, 50 % random masks, speed-up over
+#: dense SDPA at N = 512 / 1024 / 2048, D = 64), one thread: 32 KiB 0.89 / 0.94 / 1.19, 512 KiB 1.32 /
+#: 1.36 / 1.38, 1 MiB 1.24 / 1.41 / 1.47, 4 MiB 0.81 / 1.21 / 1.42 (one gather per group, 64 MiB at
+#: N = 2048: 0.7); two threads (N = 1024 / 2048): 512 KiB 1.08 / 1.11, 1 MiB 1.14 / 1.25, 2 MiB 1.04 / 1.13.
 _GATHER_ELEMS = 1 << 17
 
 
@@ -84,7 +85,7 @@ def _forward_grouped(
     blocks: whole heads whose rows all list ``c`` blocks (uniform masks, the usual case) as
     ``[heads, Qb, bq, D]`` views of ``q`` and of the result in the caller's layout (no copy of either
     when the query blocks tile ``Nq``), the rows of other heads grouped by their count across heads
-    through index ops. The gathered K/V go through two small work buffers (``_GATHER_ELEMS`` elements),
+    through index ops. The gathered K/V go through two small work buffers (``_GATHER_ELEMS`` per thread),
     allocated once per call and refilled call by call, so the kernel reads them from cache (gathering a
     whole group at once, 64 MiB at N = 2048 and 50 %, made the path slower than dense SDPA); fresh
     memory is what costs most at small N. A ragged last key block is the only masked case (an additive
@@ -119,6 +120,8 @@ def _forward_grouped(
     cnt = cnt3.reshape(-1).long()  # rows (b, h, i) in that order
     idx = mask.kv_indices.expand(B, H, Qb, -1).reshape(B * H * Qb, -1).long()
     block_elems = bk * D
+    # elements per gather buffer: _GATHER_ELEMS per thread, so one call holds work for every thread
+    budget = _GATHER_ELEMS * max(1, torch.get_num_threads())
     ragged = Kb * bk != Nk
     pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]: padded keys of the last block
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -134,7 +137,7 @@ def _forward_grouped(
         c, r = head_c[bh], runs[-1] if runs else None
         if (
             r is not None and r[0] + r[2] == bh and r[1] == c and bh // H == r[0] // H
-            and (r[2] + 1) * Qb * max(c, 1) * block_elems <= _GATHER_ELEMS
+            and (r[2] + 1) * Qb * max(c, 1) * block_elems <= budget
         ):  # fmt: skip
             r[2] += 1
         else:
@@ -147,7 +150,7 @@ def _forward_grouped(
         groups = list(zip(uniq.tolist(), torch.split(rest[order], sizes.tolist())))
 
     def per_call(c: int) -> int:  # query blocks per call: as many as fit the budget, at least one
-        return max(1, _GATHER_ELEMS // (max(c, 1) * block_elems))
+        return max(1, budget // (max(c, 1) * block_elems))
 
     cap = max(
         [r[2] * Qb * r[1] if r[2] > 1 else min(Qb, per_call(r[1])) * r[1] for r in runs]

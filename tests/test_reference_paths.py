@@ -93,7 +93,8 @@ def test_grouped_path_in_buffer_slices_matches_oracle(monkeypatch, budget_blocks
         blocks[:, 0] = torch.zeros(B, qb, kb, dtype=torch.bool).scatter_(-1, pick, True)  # head 0 uniform
     mask = BlockSparseMask.from_dense(blocks, bs, (nq, nk))
     whole = reference._forward_grouped(q, k, v, mask, D**-0.5)
-    monkeypatch.setattr(reference, "_GATHER_ELEMS", budget_blocks * bs * D)
+    # the budget is per thread: the effective budget is budget_blocks blocks whatever the thread count
+    monkeypatch.setattr(reference, "_GATHER_ELEMS", budget_blocks * bs * D // torch.get_num_threads())
     out, lse = reference._forward_grouped(q, k, v, mask, D**-0.5)
     ref_out, ref_lse = _oracle(q, k, v, mask)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
