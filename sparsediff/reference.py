@@ -73,6 +73,15 @@ def _forward(
     return _forward_chunked(q, k, v, mask, scale)
 
 
+def _blocked(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
+    """``[B, H, N, d]`` (any strides) -> zero-padded fp32 blocks ``[B * H * nb, bs, d]``; no copy when ``x``
+    is already contiguous fp32 with ``N == nb * bs``."""
+    x = x.float()
+    if nb * bs != x.shape[2]:
+        x = F.pad(x, (0, 0, 0, nb * bs - x.shape[2]))
+    return x.reshape(-1, bs, x.shape[-1])
+
+
 def _forward_grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,14 +106,8 @@ def _forward_grouped(
     Qb, Kb = mask.num_q_blocks, mask.num_kv_blocks
     dev, f32 = q.device, torch.float32
 
-    def blocked(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
-        x = x.float()
-        if nb * bs != x.shape[2]:
-            x = F.pad(x, (0, 0, 0, nb * bs - x.shape[2]))
-        return x.reshape(B * H * nb, bs, x.shape[-1])
-
-    kp = blocked(k, Kb, bk)  # [B*H*Kb, bk, D]: index_select gathers whole blocks from it
-    vp = blocked(v, Kb, bk)
+    kp = _blocked(k, Kb, bk)  # [B*H*Kb, bk, D]: index_select gathers whole blocks from it
+    vp = _blocked(v, Kb, bk)
     whole_q = Qb * bq == Nq
     if whole_q:
         q5 = q.float().unflatten(2, (Qb, bq))  # [B, H, Qb, bq, D] views, any strides
@@ -239,19 +242,11 @@ def _forward_chunked(
         out = torch.zeros(B, H, Nq, Dv, dtype=torch.float32, device=dev)
         return _finish(out, torch.full((B, H, Nq), -math.inf, dtype=torch.float32, device=dev), q)
 
-    def blocked(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
-        # [B, H, N, d] (any strides) -> zero-padded fp32 blocks [B * H * nb, bs, d]; no copy when x is
-        # already contiguous fp32 with N a multiple of bs.
-        x = x.float()
-        if nb * bs != x.shape[2]:
-            x = F.pad(x, (0, 0, 0, nb * bs - x.shape[2]))
-        return x.reshape(B * H * nb, bs, x.shape[-1])
-
-    qp = blocked(q, Qb, bq).view(B, H, Qb, bq, D)
+    qp = _blocked(q, Qb, bq).view(B, H, Qb, bq, D)
     # [B*H*Kb + 1, bk, D]: the extra all-zero block is what padding slots gather, so a NaN/inf in a block
     # a row does not list can never reach it through 0 * NaN (the kernel never reads those blocks)
-    kp = torch.cat([blocked(k, Kb, bk), k.new_zeros(1, bk, D, dtype=torch.float32)])
-    vp = torch.cat([blocked(v, Kb, bk), v.new_zeros(1, bk, Dv, dtype=torch.float32)])
+    kp = torch.cat([_blocked(k, Kb, bk), k.new_zeros(1, bk, D, dtype=torch.float32)])
+    vp = torch.cat([_blocked(v, Kb, bk), v.new_zeros(1, bk, Dv, dtype=torch.float32)])
     zero_block = B * H * Kb
     idx = mask.kv_indices.to(dev).expand(B, H, -1, -1)
     cnt = mask.kv_counts.to(dev).expand(B, H, -1)
