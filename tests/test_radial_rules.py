@@ -11,11 +11,9 @@
   the same mask (why they tie on the embedded model and at 8x16x16).
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from _samples import load_sample
 
 from sparsediff.layout import TokenLayout
 from sparsediff.mask import BlockSparseMask
@@ -24,7 +22,6 @@ from sparsediff.reference import attention_ref, block_sparse_attention
 from sparsediff.specs import HeadSpec
 from sparsediff.testing import planted_qkv
 
-_PATH = Path(__file__).resolve().parents[1] / "samples" / "radial_rules.py"
 LAYOUT = TokenLayout.video(12, 10, 14, text_len=8, text_position="after")  # N = 1688, 140 tokens per frame
 BLOCK = 64
 RULES = ("any", "reference")
@@ -32,10 +29,7 @@ RULES = ("any", "reference")
 
 @pytest.fixture(scope="module")
 def rr():
-    spec = importlib.util.spec_from_file_location("radial_rules", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_sample("radial_rules")
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,17 @@
 """samples/compare_plans.py: the library example runs, writes the report and refuses to overwrite."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _samples import load_sample
 
 from sparsediff.embedded import EmbeddedModelConfig, tiny_random_pipeline
-
-_PATH = Path(__file__).resolve().parents[1] / "samples" / "compare_plans.py"
 
 
 @pytest.fixture(scope="module")
 def cp():
-    spec = importlib.util.spec_from_file_location("compare_plans", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_sample("compare_plans")
 
 
 def test_compare_plans_writes_report_and_refuses_overwrite(cp, tmp_path, monkeypatch, capsys):
