@@ -9,7 +9,12 @@
 
 from __future__ import annotations
 
-from . import patterns, permute, testing
+from . import (
+    _source_tree,  # noqa: F401  (first: makes sparsediff.kernels / .pipelines importable)
+    patterns,
+    permute,
+    testing,
+)
 from .api import (
     SparseAttentionHandle,
     disable_sparse_attention,

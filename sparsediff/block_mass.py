@@ -1,4 +1,4 @@
-"""Block attention mass from a cached log-sum-exp: PyTorch twin of ``sparsediff.kernels.block_mass``.
+"""Block attention mass from a cached log-sum-exp: PyTorch twin of ``sparsediff.kernels.launch.block_mass``.
 
 ``mass[b, h, i, j] = sum_{r in q-block i, c in k-block j} exp(q_r . k_c * scale - lse[b, h, r])`` --
 the softmax probability that query block ``i`` puts on key block ``j`` when ``lse`` is the row's
@@ -75,11 +75,11 @@ def block_mass(
     if backend != "reference":
         reasons = triton_reasons(q)
         if not reasons:
-            from . import kernels
+            from .kernels import launch as kernels
 
             reasons = kernels.not_supported_reasons(q, (block_q, block_kv))
         if not reasons:
-            from . import kernels
+            from .kernels import launch as kernels
 
             return kernels.block_mass(q, k, lse, block_q=block_q, block_kv=block_kv, scale=scale)
         if backend == "triton":

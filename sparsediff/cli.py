@@ -13,7 +13,7 @@ def _info(argv: list[str]) -> int:
     import torch
 
     import sparsediff
-    from sparsediff import kernels
+    from sparsediff.kernels import launch as kernels
 
     print(f"sparsediff {sparsediff.__version__}")
     print(f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()})")

@@ -862,7 +862,7 @@ def _environment(device: str) -> dict[str, Any]:
         env["torch_threads"] = torch.get_num_threads()
     env["cpu_count"] = os.cpu_count()
     try:
-        from . import kernels
+        from .kernels import launch as kernels
 
         env["triton"] = kernels.triton_available()
     except Exception:  # pragma: no cover

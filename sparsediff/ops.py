@@ -76,7 +76,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockS
 def _kernels():
     """Import the Triton kernels lazily; returns the module or the import error."""
     try:
-        from . import kernels  # sparsediff.kernels, i.e. the top-level kernels/ folder
+        # the top-level kernels/ folder, installed as sparsediff.kernels
+        from .kernels import launch as kernels
     except Exception as e:  # pragma: no cover - depends on platform
         return e
     return kernels

@@ -193,7 +193,7 @@ def test_kernel_ignores_padding_entries_past_count():
 
 
 def test_kernel_rejects_unsupported_block_sizes_and_head_dims():
-    from sparsediff.kernels import not_supported_reasons
+    from sparsediff.kernels.launch import not_supported_reasons
 
     q = torch.empty(1, 1, 48, 64)
     assert not_supported_reasons(q, (16, 64)) == []

@@ -7,7 +7,8 @@ _SCRIPT = """
 import sys
 sys.modules["triton"] = None  # what an absent package looks like to find_spec / import
 import torch, sparsediff
-from sparsediff import BlockSparseMask, block_sparse_attention, kernels
+from sparsediff import BlockSparseMask, block_sparse_attention
+from sparsediff.kernels import launch as kernels
 from sparsediff.ops import triton_reasons
 assert not kernels.triton_available()
 q = torch.randn(1, 2, 100, 32)

@@ -1,7 +1,10 @@
-"""Triton kernels of sparsediff (installed as ``sparsediff.kernels``).
+"""Launch entry points of sparsediff's Triton kernels (``sparsediff.kernels.launch``).
 
-Only ``@triton.jit`` code and thin launch wrappers live here; torch glue, the custom op and the
-reference twins live in ``sparsediff/``. Importing this package never fails without Triton:
+The ``kernels/`` folder installs as ``sparsediff.kernels`` and has no ``__init__.py`` on purpose: a
+top-level ``kernels/__init__.py`` would shadow Hugging Face's ``kernels`` distribution (which
+transformers installs and diffusers imports) whenever Python runs from the repo root. Only
+``@triton.jit`` code and these thin launch wrappers live in ``kernels/``; torch glue, the custom op and
+the reference twins live in ``sparsediff/``. Importing this module never fails without Triton:
 :func:`triton_available` says whether the kernels can be used.
 """
 
@@ -53,8 +56,6 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, *, block_q, block
 
 
 def block_mass(q, k, lse, *, block_q, block_kv, scale):
-    # The kernel module is not called block_mass.py: importing a submodule of that name would replace
-    # this function with the module object on the package.
     from .block_attn_mass import block_mass as _f
 
     with _device_guard(q):

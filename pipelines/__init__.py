@@ -1,1 +1,0 @@
-"""Per-model adapters for diffusers pipelines (installed as ``sparsediff.pipelines``)."""
