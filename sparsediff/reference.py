@@ -9,6 +9,7 @@ All arithmetic is done in float32 (``upcast``); the output is cast back to the i
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +21,40 @@ __all__ = ["block_sparse_attention", "attention_ref"]
 # Upper bound on the elements of one gathered K (or V) chunk and of its scores, fp32: 2**22 = 16 MiB
 # (measured on CPU: 20 % faster than 64 MiB chunks at N = 4096, cache-friendlier, same op count).
 _CHUNK_ELEMS = 1 << 22
-#: Elements of each of the grouped path's two gather buffers (K and V) per torch thread, fp32: 2**17 =
-#: 512 KiB, so a call's gathered K/V are still in cache when the kernel reads them. Measured on the 2-core
-#: CI machine (AMD EPYC, 512 KiB L2 per core; 2026-11-30, block 64, 50 % random masks, speed-up over
-#: dense SDPA at N = 512 / 1024 / 2048, D = 64), one thread: 32 KiB 0.89 / 0.94 / 1.19, 512 KiB 1.32 /
-#: 1.36 / 1.38, 1 MiB 1.24 / 1.41 / 1.47, 4 MiB 0.81 / 1.21 / 1.42 (one gather per group, 64 MiB at
-#: N = 2048: 0.7); two threads (N = 1024 / 2048): 512 KiB 1.08 / 1.11, 1 MiB 1.14 / 1.25, 2 MiB 1.04 / 1.13.
-_GATHER_ELEMS = 1 << 17
+#: Elements of each of the grouped path's two gather buffers (K and V) per torch thread, fp32: 2**20 =
+#: 4 MiB, from a per-thread workspace kept between calls (:func:`_work_buffers`). The budget bounds the
+#: query blocks per fused call (``budget // (count * block * D)``): at 4096 tokens (D = 32, rows listing
+#: ~40 blocks) 2**17 allowed one query block per call -- 372 calls per layer for a radial mask, ~60 us of
+#: dispatch each. Measured (2026-12-04, 1 thread, shared 2-core AMD EPYC, speed-up over dense SDPA at
+#: 16x16x16 tokens, H = 6, D = 32, for 2**17 / 2**20): radial 0.93 / 1.05x, tile (3,3,3) 1.55 / 1.70x,
+#: top-p .9 0.68 / 0.79x; at 8x16x16, D = 64: tile (1,3,3) 1.61 / 1.67x. (The earlier finding that 4 MiB
+#: buffers were slower at N = 512 came from allocating them fresh -- page faults -- on every call.)
+_GATHER_ELEMS = 1 << 20
+#: Largest work buffer (elements, fp32) a thread keeps between calls (:func:`_work_buffers`): 64 MiB.
+_WORKSPACE_MAX_ELEMS = 1 << 24
+
+
+class _Workspace(threading.local):
+    """Per-thread CPU work memory of the grouped path, kept between calls (a workspace, not state: its
+    contents never outlive the call that fills them). Fresh large allocations come from ``mmap`` and are
+    page-faulted in on every call -- measured to cost more than the attention they serve at small N."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+
+_WS = _Workspace()
+
+
+def _work_buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two fp32 buffers of ``n`` elements (gathered K and V) from this thread's workspace (CPU)."""
+    if device.type != "cpu" or 2 * n > _WORKSPACE_MAX_ELEMS:
+        buf = torch.empty(2 * n, dtype=torch.float32, device=device)
+    else:
+        buf = _WS.buf
+        if buf is None or buf.numel() < 2 * n:
+            buf = _WS.buf = torch.empty(2 * n, dtype=torch.float32)
+    return buf[:n], buf[n : 2 * n]
 
 
 def block_sparse_attention(
@@ -105,6 +133,13 @@ def _forward_grouped(
     bq, bk = mask.block_size
     Qb, Kb = mask.num_q_blocks, mask.num_kv_blocks
     dev, f32 = q.device, torch.float32
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    if bool((mask.kv_counts == Kb).all()):
+        # Every row lists every key block (a window covering the whole grid, a dense warm-up pass): dense
+        # attention, without gathers (a row lists each block once, so all of them means all keys).
+        o, l_ = flash(q.float(), k.float(), v.float(), 0.0, False, scale=scale)
+        return _finish(o, l_, q)
 
     kp = _blocked(k, Kb, bk)  # [B*H*Kb, bk, D]: index_select gathers whole blocks from it
     vp = _blocked(v, Kb, bk)
@@ -127,7 +162,6 @@ def _forward_grouped(
     budget = _GATHER_ELEMS * max(1, torch.get_num_threads())
     ragged = Kb * bk != Nk
     pad_key = torch.arange(bk, device=dev) >= Nk - (Kb - 1) * bk  # [bk]: padded keys of the last block
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
     # Heads whose query blocks all list c blocks (uniform masks, the usual case): runs of such heads go
     # through the kernel as [heads, Qb, bq, D] views, as many whole heads per call as the budget allows
@@ -160,8 +194,7 @@ def _forward_grouped(
         + [min(rows.numel(), per_call(c)) * c for c, rows in groups],
         default=0,
     )
-    kbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
-    vbuf = torch.empty(cap * block_elems, dtype=f32, device=dev)
+    kbuf, vbuf = _work_buffers(cap * block_elems, dev)
 
     def attend(qs: torch.Tensor, lists: torch.Tensor, bh: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
         """``qs`` [g, m, bq, D] against the key blocks ``lists`` [g, m, c] of (batch * H + head) ``bh``

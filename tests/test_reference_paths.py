@@ -117,3 +117,33 @@ def test_nan_reaches_only_rows_that_attend_it(path):
     mask = BlockSparseMask.from_dense(blocks, bs, (N, N))
     out, _ = getattr(reference, f"_forward_{path}")(q, k, v, mask, D**-0.5)
     assert torch.isfinite(out[:, :, :bs]).all() and torch.isnan(out[:, :, bs:]).all()
+
+
+@pytest.mark.parametrize("nq,nk,bs", [(97, 113, 16), (64, 130, 32)])
+def test_full_mask_runs_dense_without_gathers_and_matches_oracle(nq, nk, bs, monkeypatch):
+    """Every row listing every key block (a window covering the grid, a dense warm-up) takes the dense
+    shortcut: one fused call on q/k/v, no gathers; same result as the oracle, q's layout and dtype kept."""
+    g = torch.Generator().manual_seed(nq)
+    B, H, D = 2, 3, 24
+    q = torch.randn(B, nq, H, D, generator=g).transpose(1, 2)
+    k, v = (torch.randn(B, H, nk, D, generator=g) for _ in range(2))
+    mask = BlockSparseMask.full(1, H, bs, (nq, nk))
+    gathers = []
+    monkeypatch.setattr(
+        reference, "_work_buffers", lambda *a: gathers.append(a) or (_ for _ in ()).throw(AssertionError)
+    )
+    out, lse = reference._forward_grouped(q, k, v, mask, D**-0.5)
+    assert not gathers
+    ref_out, ref_lse = _oracle(q, k, v, mask)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    assert out.stride() == q.stride() and out.dtype == q.dtype
+    # one block short of full (the last row drops its first block): the gather path, and still exact
+    m2 = mask.to_dense().clone()
+    m2[0, 0, -1, 0] = False
+    part = BlockSparseMask.from_dense(m2, bs, (nq, nk))
+    monkeypatch.undo()
+    out2, lse2 = reference._forward_grouped(q, k, v, part, D**-0.5)
+    ref2, ref_lse2 = _oracle(q, k, v, part)
+    torch.testing.assert_close(out2, ref2, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse2, ref_lse2, atol=2e-5, rtol=1e-4)
