@@ -14,7 +14,9 @@ from sparsediff.cli import main as sd_main
 from sparsediff.plan import Plan
 from sparsediff.search.profile import SearchStats, profile_pipeline
 
-RUN = ["--block-size", "8", "--num-rows", "32", "--no-progress"]
+# --keep-slow-layers: at these tiny sizes no sparse layer is faster than dense SDPA on a CPU, so the default
+# speed guard would make every layer dense (tests/test_search_price.py tests the guard)
+RUN = ["--block-size", "8", "--num-rows", "32", "--no-progress", "--keep-slow-layers"]
 
 
 def tiny_wan():

@@ -75,6 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--num-rows", type=int, default=512, help="sampled query rows per head and call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dense-steps",
+        metavar="N|F",
+        help="dense warm-up of the plan: an int counts steps, a number with a decimal point is a fraction "
+        "(default: the model family's, 0.25)",
+    )
+    ap.add_argument(
+        "--dense-layers",
+        metavar="I,J,...",
+        help="self-attention layers kept dense ('' for none; default: the model family's, the first layer)",
+    )
+    ap.add_argument(
+        "--keep-slow-layers",
+        action="store_true",
+        help="keep sparse layers whose replayed attention is not faster than dense on this device (by "
+        "default they are made dense: the plan is never slower than dense where it was searched)",
+    )
     ap.add_argument("--device", default=None, help="device for the pipeline (default: cuda if available)")
     ap.add_argument("--calibrate", action="store_true", help="time the op on this device for the cost model")
     ap.add_argument("--no-progress", action="store_true")
@@ -160,6 +177,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _parse_schedule(
+    steps: str | None, layers: str | None
+) -> tuple[int | float | None, tuple[int, ...] | None]:
+    from ..specs import DenseSchedule
+
+    ds: int | float | None = None
+    if steps is not None:
+        try:
+            ds = float(steps) if any(c in steps for c in ".eE") else int(steps)
+        except ValueError:
+            raise SearchInputError(f"--dense-steps: {steps!r} is neither an int nor a fraction") from None
+    dl: tuple[int, ...] | None = None
+    if layers is not None:
+        try:
+            dl = tuple(int(x) for x in layers.split(",") if x.strip())
+        except ValueError:
+            raise SearchInputError(
+                f"--dense-layers: {layers!r} is not a comma list of layer indices"
+            ) from None
+    try:
+        DenseSchedule(0 if ds is None else ds, dl or ())
+    except (TypeError, ValueError) as e:
+        raise SearchInputError(f"--dense-steps / --dense-layers: {e}") from None
+    return ds, dl
+
+
 def _run(args) -> int:
     import torch
 
@@ -174,6 +217,7 @@ def _run(args) -> int:
     if args.density is not None and not 0 < args.density <= 1:
         raise SearchInputError(f"--density must be in (0, 1], got {args.density}")
     psteps = _parse_steps(args.profile_steps)
+    args.dense_steps, args.dense_layers = _parse_schedule(args.dense_steps, args.dense_layers)
     fams = [x.strip() for x in args.candidates.split(",")] if args.candidates else None
     known = ("dense", "radial", "tile", "reordered", "cluster", "topp", "lse_cache", "skip")
     if fams and any(f not in known for f in fams):
@@ -257,7 +301,10 @@ def _run(args) -> int:
     from ..specs import DenseSchedule
 
     fs = family_schedule(adapter)
-    schedule = DenseSchedule(fs["dense_steps"], tuple(fs["dense_layers"]))
+    schedule = DenseSchedule(
+        fs["dense_steps"] if args.dense_steps is None else args.dense_steps,
+        tuple(fs["dense_layers"]) if args.dense_layers is None else args.dense_layers,
+    )
     any_layer = next(iter(stats.layers.values()))
     cost = CostCache().get(
         device,
@@ -275,7 +322,20 @@ def _run(args) -> int:
         schedule=schedule,
         min_tokens=int(fs["min_tokens"]),
     )
+    from .price import price_searched_plan
+
+    plan, _, lines = price_searched_plan(
+        plan,
+        stats,
+        transformer,
+        num_steps=int(steps),
+        device=device,
+        block_size=args.block_size,
+        guard=not args.keep_slow_layers,
+    )
     print(report.format())
+    for line in lines:
+        print(line)
     if not report.choice.met:
         print(
             "WARNING: the budget cannot be met; wrote the closest (best-effort) plan, flagged "

@@ -54,14 +54,14 @@ class SearchStats:
         layers: ``{self-attention layer index: LayerStats}``.
         meta: ``num_steps``, ``profile_steps``, ``prompts`` (count), ``block_size``, ``num_rows``, ``seed``,
             ``pipeline_seconds`` / ``observer_seconds`` / ``transformer_calls`` (for the whole-step
-            speedup), ``transformer_class``.
+            speedup), ``transformer_class``, ``batch`` (samples per transformer call).
     """
 
     layers: dict[int, LayerStats] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     _SUMMED = ("prompts", "pipeline_seconds", "observer_seconds", "transformer_calls")
-    _SAME = ("num_steps", "profile_steps", "block_size", "num_rows", "seed", "transformer_class")
+    _SAME = ("num_steps", "profile_steps", "block_size", "num_rows", "seed", "transformer_class", "batch")
 
     def merge(self, other: SearchStats) -> SearchStats:
         """Statistics of both runs (same model, settings and candidates); a new object."""
@@ -228,6 +228,7 @@ def profile_pipeline(
     dense_time: dict[int, list[float]] = {}
     seen_calls: set[tuple[int, int]] = set()
     obs_time = [0.0]
+    batch: list[int] = []  # samples per transformer call (2 when CFG runs its branches in one batch)
 
     def cands_for(layout: TokenLayout) -> tuple[HeadSpec, ...]:
         c = cand_cache.get(layout)
@@ -255,6 +256,8 @@ def profile_pipeline(
                 cands_for(call.layout), block_size=block_size, num_rows=num_rows, seed=seed
             )
         acc.add(call.query, call.key, call.value, call.layout, scale=call.scale)
+        if not batch:
+            batch.append(int(call.query.shape[0]))
         if call.layer == 0:
             seen_calls.add((call.step, call.branch))
         if time_attention and call.layer not in timed:
@@ -312,6 +315,7 @@ def profile_pipeline(
                 "pipeline_seconds": wall,
                 "observer_seconds": obs_time[0],
                 "transformer_calls": _transformer_calls(seen_calls, steps, len(psteps)),
+                "batch": batch[0] if batch else None,
             },
         )
         result = result.merge(run)
