@@ -313,6 +313,109 @@ def _bench_shape(
     return rows
 
 
+def run_plan_benchmark(
+    plan,
+    layout,
+    *,
+    num_heads: int | None = None,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    block: int | None = None,
+    warmup: int = 1,
+    reps: int = 3,
+    backend: str = "auto",
+) -> list[dict]:
+    """Time each self-attention layer of ``plan`` at ``layout`` -- the whole
+    :func:`sparsediff.attention.sparse_attention` call the hooks make on a sparse step (mask lookup,
+    token permutation, top-p scoring, the op) -- against dense SDPA on the same ``[B=1, N, H, D]`` inputs
+    (diffusers' memory layout). Data-dependent heads run at the density the search measured for them
+    (:func:`sparsediff.search.price.pricing_spec`); cross-step heads are timed after one refresh pass (the
+    refresh itself is not in the time). Round-robin, best of ``reps`` on CPU / median on CUDA."""
+    from .attention import LayerState, MaskCache, sparse_attention
+    from .search.price import pricing_spec
+
+    dev = torch.device(device)
+    n = layout.num_tokens
+    layers = plan.model.num_layers if plan.model is not None else 1
+    heads = plan.model.num_heads if plan.model is not None else [int(num_heads or 0)] * layers
+    if num_heads is not None:
+        heads = [int(num_heads)] * layers
+    if not all(heads):
+        raise ValueError("the plan names no model: pass the number of heads")
+    sdpa = F.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for li in range(layers):
+        h = heads[li]
+        q, k, v = (
+            torch.randn(1, n, h, head_dim, generator=g).to(dev, dtype).transpose(1, 2) for _ in range(3)
+        )
+        specs = plan.head_specs(li, h)
+        dens = [r.get("density") for r in plan.stats[li]] if plan.stats is not None else [None] * h
+        specs = tuple(pricing_spec(sp, d) for sp, d in zip(specs, dens))
+        label = ", ".join(f"{p} {c}" for p, c in sorted(_count([sp.pattern for sp in specs]).items()))
+        if li in plan.schedule.dense_layers or all(sp.pattern == "dense" for sp in specs):
+            rows.append({"layer": li, "patterns": label + " (dense layer)", "density": 1.0, "ms_sparse": None,
+                         "ms_dense": None, "speedup": None})  # fmt: skip
+            continue
+        state, cache = LayerState(), MaskCache()
+        step = [0]
+
+        def sparse(specs=specs, state=state, cache=cache, q=q, k=k, v=v, step=step):
+            step[0] += 1
+            return sparse_attention(
+                q, k, v, layout, specs, state, step=step[0], block_size=block, cache=cache, backend=backend
+            )
+
+        with torch.no_grad():
+            sparse_attention(q, k, v, layout, specs, state, step=0, force_dense=True, block_size=block,
+                             cache=cache, backend=backend)  # fmt: skip
+            ts, td = [], []
+            for _ in range(warmup):
+                sparse(), sdpa(q, k, v)
+            for _ in range(reps):
+                ts.append(_time_once(sparse, dev))
+                td.append(_time_once(lambda q=q, k=k, v=v: sdpa(q, k, v), dev))
+        pick = statistics.median if dev.type == "cuda" else min
+        ms_s, ms_d = pick(ts) * 1e3, pick(td) * 1e3
+        rows.append({"layer": li, "patterns": label, "density": state.last_mask.density(), "ms_sparse": ms_s,
+                     "ms_dense": ms_d, "speedup": ms_d / ms_s})  # fmt: skip
+    return rows
+
+
+def _count(xs):
+    out: dict = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _time_once(fn, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def format_plan_table(rows: Sequence[dict]) -> str:
+    """Markdown table of :func:`run_plan_benchmark` rows (and the layers' total)."""
+    lines = ["| layer | heads | density | ms sparse | ms SDPA | speedup |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['patterns']} | {100 * r['density']:.1f} % | {_fmt(r['ms_sparse'])} | "
+            f"{_fmt(r['ms_dense'])} | {_fmt(r['speedup'], '{:.2f}×')} |"
+        )
+    timed = [r for r in rows if r["ms_sparse"] is not None]
+    if timed:
+        s, d = sum(r["ms_sparse"] for r in timed), sum(r["ms_dense"] for r in timed)
+        lines.append(f"| sparse layers | | | {s:.2f} | {d:.2f} | {d / s:.2f}× |")
+    return "\n".join(lines)
+
+
 def _fmt(x, spec="{:.2f}"):
     return "n/a" if x is None else spec.format(x)
 
@@ -388,8 +491,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         default="random",
         help="random: scattered key blocks; banded: sink + diagonal band (static patterns' structure)",
     )
+    p.add_argument(
+        "--plan",
+        help="time the layers of this plan (a plan JSON, or a pattern name) instead of random masks: the "
+        "whole sparse-attention call of each layer vs dense SDPA",
+    )
+    p.add_argument(
+        "--grid", help="with --plan: F,H,W token grid (default: the layout the plan was searched for)"
+    )
+    p.add_argument("--heads", type=int, help="with --plan: heads per layer (default: the plan's model)")
+    p.add_argument("--head-dim", type=int, help="with --plan: head dimension (required)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.plan is not None:
+        return _plan_main(args)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -415,6 +530,49 @@ def main(argv: Sequence[str] | None = None) -> str:
         flex=not args.no_flex, mask_kind=args.mask,
     )  # fmt: skip
     table = format_table(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(head + "\n\n" + table + "\n")
+    return table
+
+
+def _plan_main(args) -> str:
+    from .layout import TokenLayout
+    from .plan import Plan, PlanError
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    try:
+        plan = Plan.load(args.plan) if args.plan.endswith(".json") else Plan.uniform(args.plan)
+    except (PlanError, ValueError, OSError) as e:
+        raise SystemExit(f"sparsediff bench: --plan {args.plan}: {e}") from None
+    if args.grid:
+        try:
+            layout = TokenLayout.video(*(int(x) for x in args.grid.split(",")))
+        except (TypeError, ValueError):
+            raise SystemExit(f"sparsediff bench: --grid {args.grid!r} is not F,H,W") from None
+    elif plan.layout is not None:
+        layout = plan.layout
+    else:
+        raise SystemExit("sparsediff bench: --plan without a searched layout needs --grid F,H,W")
+    if not args.head_dim:
+        raise SystemExit("sparsediff bench: --plan needs --head-dim")
+    dtype = _DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    reps = args.reps or (10 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    head = environment_header(device)
+    head += (
+        f"  \nplan {args.plan} ({plan.summary()}) at {layout} ({layout.num_tokens} tokens), D = {args.head_dim}, "
+        f"dtype {str(dtype).split('.')[-1]}, block {args.block or 64}; B = 1; "
+        f"{'median' if cuda else 'best'} of {reps} after {warmup} warm-up, round-robin with SDPA"
+    )
+    print(head, flush=True)
+    rows = run_plan_benchmark(
+        plan, layout, num_heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=device,
+        block=args.block, warmup=warmup, reps=reps,
+    )  # fmt: skip
+    table = format_plan_table(rows)
     print(table)
     if args.out:
         with open(args.out, "w") as f:

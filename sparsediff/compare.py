@@ -403,7 +403,8 @@ class _Settings:
 
 
 def _generate(pipe: Any, prompt: str, seed: int, s: _Settings, params: set[str]) -> dict[str, Any]:
-    """One call: frames, seconds per step (steps 2..N), total seconds, steps."""
+    """One call: frames, seconds per denoising step (from the first transformer call to the last step's
+    end, over the steps), total seconds, steps, seconds in attention operators (all / self-attention)."""
     kw: dict[str, Any] = {"prompt": prompt, "output_type": "np"}
     for name, val in (
         ("num_frames", s.num_frames),
@@ -419,6 +420,8 @@ def _generate(pipe: Any, prompt: str, seed: int, s: _Settings, params: set[str])
             kw[name] = val
     if "generator" in params:
         kw["generator"] = torch.Generator("cpu").manual_seed(seed)
+    from .demo import AttentionTimer
+
     cuda = s.device.startswith("cuda")
     stamps: list[float] = []
     if "callback_on_step_end" in params:
@@ -430,22 +433,87 @@ def _generate(pipe: Any, prompt: str, seed: int, s: _Settings, params: set[str])
             return {}
 
         kw["callback_on_step_end"] = on_step_end
+    # Denoising starts at the first transformer call (after prompt encoding): every step is timed, the
+    # first one (often a dense warm-up step) included.
+    first: list[float] = []
+    transformer = (getattr(pipe, "components", None) or {}).get("transformer")
+    pre = (
+        transformer.register_forward_pre_hook(
+            lambda m, a: first.append(time.perf_counter()) if not first else None
+        )
+        if isinstance(transformer, torch.nn.Module)
+        else None
+    )
+    timer = AttentionTimer()
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = pipe(**kw)
+    try:
+        with torch.no_grad(), timer:
+            out = pipe(**kw)
+    finally:
+        if pre is not None:
+            pre.remove()
     if cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
     steps = len(stamps)
-    if steps >= 2:
-        per_step = (stamps[-1] - stamps[0]) / (steps - 1)
-    elif steps == 1:
-        per_step = stamps[0] - t0
-    else:
-        per_step = None
-    return {"frames": _as_frames(out), "s_per_step": per_step, "total_s": total, "steps": steps}
+    start = first[0] if first else t0
+    per_step = (stamps[-1] - start) / steps if steps else None
+    denoise = stamps[-1] - start if steps else None
+    return {
+        "frames": _as_frames(out),
+        "s_per_step": per_step,
+        "total_s": total,
+        "steps": steps,
+        "attention_s": timer.seconds,
+        "self_attention_s": timer.self_seconds,
+        "denoise_s": denoise,
+    }
+
+
+def _predicted_speedup(
+    pipe: Any,
+    plan: Any,
+    seen: dict[str, Any],
+    dense: dict[str, Any] | None,
+    samples: list,
+    config: Any,
+    device: str,
+) -> float | None:
+    """The replayed price of ``plan`` (:func:`sparsediff.search.price.price_plan`, what the search predicts
+    with) at the run's layout and shapes, combined with the self-attention share measured in the dense
+    runs: the predicted denoising-step speed-up, to put next to the measured one."""
+    if plan is None or dense is None or "layout" not in seen or not samples:
+        return None
+    share = [
+        r["self_attention_s"] / r["denoise_s"]
+        for r in dense["samples"]
+        if r.get("denoise_s") and r["denoise_s"] > 0
+    ]
+    steps = samples[0].get("steps") or 0
+    if not share or steps < 1:
+        return None
+    from .plan import ModelIdentity
+    from .search.price import price_plan
+
+    transformer = pipe.components["transformer"]
+    B, H, N, D = seen["shape"]
+    heads = ModelIdentity.of(transformer).num_heads
+    pp = price_plan(
+        plan,
+        seen["layout"],
+        num_heads=dict(enumerate(heads)),
+        head_dim=D,
+        num_layers=len(heads),
+        num_steps=steps,
+        batch=B,
+        device=device,
+        dtype=next(transformer.parameters()).dtype,
+        block_size=config.block_size,
+        backend=config.backend,
+    )
+    return pp.step_speedup(min(1.0, sum(share) / len(share)))
 
 
 def _mse_from_psnr(p: Any, data_range: float) -> float | None:
@@ -650,10 +718,17 @@ def compare(
     for name in names:
         variant = None if name == BASELINE else next(v for v in variants if v.label == name)
         handle = None
+        seen: dict[str, Any] = {}
+
+        def observe(call: Any, seen: dict[str, Any] = seen) -> None:  # the run's layout, for the price
+            if "layout" not in seen:
+                seen.update(layout=call.layout, shape=tuple(call.query.shape))
+
         if variant is not None:
-            handle = enable_sparse_attention(
-                pipe, variant.plan, config=base_config.updated(**variant.overrides)
-            )
+            cfg_v = base_config.updated(**variant.overrides)
+            if cfg_v.observer is None and world == 1:
+                cfg_v = cfg_v.updated(observer=observe)
+            handle = enable_sparse_attention(pipe, variant.plan, config=cfg_v)
         try:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -694,6 +769,12 @@ def compare(
                     comp: {str(k): v for k, v in sorted(d.items())} for comp, d in handle.densities().items()
                 }
                 rec_v["run_density"] = _run_density(handle, samples)
+                plan_v = handle.states["transformer"].plan if "transformer" in handle.states else None
+                search_meta = (plan_v.meta.get("search") or {}) if plan_v is not None else {}
+                rec_v["search_predicted_speedup"] = search_meta.get("predicted_step_speedup")
+                rec_v["predicted_speedup"] = _predicted_speedup(
+                    pipe, plan_v, seen, records.get(BASELINE), samples, cfg_v, device
+                )
             records[name] = rec_v
         finally:
             if handle is not None:
@@ -905,6 +986,11 @@ def _summarise(
             "s_per_step_sd": _sd([r["s_per_step"] for r in smp]),
             "total_s": _mean([r["total_s"] for r in smp]),
             "peak_memory_gb": rec.get("peak_memory_gb"),
+            "predicted_speedup": rec.get("predicted_speedup"),
+            "search_predicted_speedup": rec.get("search_predicted_speedup"),
+            "attention_share": _mean(
+                [r["self_attention_s"] / r["denoise_s"] for r in smp if r.get("denoise_s")]
+            ),
         }
         dens = [d for comp in row["density_per_layer"].values() for d in comp.values()]
         if name != BASELINE:
@@ -1102,6 +1188,8 @@ _COLUMNS = (
     ("run density", "run_density", 3),
     ("s / step", "s_per_step", 3),
     ("speedup", "speedup", 2),
+    ("predicted speedup", "predicted_speedup", 2),
+    ("search's prediction", "search_predicted_speedup", 2),
     ("total s", "total_s", 2),
     ("PSNR dB", "psnr", 2),
     ("SSIM", "ssim", 4),
@@ -1116,7 +1204,7 @@ def _cell(row: dict[str, Any], key: str, nd: int | None) -> str:
     v = row.get(key)
     if nd is None:
         return str(v)
-    if key == "speedup" and v is not None:
+    if key in ("speedup", "predicted_speedup", "search_predicted_speedup") and v is not None:
         return f"{v:.2f}x"
     if key == "s_per_step" and v is not None and row.get("s_per_step_sd"):
         return f"{v:.3f} ± {row['s_per_step_sd']:.3f}"

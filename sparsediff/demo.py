@@ -3,17 +3,21 @@
 By default it loads the embedded text-to-video model that ships inside the package
 (:func:`sparsediff.embedded.load_embedded_pipeline`, a small Wan transformer trained by sparsediff on
 procedural clips of coloured shapes), generates every prompt twice with the same seed -- dense, then with
-sparse attention (the Wan family default plan, or ``--plan``) -- at the size the model was trained for, and
-writes to the output folder:
+sparse attention (the per-head plan searched for the model and shipped with it,
+``weights/sparse_plan.json``; the Wan family default plan when a model folder has none; or ``--plan``) --
+at the model's default size (16 x 64 x 64 px = 4096 tokens for the shipped model: a size where attention is
+most of a denoising step, as in the video models users run), and writes to the output folder:
 
 * ``dense_<i>.mp4`` / ``sparse_<i>.mp4`` per prompt (``.gif`` when imageio-ffmpeg is missing, or with
   ``--format gif``),
 * ``strip.png``: a labelled side-by-side strip, per prompt one row each for dense, sparse and the
   amplified difference, frames left to right,
 * ``summary.json`` and ``summary.txt``: the plan, attention density per layer, seconds per denoising step
-  (dense and sparse), time spent in attention operators (dense and sparse, from ``torch.profiler`` on a
-  second, profiled run of each), PSNR / SSIM / temporal PSNR of the sparse video against the dense one
-  (:mod:`sparsediff.metrics`).
+  and per whole generation (dense and sparse, and their ratio), the time spent in attention operators
+  (dense SDPA -- self and cross attention -- and the sparse op, timed in the same runs by
+  :class:`AttentionTimer`, no second run) and their share of a dense step, PSNR / SSIM / temporal PSNR of
+  the sparse video against the dense one (:mod:`sparsediff.metrics`), and for the embedded model the
+  colour / direction checks of both videos (:mod:`sparsediff.embedded.checks`).
 
 ``--model random-wan`` runs a tiny random-init ``WanPipeline`` instead (no text encoder: seeded prompt
 embeddings; noise-like videos that show the machinery, not quality); ``--model PATH`` loads a folder
@@ -32,17 +36,66 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["main", "build_demo_pipeline", "run_demo", "DEFAULT_PROMPTS"]
+__all__ = ["main", "build_demo_pipeline", "run_demo", "DEFAULT_PROMPTS", "AttentionTimer"]
 
 logger = logging.getLogger(__name__)
 
 #: Prompts of the embedded model's caption grammar (one row each in the strip).
 DEFAULT_PROMPTS = ("a red circle moving right", "a cyan square moving up quickly")
 OUTPUT_STEMS = ("dense", "sparse", "strip", "summary")
-#: Attention operators whose time the profiled runs add up (dense SDPA -- self and cross attention -- and
-#: the sparse op; the sparse run still calls SDPA for its dense layers/steps and for cross-attention).
-ATTENTION_OPS = ("aten::scaled_dot_product_attention", "sparsediff::block_sparse_attn")
+#: Attention operators :class:`AttentionTimer` adds up: dense SDPA (self and cross attention; the sparse run
+#: still calls it for cross-attention) and the sparse op (which also runs the dense warm-up layers/steps).
+ATTENTION_OPS = ("scaled_dot_product_attention", "sparsediff::block_sparse_attn")
+
+
+class DemoInputError(ValueError):
+    """An input of the demo is wrong (raised before anything is generated or written)."""
+
+
+class AttentionTimer(TorchFunctionMode):
+    """Wall time spent in attention operators while the mode is active (``with AttentionTimer() as t:``).
+
+    Counts ``F.scaled_dot_product_attention`` and the ``sparsediff::block_sparse_attn`` op, each call timed
+    around the operator only (CUDA synchronised before and after). A torch function mode is per thread,
+    so two pipelines timed in two threads do not mix; the cost is one Python call per torch function
+    (microseconds per operator, well under 1 % of a denoising step here), so the timed generation is the
+    one whose wall time is reported -- no second, profiled run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+        self.calls = 0
+        #: the part of ``seconds`` spent in self-attention (query and key sequences of the same length)
+        self.self_seconds = 0.0
+
+    @staticmethod
+    def _is_attention(func: Any) -> bool:
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return True
+        name = getattr(func, "name", None)
+        return isinstance(func, torch._ops.OpOverload) and callable(name) and name() == ATTENTION_OPS[1]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._is_attention(func):
+            return func(*args, **kwargs)
+        cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args[:3])
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.calls += 1
+        q, k = (kwargs.get(n, a) for n, a in zip(("query", "key"), (*args[:2], None, None)))
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.shape[-2] == k.shape[-2]:
+            self.self_seconds += dt
+        return out
 
 
 def build_demo_pipeline(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -142,11 +195,13 @@ class _Model:
             self.sizes = {"num_frames": 33, "height": 128, "width": 128}
             self.guidance = 5.0
             self.steps = 8
+            self.shipped_plan = None
         else:
-            from .embedded import load_embedded_pipeline
+            from .embedded import load_embedded_pipeline, shipped_plan_path
 
             path = None if which == "embedded" else which
             self.pipe = load_embedded_pipeline(path, device=device)
+            self.shipped_plan = shipped_plan_path(path)
             cfg = self.pipe.config
             t = self.pipe.transformer.config
             self.description = (
@@ -162,6 +217,16 @@ class _Model:
             self.steps = 20
         self.device = device
 
+    def tokens(self, sizes: dict[str, int]) -> int:
+        """Self-attention tokens of a video of ``sizes`` (after the VAE and the patch embedding)."""
+        t = self.pipe.transformer.config
+        pt, ph, pw = t.patch_size
+        if self.which == "random-wan":  # Wan VAE: 4x temporal (first frame alone), 8x spatial
+            f, h, w = (sizes["num_frames"] - 1) // 4 + 1, sizes["height"] // 8, sizes["width"] // 8
+        else:  # pixel space
+            f, h, w = sizes["num_frames"], sizes["height"], sizes["width"]
+        return (f // pt) * (h // ph) * (w // pw)
+
     def call_kwargs(self, prompt: str, seed: int) -> dict[str, Any]:
         if self.which == "random-wan":
             # no text encoder: seeded embeddings stand in for the prompt (its text seeds them)
@@ -171,15 +236,6 @@ class _Model:
                 "negative_prompt_embeds": torch.randn(1, 16, 64, generator=g).to(self.device),
             }
         return {"prompt": prompt}
-
-
-def _attention_ms(prof: Any) -> float:
-    """Milliseconds of CPU time in the top-level attention operators of a profiled run."""
-    total = 0.0
-    for ev in prof.key_averages():
-        if ev.key in ATTENTION_OPS:
-            total += ev.cpu_time_total / 1e3
-    return total
 
 
 def run_demo(
@@ -199,9 +255,15 @@ def run_demo(
     backend: str = "auto",
     block_size: int | None = None,
     progress: bool = True,
+    replace: tuple[Path, ...] | list[Path] = (),
 ) -> dict[str, Any]:
     """Generate dense and sparse for each prompt, write videos, strip and summary into ``out_dir``; return
-    the summary dict (what ``summary.json`` holds)."""
+    the summary dict (what ``summary.json`` holds). ``replace``: existing files to delete once the inputs
+    are checked (``--overwrite``).
+
+    ``plan`` None: the plan shipped with the model folder (:func:`sparsediff.embedded.shipped_plan_path`),
+    else the model family's default. The plan is checked against the model before any generation.
+    """
     from . import __version__
     from .api import enable_sparse_attention
     from .metrics import video_metrics
@@ -210,16 +272,35 @@ def run_demo(
     pipe = m.pipe
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     steps = steps or m.steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     sizes = dict(m.sizes)
     for key, val in (("num_frames", frames), ("height", height), ("width", width)):
         if val is not None:
             sizes[key] = int(val)
     guidance = m.guidance if guidance_scale is None else float(guidance_scale)
+    if plan is not None:
+        plan_source = f"--plan {plan}"
+    elif m.shipped_plan is not None:
+        plan, plan_source = m.shipped_plan, "searched plan shipped with the model"
+    else:
+        plan_source = "model family default"
+    handle_kwargs: dict[str, Any] = {"backend": backend}
+    if block_size is not None:
+        handle_kwargs["block_size"] = block_size
+    # A plan that does not fit the model fails here, in seconds, before anything is generated or written.
+    try:
+        enable_sparse_attention(pipe, plan, **handle_kwargs).disable()
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise DemoInputError(f"--plan {plan}: {e}") from e
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in replace:
+        old.unlink(missing_ok=True)
 
-    def generate(prompt: str, label: str, profile: bool = False) -> tuple[np.ndarray, float, float | None]:
+    def generate(prompt: str, label: str, n_steps: int = steps) -> dict[str, Any]:
         if progress:
-            print(f"[sparsediff demo] {label}: {prompt!r}, {steps} steps", file=sys.stderr, flush=True)
-        stamps = [time.perf_counter()]
+            print(f"[sparsediff demo] {label}: {prompt!r}, {n_steps} steps", file=sys.stderr, flush=True)
+        stamps: list[float] = []
 
         def on_step_end(pipe_, i, t, kwargs):
             if device.startswith("cuda"):
@@ -230,76 +311,93 @@ def run_demo(
         call = dict(
             **m.call_kwargs(prompt, seed),
             **sizes,
-            num_inference_steps=steps,
+            num_inference_steps=n_steps,
             guidance_scale=guidance,
             output_type="np",
             generator=torch.Generator("cpu").manual_seed(seed),
             callback_on_step_end=on_step_end,
         )
-        attn = None
-        with torch.no_grad():
-            if profile:
-                from torch.profiler import ProfilerActivity
-                from torch.profiler import profile as tprofile
-
-                with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-                    out = pipe(**call).frames[0]
-                attn = _attention_ms(prof)
-            else:
+        timer = AttentionTimer()
+        # Denoising starts at the first transformer call (after prompt encoding) and ends with the last
+        # step's callback (before decoding).
+        first: list[float] = []
+        pre = pipe.transformer.register_forward_pre_hook(
+            lambda mod, args: first.append(time.perf_counter()) if not first else None
+        )
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad(), timer:
                 out = pipe(**call).frames[0]
-        # denoising time only (decoding after the last step is not counted)
-        return np.asarray(out, dtype=np.float32), stamps[-1] - stamps[0], attn
+        finally:
+            pre.remove()
+        total = time.perf_counter() - t0
+        per_step = (stamps[-1] - first[0]) / len(stamps)
+        return {
+            "video": np.asarray(out, dtype=np.float32),
+            "seconds_per_step": per_step,
+            "seconds_total": total,
+            "attention_seconds": timer.seconds,
+            "attention_calls": timer.calls,
+        }
 
-    handle_kwargs: dict[str, Any] = {"backend": backend}
-    if block_size is not None:
-        handle_kwargs["block_size"] = block_size
-    results: list[dict[str, Any]] = []
-    dense_videos = []
-    t_dense = []
-    attn_dense = []
-    for i, p in enumerate(prompts):
-        generate(p, "warm-up (not timed)") if i == 0 else None
-        v, t, _ = generate(p, "dense")
-        _, _, a = generate(p, "dense, profiled", profile=True)
-        dense_videos.append(v)
-        t_dense.append(t)
-        attn_dense.append(a)
+    # Warm-up (not timed): one short dense call at the demo size (allocator, thread pools, lazy imports).
+    generate(prompts[0], "warm-up (not timed)", n_steps=1)
+    dense = [generate(p, "dense") for p in prompts]
     handle = enable_sparse_attention(pipe, plan, **handle_kwargs)
     try:
-        sparse_videos, t_sparse, attn_sparse = [], [], []
-        for p in prompts:
-            v, t, _ = generate(p, "sparse")
-            _, _, a = generate(p, "sparse, profiled", profile=True)
-            sparse_videos.append(v)
-            t_sparse.append(t)
-            attn_sparse.append(a)
+        sparse = [generate(p, "sparse") for p in prompts]
         dens = handle.densities()["transformer"]
         plan_summary = handle.states["transformer"].plan.summary()
     finally:
         handle.disable()
 
+    checks = None
+    if m.which != "random-wan":
+        from .embedded import checks as _checks
+
+        checks = {
+            name: _checks.check_videos([r["video"] for r in runs], list(prompts))
+            for name, runs in (("dense", dense), ("sparse", sparse))
+        }
+
     strip_rows = []
+    results: list[dict[str, Any]] = []
     for i, p in enumerate(prompts):
-        q = video_metrics(sparse_videos[i], dense_videos[i])
-        dpath = _write_video(dense_videos[i], out_dir / f"dense_{i}", fmt)
-        spath = _write_video(sparse_videos[i], out_dir / f"sparse_{i}", fmt)
-        diff = np.clip(np.abs(sparse_videos[i] - dense_videos[i]) * 4.0, 0, 1)
+        dv, sv = dense[i]["video"], sparse[i]["video"]
+        q = video_metrics(sv, dv)
+        dpath = _write_video(dv, out_dir / f"dense_{i}", fmt)
+        spath = _write_video(sv, out_dir / f"sparse_{i}", fmt)
+        diff = np.clip(np.abs(sv - dv) * 4.0, 0, 1)
         strip_rows += [
-            (f"{p}\ndense", dense_videos[i]),
-            (f"{p}\nsparse  PSNR {q.psnr:.1f} dB  SSIM {q.ssim:.3f}", sparse_videos[i]),
+            (f"{p}\ndense", dv),
+            (f"{p}\nsparse  PSNR {q.psnr:.1f} dB  SSIM {q.ssim:.3f}", sv),
             ("|sparse - dense| x 4", diff),
         ]
-        results.append(
-            {
-                "prompt": p,
-                "files": {"dense": dpath.name, "sparse": spath.name},
-                "psnr_db": q.psnr,
-                "ssim": q.ssim,
-                "temporal_psnr_db": q.temporal_psnr,
-                "seconds_per_step": {"dense": t_dense[i] / steps, "sparse": t_sparse[i] / steps},
-                "attention_ms": {"dense": attn_dense[i], "sparse": attn_sparse[i]},
+        rec: dict[str, Any] = {
+            "prompt": p,
+            "files": {"dense": dpath.name, "sparse": spath.name},
+            "psnr_db": q.psnr,
+            "ssim": q.ssim,
+            "temporal_psnr_db": q.temporal_psnr,
+            "seconds_per_step": {
+                "dense": dense[i]["seconds_per_step"],
+                "sparse": sparse[i]["seconds_per_step"],
+            },
+            "seconds_total": {"dense": dense[i]["seconds_total"], "sparse": sparse[i]["seconds_total"]},
+            "attention_ms": {
+                "dense": dense[i]["attention_seconds"] * 1e3,
+                "sparse": sparse[i]["attention_seconds"] * 1e3,
+            },
+        }
+        if checks is not None:
+            rec["checks"] = {
+                name: {
+                    "colour_ok": bool(c.results[i].colour_ok),
+                    "direction_ok": bool(c.results[i].direction_ok),
+                }
+                for name, c in checks.items()
             }
-        )
+        results.append(rec)
     _strip(strip_rows, out_dir / "strip.png")
     mean_density = sum(dens.values()) / len(dens) if dens else 1.0
 
@@ -307,23 +405,36 @@ def run_demo(
         vals = [r[key][sub] if sub else r[key] for r in results]
         return float(np.mean(vals))
 
+    sps = {k: mean("seconds_per_step", k) for k in ("dense", "sparse")}
+    tot = {k: mean("seconds_total", k) for k in ("dense", "sparse")}
+    att = {k: mean("attention_ms", k) for k in ("dense", "sparse")}
+    dense_denoise_ms = sum(r["seconds_per_step"]["dense"] for r in results) / len(results) * steps * 1e3
     summary = {
         "model": m.description,
-        "video": {**sizes, "steps": steps, "guidance_scale": guidance, "seed": seed},
+        "video": {
+            **sizes,
+            "tokens": m.tokens(sizes),
+            "steps": steps,
+            "guidance_scale": guidance,
+            "seed": seed,
+        },
         "plan": plan_summary,
+        "plan_source": plan_source,
         "block_size": block_size or 64,
         "density_per_layer": {str(k): round(v, 4) for k, v in sorted(dens.items())},
         "mean_density_sparse_layers": round(mean_density, 4),
-        "seconds_per_step": {
-            "dense": mean("seconds_per_step", "dense"),
-            "sparse": mean("seconds_per_step", "sparse"),
-        },
-        "attention_ms_per_video": {
-            "dense": mean("attention_ms", "dense"),
-            "sparse": mean("attention_ms", "sparse"),
-        },
+        "seconds_per_step": sps,
+        "speedup_per_step": sps["dense"] / sps["sparse"],
+        "seconds_per_generation": tot,
+        "speedup_per_generation": tot["dense"] / tot["sparse"],
+        "attention_ms_per_video": att,
+        "attention_share_of_dense_step": min(1.0, att["dense"] / max(dense_denoise_ms, 1e-9)),
+        "attention_speedup": att["dense"] / max(att["sparse"], 1e-9),
         "psnr_sparse_vs_dense_db": mean("psnr_db"),
         "ssim_sparse_vs_dense": mean("ssim"),
+        "checks": None
+        if checks is None
+        else {k: {"colour": c.colour_rate, "direction": c.direction_rate} for k, c in checks.items()},
         "prompts": results,
         "strip": "strip.png",
         "device": device,
@@ -331,18 +442,28 @@ def run_demo(
         "versions": {"sparsediff": __version__, "torch": torch.__version__},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    sps = summary["seconds_per_step"]
-    att = summary["attention_ms_per_video"]
     lines = [
         f"sparsediff demo: {m.description}",
-        f"video {sizes['num_frames']}x{sizes['height']}x{sizes['width']}, {steps} steps, CFG {guidance}, seed {seed}, "
-        f"{len(prompts)} prompt(s)",
-        f"plan: {plan_summary} (block {summary['block_size']})",
+        f"video {sizes['num_frames']}x{sizes['height']}x{sizes['width']} ({summary['video']['tokens']} tokens), "
+        f"{steps} steps, CFG {guidance}, seed {seed}, {len(prompts)} prompt(s), {device}"
+        + (f", {summary['threads']} thread(s)" if summary["threads"] else ""),
+        f"plan ({summary['plan_source']}): {plan_summary} (block {summary['block_size']})",
         f"attention density (sparse layers): mean {mean_density:.3f}; "
         + ", ".join(f"L{k} {v:.2f}" for k, v in sorted(dens.items())),
-        f"time per step: dense {sps['dense']:.3f} s, sparse {sps['sparse']:.3f} s ({device})",
-        f"attention ops per video: dense {att['dense']:.0f} ms, sparse {att['sparse']:.0f} ms",
+        f"time per denoising step: dense {sps['dense']:.3f} s, sparse {sps['sparse']:.3f} s "
+        f"-> {summary['speedup_per_step']:.2f}x faster",
+        f"time per generation (text encoding, {steps} steps, decoding): dense {tot['dense']:.2f} s, sparse "
+        f"{tot['sparse']:.2f} s -> {summary['speedup_per_generation']:.2f}x faster",
+        f"attention ops: {summary['attention_share_of_dense_step']:.0%} of a dense step; per video dense "
+        f"{att['dense']:.0f} ms, sparse {att['sparse']:.0f} ms ({summary['attention_speedup']:.2f}x)",
+        f"quality of sparse vs dense (mean over prompts): PSNR {summary['psnr_sparse_vs_dense_db']:.2f} dB, "
+        f"SSIM {summary['ssim_sparse_vs_dense']:.3f}",
     ]
+    if checks is not None:
+        lines.append(
+            "checks (colour right / direction right): "
+            + "; ".join(f"{k} {c.colour_rate:.0%} / {c.direction_rate:.0%}" for k, c in checks.items())
+        )
     for r in results:
         lines.append(
             f"{r['prompt']!r}: PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.3f} vs dense "
@@ -414,27 +535,31 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        for p in clash:
-            p.unlink()
-    run_demo(
-        out_dir,
-        model=args.model,
-        prompts=args.prompt or DEFAULT_PROMPTS,
-        steps=args.steps,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        seed=args.seed,
-        plan=args.plan,
-        guidance_scale=args.guidance_scale,
-        fmt=args.format,
-        device=args.device,
-        backend=args.backend,
-        block_size=args.block_size,
-        progress=not args.no_progress,
-    )
+    if args.steps is not None and args.steps < 1:
+        print(f"sparsediff demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    try:
+        run_demo(
+            out_dir,
+            model=args.model,
+            prompts=args.prompt or DEFAULT_PROMPTS,
+            steps=args.steps,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            seed=args.seed,
+            plan=args.plan,
+            guidance_scale=args.guidance_scale,
+            fmt=args.format,
+            device=args.device,
+            backend=args.backend,
+            block_size=args.block_size,
+            progress=not args.no_progress,
+            replace=clash if args.overwrite else (),
+        )
+    except DemoInputError as e:
+        print(f"sparsediff demo: {e}", file=sys.stderr)
+        return 2
     print((out_dir / "summary.txt").read_text(), end="")
     print(f"written to {out_dir.resolve()}")
     return 0

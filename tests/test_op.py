@@ -300,3 +300,44 @@ def test_bench_random_mask_balanced_rows():
     assert m.shape == (1, 3, 1000, 1000)
     assert (m.kv_counts == 4).all()  # round(0.25 * 16) blocks in every row
     assert random_block_mask(1, 100, 64, 0.0).kv_counts.min() == 1  # never empty rows
+
+
+def test_bench_plan_times_each_layer_of_a_real_plan(tmp_path, monkeypatch):
+    """``sparsediff bench --plan``: every layer's whole sparse-attention call with the plan's own masks (a
+    dense layer is listed, not timed); data-dependent heads run at the density measured by the search."""
+    from sparsediff import attention as attention_mod
+    from sparsediff import bench
+    from sparsediff.embedded import tiny_random_pipeline
+    from sparsediff.plan import Plan
+    from sparsediff.specs import DenseSchedule, HeadSpec
+
+    t = tiny_random_pipeline().transformer
+    L, H = len(t.blocks), t.config.num_attention_heads
+    rows_specs = [[HeadSpec.make("tile", window=(1, 3, 3))] * H, [HeadSpec.make("topp", top_p=0.99)] * H]
+    rows_specs += [[HeadSpec("dense")] * H] * (L - 2)
+    stats = [[{"density": 0.3}] * H for _ in range(L)]
+    plan = Plan.per_head(t, rows_specs, schedule=DenseSchedule(0, ()), stats=stats)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    seen = []
+    real = attention_mod.sparse_attention
+    monkeypatch.setattr(attention_mod, "sparse_attention", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    out = tmp_path / "b.md"
+    table = bench.main(["--plan", str(path), "--grid", "4,8,8", "--head-dim", "16", "--block", "16",
+                        "--reps", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])  # fmt: skip
+    lines = table.splitlines()
+    assert lines[0] == "| layer | heads | density | ms sparse | ms SDPA | speedup |"
+    assert (
+        len(lines) == 2 + L + 1
+        and "(dense layer)" in lines[2 + 2]
+        and lines[-1].startswith("| sparse layers")
+    )
+    assert {s[0] for s in seen} == {
+        HeadSpec.make("tile", window=(1, 3, 3)),
+        HeadSpec.make("topp", top_p=0.3, min_frac=0.05),
+    }
+    dens = [float(r.split("|")[3].strip(" %")) for r in lines[2:4]]
+    assert 0 < dens[0] < 100 and abs(dens[1] - 30) < 15, dens
+    assert "4x8x8" in out.read_text() or "video[4x8x8]" in out.read_text()
+    with pytest.raises(SystemExit, match="--head-dim"):
+        bench.main(["--plan", str(path), "--grid", "4,8,8"])

@@ -26,12 +26,18 @@ __all__ = [
     "load_embedded_pipeline",
     "tiny_random_pipeline",
     "has_trained_weights",
+    "shipped_plan_path",
+    "PLAN_FILE",
 ]
 
 #: Where the trained pipeline is shipped (inside the installed package).
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 #: The one command that trains the embedded model on a GPU and installs it into :data:`WEIGHTS_DIR`.
 TRAIN_COMMAND = "python -m sparsediff.embedded.train --preset gpu --out runs/embedded --install"
+
+
+#: File name of the per-head sparse-attention plan searched for an exported model, next to its weights.
+PLAN_FILE = "sparse_plan.json"
 
 
 class EmbeddedModelNotTrainedError(FileNotFoundError):
@@ -41,6 +47,13 @@ class EmbeddedModelNotTrainedError(FileNotFoundError):
 def has_trained_weights(path: str | os.PathLike | None = None) -> bool:
     """Whether ``path`` (default :data:`WEIGHTS_DIR`) holds an exported pipeline."""
     return os.path.isfile(os.path.join(path or WEIGHTS_DIR, "model_index.json"))
+
+
+def shipped_plan_path(path: str | os.PathLike | None = None) -> str | None:
+    """The searched sparse-attention plan shipped with the model folder ``path`` (default :data:`WEIGHTS_DIR`):
+    ``<folder>/sparse_plan.json``, or None when the folder has none (then the Wan family default applies)."""
+    f = os.path.join(os.fspath(path or WEIGHTS_DIR), PLAN_FILE)
+    return f if os.path.isfile(f) else None
 
 
 def load_embedded_pipeline(

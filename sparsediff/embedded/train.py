@@ -25,6 +25,7 @@ and ``metrics.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -87,6 +88,14 @@ class TrainConfig:
     #: Scale each batch to the same number of tokens as ``batch_size`` clips at the largest resolution, so a
     #: smaller resolution gives proportionally more clips per step at the same cost.
     equal_token_batches: bool = False
+    #: Sparse-attention training ("teach the model its sparse plan"): per-head specs (``{"pattern": ...,
+    #: "params": {...}}``, one per head, the same for every layer) that batches at the largest resolution
+    #: run with -- with probability ``sparse_prob`` when every sample's noise level is <= ``sparse_max_sigma``
+    #: (inference keeps its first, noisiest steps dense, where the layout of the scene is decided). The
+    #: other batches stay dense, so the model learns to give the same prediction either way.
+    sparse_heads: list[dict[str, Any]] | None = None
+    sparse_prob: float = 0.0
+    sparse_max_sigma: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +175,15 @@ def _preset(name: str) -> TrainConfig:
         cfg.sample_every = 250
         cfg.ckpt_every = 25
         cfg.sample_steps = 10
+        # Half the 4096-token batches below the first ~2 of 20 inference steps' noise run sparse: per head,
+        # three spatial heads (3 x 3 tiles of 4 x 4 x 4 tokens, the same 4 frames) and three temporal heads
+        # (their own 4 x 4 tile across all 16 frames) -- 10 % of the blocks, with the same tile order for all
+        # heads (one permutation), equal key-block counts on every row (the CPU twin's fast path).
+        cfg.sparse_heads = [{"pattern": "tile", "params": {"window": [1, 3, 3], "tile": [4, 4, 4]}}] * 3 + [
+            {"pattern": "tile", "params": {"window": [5, 1, 1], "tile": [4, 4, 4]}}
+        ] * 3
+        cfg.sparse_prob = 0.5
+        cfg.sparse_max_sigma = 0.97
         return cfg
     if name == "tiny":
         # Smoke tests only (seconds on one CPU thread).
@@ -472,6 +490,7 @@ def train(
     t_timing, timing_step = None, 0
     step = start_step
     last_log, last_log_step = time.time(), start_step
+    n_sparse = 0  # batches trained with sparse attention (this process)
 
     def do_sample(tag: str) -> None:
         shape = cfg.resolutions[0]
@@ -504,6 +523,30 @@ def train(
         )
         os.replace(ckpt_path + ".tmp", ckpt_path)
 
+    sparse_plan = None
+    if cfg.sparse_heads:
+        from ..plan import Plan
+        from ..specs import DenseSchedule, HeadSpec
+
+        if len(cfg.sparse_heads) != cfg.model.num_heads:
+            raise ValueError(
+                f"sparse_heads lists {len(cfg.sparse_heads)} heads, the model has {cfg.model.num_heads}"
+            )
+        row = [
+            HeadSpec.make(
+                h["pattern"],
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in h.get("params", {}).items()},
+            )
+            for h in cfg.sparse_heads
+        ]
+        sparse_plan = Plan.per_head(transformer, [row] * cfg.model.num_layers, schedule=DenseSchedule(0, ()))
+        logger.info(
+            "sparse batches: %s (p=%.2f at sigma <= %.2f)",
+            sparse_plan.summary(),
+            cfg.sparse_prob,
+            cfg.sparse_max_sigma,
+        )
+
     while step < sched_state["total"]:
         ri = int(torch.multinomial(weights, 1, generator=gen)) if len(weights) > 1 else 0
         F, H, W = cfg.resolutions[ri]
@@ -522,12 +565,25 @@ def train(
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+        sparse = (
+            sparse_plan is not None
+            and ri == 0
+            and float(sigma.max()) <= cfg.sparse_max_sigma
+            and float(torch.rand((), generator=gen)) < cfg.sparse_prob
+        )
+        if sparse:
+            from ..api import sparse_attention_enabled
+
+            attn_ctx = sparse_attention_enabled(transformer, sparse_plan)
+        else:
+            attn_ctx = contextlib.nullcontext()
+        with attn_ctx, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             emb = text_encoder(toks["input_ids"].to(dev), toks["attention_mask"].to(dev))
             xin = with_coordinates(xt, cfg.model.coord_channels)
             pred = fwd(
                 hidden_states=xin, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False
             )[0]
+        n_sparse += int(sparse)
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -577,6 +633,7 @@ def train(
                 "grad_norm": float(gnorm),
                 "s_per_step": (now - last_log) / n,
                 "res": [F, H, W],
+                "sparse_batches": n_sparse,
                 "elapsed_min": (now - t0) / 60,
             }
             last_log, last_log_step = now, step
