@@ -564,13 +564,14 @@ def _plan_main(args) -> str:
     head = environment_header(device)
     head += (
         f"  \nplan {args.plan} ({plan.summary()}) at {layout} ({layout.num_tokens} tokens), D = {args.head_dim}, "
-        f"dtype {str(dtype).split('.')[-1]}, block {args.block or 64}; B = 1; "
+        f"dtype {str(dtype).split('.')[-1]}, block {args.block or 64}; "
+        f"sparse = {'Triton kernel' if cuda else 'PyTorch twin'}; B = 1; "
         f"{'median' if cuda else 'best'} of {reps} after {warmup} warm-up, round-robin with SDPA"
     )
     print(head, flush=True)
     rows = run_plan_benchmark(
         plan, layout, num_heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=device,
-        block=args.block, warmup=warmup, reps=reps,
+        block=args.block, warmup=warmup, reps=reps, backend="auto" if cuda else "reference",
     )  # fmt: skip
     table = format_plan_table(rows)
     print(table)
