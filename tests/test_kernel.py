@@ -211,17 +211,80 @@ def test_kernel_rejects_unsupported_block_sizes_and_head_dims():
 
 
 def test_kernel_launch_config_defaults():
-    from sparsediff.kernels.block_sparse_attn import _SMEM_BUDGET, _smem_bytes, launch_config
+    from sparsediff.kernels.block_sparse_attn import _SMEM_BUDGET, LaunchConfig, _smem_bytes, launch_config
 
-    assert launch_config(64, 64, 64) == (4, 3)
-    assert launch_config(128, 128, 128) == (8, 2)
-    assert launch_config(128, 128, 128, elem_bytes=4) == (8, 1)  # fp32 tiles: one stage
-    for bq in (16, 32, 64, 128):
-        for bd in (16, 64, 128, 256):
-            for eb in (2, 4):
-                w, s = launch_config(bq, 64, bd, eb)
-                assert w in (4, 8) and 1 <= s <= 3
-                assert s == 1 or _smem_bytes(bq, 64, bd, eb, s) <= _SMEM_BUDGET
+    # (num_warps, num_stages, tile_q, tile_kv): a 128-token mask block runs as 64-key steps, 8 warps
+    # only for 128-row query tiles; compiled spill-free for sm_80 / sm_90 (tests/test_kernel_inspect.py)
+    assert launch_config(64, 64, 64) == LaunchConfig(4, 3, 64, 64)
+    assert launch_config(128, 128, 64) == LaunchConfig(8, 3, 128, 64)
+    assert launch_config(64, 64, 128) == LaunchConfig(4, 2, 64, 64)
+    assert launch_config(128, 128, 128) == LaunchConfig(8, 3, 128, 64)
+    assert launch_config(128, 128, 128, elem_bytes=4) == LaunchConfig(8, 1, 128, 64)  # fp32 tiles: one stage
+    assert launch_config(128, 128, 256) == LaunchConfig(4, 2, 64, 32)
+    assert launch_config(16, 32, 16) == LaunchConfig(4, 3, 16, 32)  # small blocks: tile = block
+    assert launch_config(128, 128, 128, smem_budget=99 * 1024) == LaunchConfig(8, 2, 128, 64)  # sm_86 / sm_89
+    for bq in (16, 32, 64, 128, 256):
+        for bk in (16, 64, 128, 256):
+            for bd in (16, 64, 128, 256):
+                for eb in (2, 4):
+                    w, s, tq, tk = launch_config(bq, bk, bd, eb)
+                    assert w in (4, 8) and 1 <= s <= 3
+                    assert bq % tq == 0 and bk % tk == 0 and 16 <= tq <= 128 and 16 <= tk <= 64
+                    assert w == 4 or tq == 128  # 8 warps only for 128-row tiles
+                    assert s == 1 or _smem_bytes(tq, tk, bd, eb, s) <= _SMEM_BUDGET
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 32)], ids=lambda t: f"tq{t[0]}-tk{t[1]}")
+def test_kernel_tiles_smaller_than_mask_blocks(dtype, tiles):
+    # the GPU configs split mask blocks into kernel tiles (block 128 -> 64-key steps, several query tiles
+    # per block); the same split at small sizes: 32 x 32 mask blocks, ragged ends, per-batch masks
+    from sparsediff.kernels.block_sparse_attn import block_sparse_attention_fwd
+
+    Nq, Nk, bs = 75, 90, 32
+    q, k, v = _qkv(2, 2, Nq, Nk, 32, dtype)
+    bb = torch.rand(2, 2, _cdiv(Nq, bs), _cdiv(Nk, bs)) < 0.5
+    bb[..., 0] = True
+    bb[1, 0, 1] = False  # an empty query block: zeros and lse = -inf in every query tile of it
+    mask = BlockSparseMask.from_dense(bb, bs, (Nq, Nk)).to(DEV)
+    tq, tk = tiles
+    out, lse = block_sparse_attention_fwd(
+        q,
+        k,
+        v,
+        mask.kv_indices,
+        mask.kv_counts,
+        block_q=bs,
+        block_kv=bs,
+        scale=32**-0.5,
+        tile_q=tq,
+        tile_kv=tk,
+    )
+    tok = mask.to_token_mask()
+    o_ref, lse_ref = attention_ref(q, k, v, tok)
+    assert_close_to_oracle(out, o_ref, attention_ref(q, k, v, tok, upcast=False)[0], what="split tiles out")
+    assert_close_to_oracle(lse, lse_ref, what="split tiles lse")
+    assert (
+        torch.equal(out[1, 0, 32:64], torch.zeros_like(out[1, 0, 32:64]))
+        and torch.isneginf(lse[1, 0, 32:64]).all()
+    )
+    # the default tiles (here = the blocks) give the same result up to summation order
+    out_default, _ = block_sparse_attention_fwd(
+        q, k, v, mask.kv_indices, mask.kv_counts, block_q=bs, block_kv=bs, scale=32**-0.5
+    )
+    torch.testing.assert_close(out, out_default, atol=2e-2, rtol=0)
+
+
+def test_kernel_rejects_bad_tile_overrides():
+    from sparsediff.kernels.block_sparse_attn import block_sparse_attention_fwd
+
+    q, k, v = _qkv(1, 1, 40, 40, 16, torch.float16)
+    mask = _random_mask(1, 1, 40, 40, 32)
+    for bad in (dict(tile_q=64), dict(tile_kv=24), dict(tile_kv=8)):
+        with pytest.raises(ValueError, match="must be a power of two >= 16 and <= the block"):
+            block_sparse_attention_fwd(
+                q, k, v, mask.kv_indices, mask.kv_counts, block_q=32, block_kv=32, scale=0.25, **bad
+            )
 
 
 # ---------------------------------------------------------------- block mass from a cached lse
@@ -249,6 +312,21 @@ def test_block_mass_kernel_vs_twin(dtype, D, bs):
     torch.testing.assert_close(inside, finite_rows.sum(-1), atol=1e-4, rtol=1e-4)
 
 
+def test_block_mass_kernel_splits_128_blocks_into_key_tiles():
+    # block 128 runs as two 64-key steps per key block (launch_config); ragged last block (200 = 128 + 72)
+    from sparsediff.kernels.block_sparse_attn import launch_config
+
+    from sparsediff.block_mass import block_mass, block_mass_reference
+
+    assert launch_config(128, 128, 32).tile_kv == 64
+    q, k, v = _qkv(1, 2, 200, 200, 32, torch.float16)
+    _, lse = attention_ref(q, k, v)
+    got = block_mass(q, k, lse, block_q=128, block_kv=128, backend="triton")
+    ref = block_mass_reference(q, k, lse, block_q=128, block_kv=128)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.sum(-1), torch.tensor([128.0, 72.0]).expand(1, 2, 2), atol=1e-3, rtol=1e-4)
+
+
 def test_block_mass_dense_lse_rows_sum_to_one():
     from sparsediff.block_mass import block_mass
 
@@ -269,7 +347,7 @@ def test_autotune_is_explicit_and_cached(monkeypatch):
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
             mod.tune_launch_config(*args, block_q=16, block_kv=16, scale=0.25)
         # a cached config is picked up by later launches (the interpreter ignores warps/stages)
-        monkeypatch.setitem(mod._TUNED, mod._config_key(q, 16, 16), (8, 1))
+        monkeypatch.setitem(mod._TUNED, mod._config_key(q, 16, 16), mod.LaunchConfig(8, 1, 16, 16))
     else:
         cfg = mod.tune_launch_config(*args, block_q=16, block_kv=16, scale=0.25)
         assert mod.tune_launch_config(*args, block_q=16, block_kv=16, scale=0.25) == cfg
