@@ -118,6 +118,14 @@ def render_model_card(metrics: dict[str, Any]) -> str:
             f"**{held['direction_rate']:.0%}** ({len(held['results'])} prompts).",
             "",
         ]
+        by_size = metrics.get("heldout_by_size") or {}
+        if by_size:
+            lines += ["| size (frames x height x width) | colour right | direction right |", "|---|---|---|"]
+            lines += [
+                f"| {size} | {r['colour_rate']:.0%} | {r['direction_rate']:.0%} |"
+                for size, r in by_size.items()
+            ]
+            lines.append("")
     else:
         lines += [_NA, ""]
     lines += ["## Attention structure (probe)", ""]
