@@ -1,7 +1,8 @@
 """Static GPU report of sparsediff's Triton kernels, made without a GPU.
 
 ``python -m sparsediff.kernels.inspect [--arch 80,90] [--head-dims 64,96,128] [--blocks 64,128]
-[--dtypes bf16,fp16] [--kernels forward,block_mass] [--variants aligned,misaligned,generic] [--json FILE]``
+[--dtypes bf16,fp16] [--kernels forward,block_mass,backward_dq,backward_dkdv]
+[--variants aligned,misaligned,generic] [--json FILE]``
 
 Exit status: 0 every report spill-free with tensor-core MMA, 1 report made but something spills (or has
 no MMA), 2 Triton / its CUDA tools missing.
@@ -17,8 +18,8 @@ mask blocks of 64 and 128 tokens, bf16 and fp16 -- and the cubin is read back:
   the SASS that ``cuobjdump -sass`` prints.
 
 The launch configuration (warps, stages, query / key tiles, constexprs) is not chosen here: the same
-launch-argument helpers the runtime path calls (``block_sparse_attn._fwd_launch`` and
-``block_attn_mass._mass_launch``) build it from tensors of the configuration's dtype and head dim in
+launch-argument helpers the runtime path calls (``block_sparse_attn._fwd_launch``,
+``block_attn_mass._mass_launch`` and ``block_sparse_attn_bwd._bwd_launches``) build it from tensors of the configuration's dtype and head dim in
 diffusers' ``[B, N, H, D]`` layout (seen as ``[B, H, N, D]``), and Triton's own argument binder
 specializes the arguments (16-byte alignment, unit strides) exactly as a launch would.
 
@@ -58,7 +59,7 @@ ARCHS = (80, 90)
 HEAD_DIMS = (64, 96, 128)
 BLOCKS = (64, 128)
 DTYPES = ("bf16", "fp16")
-KERNELS = ("forward", "block_mass")
+KERNELS = ("forward", "block_mass", "backward_dq", "backward_dkdv")
 #: How the arguments are specialized. "aligned": as a launch with diffusers' tensors specializes them
 #: (16-byte aligned pointers, strides that are multiples of 16, the unit head-dim stride folded into a
 #: constant) -- what the runtime compiles. "misaligned": pointers not known to be 16-byte aligned (e.g.
@@ -86,7 +87,7 @@ _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 class KernelReport:
     """What one compiled kernel uses on one CUDA target (per thread unless said otherwise)."""
 
-    kernel: str  # "forward" | "block_mass"
+    kernel: str  # "forward" | "block_mass" | "backward_dq" | "backward_dkdv"
     arch: int  # 80, 90, ...
     dtype: str  # "bf16" | "fp16"
     head_dim: int
@@ -265,6 +266,24 @@ def _launch(kernel: str, arch: int, dtype: str, head_dim: int, block: int):
             dot_mode=dot_mode, smem_limit=SMEM_OPTIN.get(arch, block_sparse_attn._SMEM_BUDGET),
         )  # fmt: skip
         return block_attn_mass._block_mass_kernel, grid, args, meta
+    if kernel in ("backward_dq", "backward_dkdv"):
+        from . import block_sparse_attn_bwd as bwd
+
+        kb = -(-N // block)
+        out, dout = torch.empty_like(q), torch.empty_like(q)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        lse, delta = (torch.empty(B, H, N, dtype=torch.float32) for _ in range(2))
+        kv_indices = torch.zeros(1, H, qb, kb, dtype=torch.int32)
+        kv_counts = torch.zeros(1, H, qb, dtype=torch.int32)
+        q_indices = torch.zeros(1, H, kb, qb, dtype=torch.int32)
+        q_counts = torch.zeros(1, H, kb, dtype=torch.int32)
+        launches = bwd._bwd_launches(
+            q, k, v, out, dout, lse, delta, None, dq, dk, dv, kv_indices, kv_counts, q_indices, q_counts,
+            block_q=block, block_kv=block, scale=head_dim**-0.5, dot_mode=dot_mode,
+            smem_limit=SMEM_OPTIN.get(arch, block_sparse_attn._SMEM_BUDGET),
+        )  # fmt: skip
+        name = kernel.removeprefix("backward_")
+        return bwd.KERNELS[name], *launches[name]
     raise ValueError(f"unknown kernel {kernel!r} (one of {KERNELS})")
 
 
@@ -371,7 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--dtypes", type=_strs, default=list(DTYPES), help="bf16,fp16 (default both); fp32 on request"
     )
-    p.add_argument("--kernels", type=_strs, default=list(KERNELS), help="forward,block_mass (default both)")
+    p.add_argument(
+        "--kernels",
+        type=_strs,
+        default=list(KERNELS),
+        help="forward,block_mass,backward_dq,backward_dkdv (default all)",
+    )
     p.add_argument(
         "--variants",
         type=_strs,

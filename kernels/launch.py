@@ -18,6 +18,7 @@ __all__ = [
     "interpreter_enabled",
     "not_supported_reasons",
     "block_sparse_attention_fwd",
+    "block_sparse_attention_bwd",
     "block_mass",
 ]
 
@@ -60,3 +61,15 @@ def block_mass(q, k, lse, *, block_q, block_kv, scale):
 
     with _device_guard(q):
         return _f(q, k, lse, block_q=block_q, block_kv=block_kv, scale=scale)
+
+
+def block_sparse_attention_bwd(
+    q, k, v, out, lse, dout, dlse, kv_indices, kv_counts, q_indices, q_counts, *, block_q, block_kv, scale
+):
+    from .block_sparse_attn_bwd import block_sparse_attention_bwd as _f
+
+    with _device_guard(q):
+        return _f(
+            q, k, v, out, lse, dout, dlse, kv_indices, kv_counts, q_indices, q_counts,
+            block_q=block_q, block_kv=block_kv, scale=scale,
+        )  # fmt: skip

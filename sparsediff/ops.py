@@ -7,10 +7,11 @@ pure-PyTorch twin :func:`sparsediff.reference.block_sparse_attention`. ``backend
 ``"auto"`` falling back to the twin (a block size the kernel does not take, too little shared memory...)
 is logged once per reason at WARNING: it runs, correctly, but far slower than the kernel.
 
-Gradients: the op is differentiable. The backward recomputes the forward with the PyTorch twin under
-autograd (whatever backend ran the forward) and differentiates that -- correct, memory-hungry
-(it materialises the twin's intermediates for the kept blocks), and meant for fine-tuning experiments
-and gradient checks, not fast training.
+Gradients: the op is differentiable. The forward saves its output and LSE; the backward
+(``sparsediff::block_sparse_attn_bwd``, block-sparse FlashAttention-2) runs the Triton kernels on CUDA
+(``backend="auto"`` when the kernel takes the inputs, or ``"triton"``) and the PyTorch twin
+:func:`sparsediff.reference._backward` otherwise (CPU, ``"reference"``): both visit only the listed blocks
+and never form an ``Nq x Nk`` matrix.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from . import reference
 from .mask import BlockSparseMask
 from .support import BACKENDS as _BACKENDS
-from .support import MAX_HEAD_DIM, SUPPORTED_DTYPES, cdiv
+from .support import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -159,73 +160,70 @@ def _(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, backend):
     return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
+def _use_triton_backward(q: torch.Tensor, mask: BlockSparseMask, backend: str) -> bool:
+    """The Triton backward runs for ``backend="triton"`` and for ``"auto"`` on CUDA when the kernel takes
+    the inputs; otherwise (CPU, ``"reference"``, ``"auto"`` under the interpreter) the PyTorch twin."""
+    if backend == "reference" or (backend == "auto" and not _is_gpu(q)):
+        return False
+    reasons = triton_reasons(q, mask)
+    if reasons and backend == "triton":
+        raise RuntimeError("the Triton backward cannot run these inputs: " + "; ".join(reasons))
+    return not reasons
+
+
+@torch.library.custom_op("sparsediff::block_sparse_attn_bwd", mutates_args=())
+def _block_sparse_attn_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the forward op from its saved ``out`` and ``lse`` (see :func:`_backward`)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    mask = BlockSparseMask(kv_indices, kv_counts, (block_q, block_kv), (Nq, Nk), validate=False)
+    if _use_triton_backward(q, mask, backend):
+        q_idx, q_cnt = reference.transposed_block_lists(kv_indices, kv_counts, mask.num_kv_blocks)
+        return _kernels().block_sparse_attention_bwd(
+            q, k, v, out, lse, grad_out, grad_lse, kv_indices, kv_counts, q_idx, q_cnt,
+            block_q=block_q, block_kv=block_kv, scale=scale,
+        )  # fmt: skip
+    return reference._backward(q, k, v, out, lse, grad_out, grad_lse, mask, scale)
+
+
+@_block_sparse_attn_bwd_op.register_fake
+def _(q, k, v, out, lse, grad_out, grad_lse, kv_indices, kv_counts, block_q, block_kv, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, _backend = inputs
-    ctx.save_for_backward(q, k, v, kv_indices, kv_counts)
-    ctx.blocks, ctx.scale = (block_q, block_kv), scale
+    q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts)
+    ctx.blocks, ctx.scale, ctx.backend = (block_q, block_kv), scale, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
-    """Gradients of q, k, v by recomputing the block-sparse forward with differentiable PyTorch ops,
-    one chunk of query blocks at a time (each chunk's graph is differentiated and freed before the
-    next, so memory stays at one chunk's scores)."""
-    q, k, v, kv_indices, kv_counts = ctx.saved_tensors
+    """Gradients of q, k, v from the forward's saved ``out`` and ``lse`` (FlashAttention-2's backward on
+    the listed blocks): the Triton kernels where the forward would run them on CUDA (or
+    ``backend="triton"``), else the PyTorch twin :func:`sparsediff.reference._backward` -- chunks of query
+    blocks over their gathered key blocks, no ``Nq x Nk`` matrix, O(N * D) memory beyond a few bounded
+    chunk buffers. Both go through the ``sparsediff::block_sparse_attn_bwd`` op, so compiled training
+    graphs see one opaque op with a fake impl."""
+    q, k, v, out, lse, kv_indices, kv_counts = ctx.saved_tensors
     (bq, bk), scale = ctx.blocks, ctx.scale
-    B, H, Nq, D = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
-    Qb = cdiv(Nq, bq)
-    idx = kv_indices.to(q.device).long().expand(B, H, Qb, -1)
-    cnt = kv_counts.to(q.device).long().expand(B, H, Qb)
-    dq = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device)
-    kf, vf = (x.detach().float().requires_grad_(True) for x in (k, v))
-    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-    go = grad_out.float() if grad_out is not None else None
-    gl = grad_lse.float() if grad_lse is not None else None
-    m_max = max(int(cnt.amax()) if cnt.numel() else 0, 1)
-    chunk = max(1, (1 << 24) // max(B * H * bq * m_max * bk, 1))
-    for c0 in range(0, Qb, chunk):
-        c1 = min(Qb, c0 + chunk)
-        r0, r1 = c0 * bq, min(c1 * bq, Nq)
-        m = int(cnt[:, :, c0:c1].amax())
-        if m == 0:
-            continue
-        C = c1 - c0
-        with torch.enable_grad():
-            qc = q[:, :, r0:r1].detach().float().requires_grad_(True)
-            qp = torch.nn.functional.pad(qc, (0, 0, 0, C * bq - (r1 - r0))).view(B, H, C, bq, D)
-            slot = torch.arange(m, device=q.device) < cnt[:, :, c0:c1, None]  # [B, H, C, m]
-            tok = idx[:, :, c0:c1, :m, None] * bk + torch.arange(bk, device=q.device)  # [B, H, C, m, bk]
-            valid = (slot[..., None] & (tok < Nk)).reshape(B, H, C, m * bk)
-            tok = torch.where(valid, tok.reshape(B, H, C, m * bk), 0).reshape(B, H, C * m * bk, 1)
-            kg = kf.gather(2, tok.expand(-1, -1, -1, D)).view(B, H, C, m * bk, D)
-            vg = vf.gather(2, tok.expand(-1, -1, -1, Dv)).view(B, H, C, m * bk, Dv)
-            sc = torch.einsum("bhcqd,bhckd->bhcqk", qp, kg) * scale
-            sc = sc.masked_fill(~valid[:, :, :, None, :], -torch.inf)
-            lse = torch.logsumexp(sc, -1)  # [B, H, C, bq]; -inf for empty rows
-            finite = torch.isfinite(lse)
-            p = torch.where(
-                finite[..., None], sc - torch.where(finite, lse, 0.0)[..., None], -torch.inf
-            ).exp()
-            o = torch.einsum("bhcqk,bhckd->bhcqd", p, vg).reshape(B, H, C * bq, Dv)[:, :, : r1 - r0]
-            outs, grads = [], []
-            if go is not None:
-                outs.append(o)
-                grads.append(go[:, :, r0:r1])
-            if gl is not None:
-                lc = lse.reshape(B, H, C * bq)[:, :, : r1 - r0]
-                fin = torch.isfinite(lc)
-                outs.append(torch.where(fin, lc, 0.0))
-                grads.append(torch.where(fin, gl[:, :, r0:r1], 0.0))
-            if not outs:
-                break
-            gq, gk, gv = torch.autograd.grad(outs, (qc, kf, vf), grads, allow_unused=True)
-        if gq is not None:
-            dq[:, :, r0:r1] = gq
-        if gk is not None:
-            dk += gk
-        if gv is not None:
-            dv += gv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+    dq, dk, dv = _block_sparse_attn_bwd_op(
+        q, k, v, out, lse, grad_out, grad_lse, kv_indices, kv_counts, bq, bk, scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _block_sparse_attn_op.register_autograd(_backward, setup_context=_setup_context)

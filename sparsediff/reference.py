@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .mask import BlockSparseMask
 
-__all__ = ["block_sparse_attention", "attention_ref"]
+__all__ = ["block_sparse_attention", "attention_ref", "transposed_block_lists"]
 
 # Upper bound on the elements of one gathered K (or V) chunk and of its scores, fp32: 2**22 = 16 MiB
 # (measured on CPU: 20 % faster than 64 MiB chunks at N = 4096, cache-friendlier, same op count).
@@ -369,3 +369,164 @@ def attention_ref(
     p = torch.exp(s.float() - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1)).to(dt)
     out = torch.matmul(p, v.to(dt))
     return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------- backward
+def transposed_block_lists(
+    kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_kv_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every (batch, head, key block): the query blocks whose lists name it -- what a dK/dV pass needs.
+
+    Args:
+        kv_indices: ``[Bm, H, Qb, Kmax]`` (a :class:`BlockSparseMask`'s ``kv_indices``; entries past the
+            row's count are ignored). kv_counts: ``[Bm, H, Qb]``. num_kv_blocks: ``Kb = ceil(Nk / bk)``.
+
+    Returns:
+        ``(q_indices, q_counts)``: ``q_indices [Bm, H, Kb, Qmax]`` int32 (``Qmax = max(q_counts, 1)``),
+        strictly increasing in the first ``q_counts[b, h, kb]`` entries, zero past them; ``q_counts
+        [Bm, H, Kb]`` int32. One stable sort of the mask's listed (row, block) pairs, on the mask's
+        device; memory O(listed blocks) (no ``[Qb, Kb]`` table).
+    """
+    bm, h, qb, kmax = kv_indices.shape
+    dev = kv_indices.device
+    kb = int(num_kv_blocks)
+    rows = bm * h * kb
+    if kv_indices.numel() == 0 or kb == 0:
+        return (
+            torch.zeros(bm, h, kb, 1, dtype=torch.int32, device=dev),
+            torch.zeros(bm, h, kb, dtype=torch.int32, device=dev),
+        )
+    valid = torch.arange(kmax, device=dev) < kv_counts.unsqueeze(-1)  # [Bm, H, Qb, Kmax]
+    pos = torch.nonzero(valid.reshape(bm * h, qb, kmax))  # (bh, q block, slot), in (bh, qb) order
+    kbs = kv_indices.reshape(bm * h, qb, kmax)[pos[:, 0], pos[:, 1], pos[:, 2]].long()
+    key = pos[:, 0] * kb + kbs  # the (bh, key block) row each listed pair goes to
+    key, order = torch.sort(key, stable=True)  # stable: query blocks stay increasing within a row
+    qblk = pos[order, 1]
+    counts = torch.bincount(key, minlength=rows)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(key.numel(), device=dev) - starts[key]
+    qmax = max(int(counts.max()) if counts.numel() else 0, 1)
+    out = torch.zeros(rows, qmax, dtype=torch.int32, device=dev)
+    out[key, slot] = qblk.to(torch.int32)
+    return out.view(bm, h, kb, qmax), counts.to(torch.int32).view(bm, h, kb)
+
+
+#: Elements of each of the backward twin's four chunk buffers (gathered K and V -- reused for their
+#: gradients -- P and dP/dS), fp32: 2**21 = 8 MiB each, 32 MiB in all.
+_BWD_CHUNK_ELEMS = 1 << 21
+
+
+def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (``ref``'s shape, fp32) in ``ref``'s dtype and memory layout (no copy when it already is)."""
+    if x.dtype == ref.dtype and x.stride() == ref.stride():
+        return x
+    res = torch.empty_like(ref)
+    res.copy_(x)
+    return res
+
+
+def _backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
+    mask: BlockSparseMask,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of block-sparse attention from the forward's ``out`` and ``lse`` -- the
+    PyTorch twin of the Triton backward (FlashAttention-2's backward restricted to the listed blocks).
+
+    q ``[B, H, Nq, D]``, k/v ``[B, H, Nk, D]`` (any strides); out ``[B, H, Nq, D]``, lse ``[B, H, Nq]``
+    float32 (natural log, -inf for empty rows) as the forward returned them; ``dout`` / ``dlse`` the
+    incoming gradients of out and lse (None = zero). Returns gradients in q/k/v's dtype and layout.
+
+    With ``delta_i = sum_d dout_id * out_id - dlse_i`` and ``p_ij = exp(scale * q_i.k_j - lse_i)`` on the
+    listed keys: ``ds = p * (dout . v_j - delta_i)``, ``dq = scale * ds @ k``, ``dk = scale * ds^T @ q``,
+    ``dv = p^T @ dout``. Query blocks go in chunks over their gathered key blocks (as
+    :func:`_forward_chunked`): dq is written per chunk and dk/dv accumulate with ``index_add_`` into
+    blocked fp32 buffers; no ``Nq x Nk`` matrix is formed. Memory beyond inputs and outputs: fp32 blocked
+    copies of q/k/v/dout and the dk/dv accumulators (O(N * D)), plus four chunk buffers of
+    ``_BWD_CHUNK_ELEMS`` (32 MiB). Arithmetic in fp32. Empty rows (lse = -inf) give zero gradients; a
+    block a row does not list is never read (padding slots gather an all-zero block).
+    """
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    bq, bk = mask.block_size
+    Qb, Kb = mask.num_q_blocks, mask.num_kv_blocks
+    dev, f32 = q.device, torch.float32
+    if dout is None and dlse is None or B * H * Nq == 0 or Nk == 0 or Qb == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    # delta = rowsum(dO * O) - dlse ; lse of empty (and padding) rows -> +inf so that p = exp(s - lse) = 0
+    delta = torch.zeros(B, H, Qb * bq, dtype=f32, device=dev)
+    if dout is not None:
+        delta[:, :, :Nq] = torch.einsum("bhnd,bhnd->bhn", dout.float(), out.float())
+    if dlse is not None:
+        delta[:, :, :Nq] -= torch.where(torch.isfinite(lse), dlse.float(), 0.0)
+    lse_p = torch.full((B, H, Qb * bq), math.inf, dtype=f32, device=dev)
+    lse_p[:, :, :Nq] = torch.where(lse == -math.inf, math.inf, lse.float())
+    delta, lse_p = delta.view(B, H, Qb, bq), lse_p.view(B, H, Qb, bq)
+
+    qp = _blocked(q, Qb, bq).view(B, H, Qb, bq, D)
+    if dout is not None:
+        dop = _blocked(dout, Qb, bq).view(B, H, Qb, bq, Dv)
+    else:
+        dop = torch.zeros(B, H, Qb, bq, Dv, dtype=f32, device=dev)
+    zero_block = B * H * Kb  # padding slots gather (and scatter their zero gradients into) this block
+    kp = torch.cat([_blocked(k, Kb, bk), k.new_zeros(1, bk, D, dtype=f32)])
+    vp = torch.cat([_blocked(v, Kb, bk), v.new_zeros(1, bk, Dv, dtype=f32)])
+    dk_acc = torch.zeros(B * H * Kb + 1, bk, D, dtype=f32, device=dev)
+    dv_acc = torch.zeros(B * H * Kb + 1, bk, Dv, dtype=f32, device=dev)
+    dq_b = torch.zeros(B, H, Qb, bq, D, dtype=f32, device=dev)
+    idx = mask.kv_indices.to(dev).expand(B, H, -1, -1)
+    cnt = mask.kv_counts.to(dev).expand(B, H, -1)
+    key_in_range = (torch.arange(Kb * bk, device=dev) < Nk).view(Kb, bk)
+    bh_offset = (torch.arange(B * H, device=dev) * Kb).view(B, H, 1, 1)
+
+    chunks = []
+    q0 = 0
+    while q0 < Qb:
+        m_all = int(cnt[:, :, q0:].amax())
+        per_block = max(B * H * max(m_all, 1) * bk * max(D, Dv, bq), 1)
+        c = max(1, min(Qb - q0, _BWD_CHUNK_ELEMS // per_block))
+        chunks.append((q0, q0 + c, int(cnt[:, :, q0 : q0 + c].amax())))
+        q0 += c
+    rows = max((B * H * (q1 - q0) * m for q0, q1, m in chunks), default=0)  # gathered kv blocks
+    kbuf = torch.empty(rows * bk * D, dtype=f32, device=dev)
+    vbuf = torch.empty(rows * bk * Dv, dtype=f32, device=dev)
+    pbuf = torch.empty(rows * bk * bq, dtype=f32, device=dev)
+    dsbuf = torch.empty(rows * bk * bq, dtype=f32, device=dev)
+
+    for q0, q1, m in chunks:
+        if m == 0:
+            continue
+        c, n = q1 - q0, B * H * (q1 - q0) * m
+        g = B * H * c
+        valid_slot = torch.arange(m, device=dev) < cnt[:, :, q0:q1].unsqueeze(-1)  # [B, H, C, M]
+        ids = torch.where(valid_slot, idx[:, :, q0:q1, :m].long(), 0)
+        flat = torch.where(valid_slot, ids + bh_offset, zero_block).reshape(-1)
+        kg = torch.index_select(kp, 0, flat, out=kbuf[: n * bk * D].view(n, bk, D)).view(g, m * bk, D)
+        vg = torch.index_select(vp, 0, flat, out=vbuf[: n * bk * Dv].view(n, bk, Dv)).view(g, m * bk, Dv)
+        col_ok = (valid_slot.unsqueeze(-1) & key_in_range[ids]).view(g, 1, m * bk)
+        bias = torch.zeros(col_ok.shape, dtype=f32, device=dev).masked_fill_(~col_ok, -math.inf)
+        qc = qp[:, :, q0:q1].reshape(g, bq, D)
+        doc = dop[:, :, q0:q1].reshape(g, bq, Dv)
+        p = pbuf[: n * bk * bq].view(g, bq, m * bk)
+        torch.baddbmm(bias, qc, kg.transpose(1, 2), alpha=scale, out=p)
+        p.sub_(lse_p[:, :, q0:q1].reshape(g, bq, 1)).exp_()  # exact probabilities; 0 off the list
+        ds = dsbuf[: n * bk * bq].view(g, bq, m * bk)
+        torch.bmm(doc, vg.transpose(1, 2), out=ds)  # dP
+        dvg = torch.bmm(p.transpose(1, 2), doc, out=vg)  # V is no longer needed: its buffer takes dV
+        ds.sub_(delta[:, :, q0:q1].reshape(g, bq, 1)).mul_(p).mul_(scale)  # dS (scaled)
+        dq_b[:, :, q0:q1] = torch.bmm(ds, kg).view(B, H, c, bq, D)
+        dkg = torch.bmm(ds.transpose(1, 2), qc, out=kg)  # K is no longer needed: its buffer takes dK
+        dk_acc.index_add_(0, flat, dkg.view(n, bk, D))
+        dv_acc.index_add_(0, flat, dvg.view(n, bk, Dv))
+
+    dq = dq_b.view(B, H, Qb * bq, D)[:, :, :Nq]
+    dk = dk_acc[:-1].view(B, H, Kb * bk, D)[:, :, :Nk]
+    dv = dv_acc[:-1].view(B, H, Kb * bk, Dv)[:, :, :Nk]
+    return _like(dq, q), _like(dk, k), _like(dv, v)

@@ -311,7 +311,7 @@ def test_gradient_checkpointing_recomputes_the_same_sparse_attention():
 
 
 def test_op_gradients_match_masked_dense_attention():
-    """The op's backward (chunked recompute) against autograd through dense attention with the
+    """The op's backward (block-sparse FA2 twin on CPU) against autograd through dense attention with the
     densified token mask: ragged blocks, an empty row (lse = -inf), gradients of out and lse."""
     from sparsediff import ops
     from sparsediff.mask import BlockSparseMask

@@ -4,9 +4,11 @@
 GPU needed) at the launch configuration the runtime picks, and reads registers / stack / shared memory
 and the SASS. Compiles run in a subprocess without ``TRITON_INTERPRET`` (conftest.py sets it on CPU).
 
-Default run: every (kernel, arch, head dim, block) of the shipped grid at bf16 -- 24 compiles, about
-30 s on one core (Triton's on-disk cache makes reruns faster). fp16 compiles to the same registers and
-instructions as bf16 (Triton 3.9); ``SPARSEDIFF_INSPECT_FULL=1`` adds it (48 compiles, about a minute).
+Default run: every (kernel, arch, head dim, block) of the shipped grid at bf16 -- forward, block mass
+and the backward's dQ and dK/dV kernels, 48 compiles, about a minute on one core (Triton's on-disk cache
+makes reruns faster). fp16 compiles to the same registers and instructions as bf16 (Triton 3.9);
+``SPARSEDIFF_INSPECT_FULL=1`` adds it (96 compiles, about two minutes). (The backward's preprocessing
+kernel, an elementwise row sum without a dot, is not in the grid.)
 """
 
 from __future__ import annotations
@@ -68,10 +70,19 @@ def test_tensor_core_mma_is_used(reports):
 
 def test_launch_config_matches_the_runtime_choice_and_smem_estimate(reports):
     from sparsediff.kernels.block_sparse_attn import _SMEM_BUDGET, _smem_bytes, launch_config
+    from sparsediff.kernels.block_sparse_attn_bwd import _bwd_smem_bytes, bwd_launch_config
 
     for r in reports:
         block_d = max(16, 1 << (r.head_dim - 1).bit_length())
         budget = min(kinspect.SMEM_OPTIN[r.arch], _SMEM_BUDGET)
+        if r.kernel.startswith("backward_"):
+            cfg = getattr(
+                bwd_launch_config(r.block, r.block, block_d, 2, budget), r.kernel[len("backward_") :]
+            )
+            assert (r.num_warps, r.num_stages, r.tile_q, r.tile_kv) == tuple(cfg), r.label
+            rows, step = (cfg.tile_q, cfg.tile_kv) if r.kernel == "backward_dq" else (cfg.tile_kv, cfg.tile_q)
+            assert r.shared_bytes <= _bwd_smem_bytes(rows, step, block_d, 2, cfg.num_stages), r.label
+            continue
         w, s, tq, tk = launch_config(r.block, r.block, block_d, 2, budget)
         assert (r.num_warps, r.num_stages, r.tile_kv) == (w, s, tk), r.label
         assert r.tile_q == (tq if r.kernel == "forward" else r.block), r.label
