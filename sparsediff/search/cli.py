@@ -292,7 +292,8 @@ def _run(args) -> int:
         if bar is not None:
             bar.close()
     if stats is None:
-        return 0  # not the main process: its statistics are in the main process's merge
+        _finish_processes(state)  # not the main process: its statistics are in the main process's merge
+        return 0
     if world > 1:
         print(f"profiled {len(prompts)} prompts on {world} processes")
     if args.stats:
@@ -344,7 +345,21 @@ def _run(args) -> int:
         )
     plan.save(out, overwrite=args.force)
     print(f"wrote {out} ({plan.summary()})")
+    _finish_processes(state)
     return 0
+
+
+def _finish_processes(state) -> None:
+    """Several processes: wait until the main one has written the plan (it prices it after the others are
+    done profiling), then tear the process group down -- a process that exits while gloo's threads still
+    serve the group aborts ("terminate called without an active exception")."""
+    if state is None:
+        return
+    state.wait_for_everyone()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _profile_share(state, pipe, prompts: list[str], mine: list[int], prior, measure: dict[str, Any]):
