@@ -1233,7 +1233,10 @@ _EXPLAIN = [
     "All metrics compare each plan's video with the dense video of the same prompt and seed.",
     "PSNR: pooled over frames and samples (inf = identical). SSIM / MS-SSIM: mean over frames. "
     "Temporal PSNR: PSNR of frame differences (low = flicker or different motion).",
-    "s / step excludes each call's first step (prompt encoding, setup) and the warm-up calls. "
+    "s / step: from the first transformer call to the last step's end, over the steps (every step, the "
+    "warm-up ones included; prompt encoding and decoding excluded), without the warm-up calls. Predicted "
+    "speedup: the plan replayed on this device (sparsediff.search.price) with the self-attention share of "
+    "the dense runs; the search's prediction: what the search wrote into a searched plan. "
     "Density: fraction of attention blocks computed in the layers that ran sparse (first sparse call); "
     "run density also counts dense warm-up steps and dense layers as 1.",
 ]
