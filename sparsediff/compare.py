@@ -420,7 +420,7 @@ def _generate(pipe: Any, prompt: str, seed: int, s: _Settings, params: set[str])
             kw[name] = val
     if "generator" in params:
         kw["generator"] = torch.Generator("cpu").manual_seed(seed)
-    from .demo import AttentionTimer
+    from .timing import AttentionTimer
 
     cuda = s.device.startswith("cuda")
     stamps: list[float] = []

@@ -116,3 +116,22 @@ def test_demo_rejects_an_unknown_model(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path / "d"), "--model", str(tmp_path / "nope")]) == 2
     assert "neither" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_attention_timer_counts_attention_ops_only_and_splits_self_from_cross():
+    from sparsediff import BlockSparseMask, block_sparse_attention
+    from sparsediff.timing import AttentionTimer
+
+    q = torch.randn(1, 2, 64, 16)
+    kv = torch.randn(1, 2, 8, 16)
+    mask = BlockSparseMask.full(1, 2, 16, (64, 64))
+    with AttentionTimer() as t:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # self
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv)  # cross (text)
+        block_sparse_attention(q, q, q, mask, backend="reference")  # the sparse op
+        (q @ q.transpose(-1, -2)).softmax(-1)  # not attention ops: not counted
+    assert t.calls == 3 and t.seconds > 0
+    assert 0 < t.self_seconds < t.seconds  # the cross-attention call is not self-attention
+    with AttentionTimer() as t2:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+    assert t2.calls == 1 and t2.self_seconds == 0.0
