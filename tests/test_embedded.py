@@ -253,6 +253,31 @@ def test_training_smoke_run_saves_a_loadable_pipeline(tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
 
 
+def test_training_with_sparse_batches_runs_them_sparse_with_the_consistency_term(tmp_path, monkeypatch):
+    """The ``demo`` preset's sparse-attention batches: the forward goes through sparsediff's sparse path
+    (every batch here: p = 1), the dense teacher of the consistency term does not, and the log counts them."""
+    from sparsediff import attention as attention_mod
+
+    calls = []
+    real = attention_mod.sparse_attention
+    monkeypatch.setattr(
+        attention_mod, "sparse_attention", lambda *a, **k: calls.append(a[4]) or real(*a, **k)
+    )
+    cfg = _preset("tiny")
+    cfg.steps = 2
+    cfg.sparse_heads = [{"pattern": "tile", "params": {"window": [1, 3, 3]}}] * cfg.model.num_heads
+    cfg.sparse_prob, cfg.sparse_max_sigma, cfg.sparse_consistency = 1.0, 1.0, 1.0
+    metrics = train(cfg, str(tmp_path), evaluate=False)
+    assert math.isfinite(metrics["train"]["final_loss"])
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["sparse_batches"] == 2
+    # one sparse call per layer per batch (the dense teacher's calls never reach sparse_attention)
+    assert len(calls) == 2 * cfg.model.num_layers and all(s[0].pattern == "tile" for s in calls)
+    cfg.sparse_heads = cfg.sparse_heads[:1]
+    with pytest.raises(ValueError, match="sparse_heads"):
+        train(cfg, str(tmp_path / "bad"), evaluate=False)
+
+
 # ------------------------------------------------------------------------------------------------- probe
 def _planted(grid, kind, alpha=2.0, D=16, heads=1):
     """q, k [1, N, heads, D] whose attention is a Gaussian in 3D (local), in (h, w) only (temporal) or
