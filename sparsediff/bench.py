@@ -334,6 +334,7 @@ def run_plan_benchmark(
     refresh itself is not in the time). Round-robin, best of ``reps`` on CPU / median on CUDA."""
     from .attention import LayerState, MaskCache, sparse_attention
     from .search.price import pricing_spec
+    from .timing import time_call
 
     dev = torch.device(device)
     n = layout.num_tokens
@@ -375,8 +376,8 @@ def run_plan_benchmark(
             for _ in range(warmup):
                 sparse(), sdpa(q, k, v)
             for _ in range(reps):
-                ts.append(_time_once(sparse, dev))
-                td.append(_time_once(lambda q=q, k=k, v=v: sdpa(q, k, v), dev))
+                ts.append(time_call(sparse, dev))
+                td.append(time_call(lambda q=q, k=k, v=v: sdpa(q, k, v), dev))
         pick = statistics.median if dev.type == "cuda" else min
         ms_s, ms_d = pick(ts) * 1e3, pick(td) * 1e3
         rows.append({"layer": li, "patterns": label, "density": state.last_mask.density(), "ms_sparse": ms_s,
@@ -389,16 +390,6 @@ def _count(xs):
     for x in xs:
         out[x] = out.get(x, 0) + 1
     return out
-
-
-def _time_once(fn, dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - t0
 
 
 def format_plan_table(rows: Sequence[dict]) -> str:
@@ -529,10 +520,14 @@ def main(argv: Sequence[str] | None = None) -> str:
         shapes, densities, dtype=dtype, device=device, block=args.block, warmup=warmup, reps=reps,
         flex=not args.no_flex, mask_kind=args.mask,
     )  # fmt: skip
-    table = format_table(rows)
+    return _emit(head, format_table(rows), args.out)
+
+
+def _emit(head: str, table: str, out: str | None) -> str:
+    """Print ``table``; with ``out`` also write the conditions ``head`` and the table there (Markdown)."""
     print(table)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(head + "\n\n" + table + "\n")
     return table
 
@@ -573,12 +568,7 @@ def _plan_main(args) -> str:
         plan, layout, num_heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=device,
         block=args.block, warmup=warmup, reps=reps, backend="auto" if cuda else "reference",
     )  # fmt: skip
-    table = format_plan_table(rows)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(head + "\n\n" + table + "\n")
-    return table
+    return _emit(head, format_plan_table(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -420,47 +420,16 @@ def _generate(pipe: Any, prompt: str, seed: int, s: _Settings, params: set[str])
             kw[name] = val
     if "generator" in params:
         kw["generator"] = torch.Generator("cpu").manual_seed(seed)
-    from .timing import AttentionTimer
+    from .timing import GenerationClock
 
-    cuda = s.device.startswith("cuda")
-    stamps: list[float] = []
+    clock = GenerationClock(pipe, cuda=s.device.startswith("cuda"))
     if "callback_on_step_end" in params:
-
-        def on_step_end(pipe_, i, t, kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-            return {}
-
-        kw["callback_on_step_end"] = on_step_end
-    # Denoising starts at the first transformer call (after prompt encoding): every step is timed, the
-    # first one (often a dense warm-up step) included.
-    first: list[float] = []
-    transformer = (getattr(pipe, "components", None) or {}).get("transformer")
-    pre = (
-        transformer.register_forward_pre_hook(
-            lambda m, a: first.append(time.perf_counter()) if not first else None
-        )
-        if isinstance(transformer, torch.nn.Module)
-        else None
-    )
-    timer = AttentionTimer()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    try:
-        with torch.no_grad(), timer:
-            out = pipe(**kw)
-    finally:
-        if pre is not None:
-            pre.remove()
-    if cuda:
-        torch.cuda.synchronize()
-    total = time.perf_counter() - t0
-    steps = len(stamps)
-    start = first[0] if first else t0
-    per_step = (stamps[-1] - start) / steps if steps else None
-    denoise = stamps[-1] - start if steps else None
+        kw["callback_on_step_end"] = clock.on_step_end
+    with torch.no_grad(), clock:
+        out = pipe(**kw)
+    timer = clock.attention
+    total, steps = clock.total, clock.steps
+    per_step, denoise = clock.seconds_per_step, clock.denoise_seconds
     return {
         "frames": _as_frames(out),
         "s_per_step": per_step,

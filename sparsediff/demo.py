@@ -30,14 +30,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .timing import ATTENTION_OPS, AttentionTimer  # noqa: F401  (re-exported: part of the demo's API)
+from .timing import ATTENTION_OPS, AttentionTimer, GenerationClock  # noqa: F401  (AttentionTimer re-exported)
 
 __all__ = ["main", "build_demo_pipeline", "run_demo", "DEFAULT_PROMPTS", "AttentionTimer"]
 
@@ -254,14 +253,7 @@ def run_demo(
     def generate(prompt: str, label: str, n_steps: int = steps) -> dict[str, Any]:
         if progress:
             print(f"[sparsediff demo] {label}: {prompt!r}, {n_steps} steps", file=sys.stderr, flush=True)
-        stamps: list[float] = []
-
-        def on_step_end(pipe_, i, t, kwargs):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-            return {}
-
+        clock = GenerationClock(pipe, cuda=device.startswith("cuda"))
         call = dict(
             **m.call_kwargs(prompt, seed),
             **sizes,
@@ -269,23 +261,12 @@ def run_demo(
             guidance_scale=guidance,
             output_type="np",
             generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=on_step_end,
+            callback_on_step_end=clock.on_step_end,
         )
-        timer = AttentionTimer()
-        # Denoising starts at the first transformer call (after prompt encoding) and ends with the last
-        # step's callback (before decoding).
-        first: list[float] = []
-        pre = pipe.transformer.register_forward_pre_hook(
-            lambda mod, args: first.append(time.perf_counter()) if not first else None
-        )
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad(), timer:
-                out = pipe(**call).frames[0]
-        finally:
-            pre.remove()
-        total = time.perf_counter() - t0
-        per_step = (stamps[-1] - first[0]) / len(stamps)
+        with torch.no_grad(), clock:
+            out = pipe(**call).frames[0]
+        timer = clock.attention
+        total, per_step = clock.total, clock.seconds_per_step
         return {
             "video": np.asarray(out, dtype=np.float32),
             "seconds_per_step": per_step,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ATTENTION_OPS", "AttentionTimer"]
+__all__ = ["ATTENTION_OPS", "AttentionTimer", "GenerationClock", "time_call"]
 
 #: Attention operators :class:`AttentionTimer` adds up: dense SDPA (self and cross attention; the sparse run
 #: still calls it for cross-attention) and the sparse op (which also runs the dense warm-up layers/steps).
@@ -57,3 +57,80 @@ class AttentionTimer(TorchFunctionMode):
         if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.shape[-2] == k.shape[-2]:
             self.self_seconds += dt
         return out
+
+
+def time_call(fn: Any, device: torch.device | str) -> float:
+    """Seconds of one call of ``fn()`` (CUDA synchronised before and after on a CUDA device)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+class GenerationClock:
+    """Times one pipeline call: ``with GenerationClock(pipe, cuda) as c: pipe(..., callback_on_step_end=
+    c.on_step_end)``.
+
+    Denoising runs from the first call of the pipeline's ``transformer`` (a forward pre-hook, removed on
+    exit: after prompt encoding) to the last step's callback (before decoding), so every step is counted --
+    a dense warm-up step included. Also times the whole call and, with an :class:`AttentionTimer`, the
+    attention operators. Without a transformer component denoising starts with the call.
+    """
+
+    def __init__(self, pipe: Any, cuda: bool = False) -> None:
+        self.cuda = cuda
+        self.stamps: list[float] = []
+        self.first: float | None = None
+        self.total: float | None = None
+        self.attention = AttentionTimer()
+        comps = getattr(pipe, "components", None) or {}
+        self._transformer = comps.get("transformer") if isinstance(comps, dict) else None
+        self._hook = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def on_step_end(self, pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        self._sync()
+        self.stamps.append(time.perf_counter())
+        return {}
+
+    def _pre(self, module: Any, args: Any) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def __enter__(self) -> GenerationClock:
+        if isinstance(self._transformer, torch.nn.Module):
+            self._hook = self._transformer.register_forward_pre_hook(self._pre)
+        self._sync()
+        self._t0 = time.perf_counter()
+        self.attention.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.attention.__exit__(*exc)
+        if self._hook is not None:
+            self._hook.remove()
+        self._sync()
+        self.total = time.perf_counter() - self._t0
+
+    @property
+    def steps(self) -> int:
+        return len(self.stamps)
+
+    @property
+    def denoise_seconds(self) -> float | None:
+        """From the first transformer call to the last step's end (None when no step was seen)."""
+        if not self.stamps:
+            return None
+        return self.stamps[-1] - (self.first if self.first is not None else self._t0)
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        d = self.denoise_seconds
+        return None if d is None else d / len(self.stamps)

@@ -27,7 +27,6 @@ layers' attention over all steps of a generation (warm-up steps included).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 from ..layout import TokenLayout
 from ..plan import Plan
 from ..specs import HeadSpec
+from ..timing import time_call
 
 __all__ = ["PlanPrice", "price_plan", "pricing_spec"]
 
@@ -104,16 +104,6 @@ class PlanPrice:
         }
 
 
-def _timed(fn, device: torch.device) -> tuple[Any, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
-
-
 def _replay_layer(
     qkv: tuple[torch.Tensor, ...],
     layout: TokenLayout,
@@ -148,7 +138,7 @@ def _replay_layer(
             times.append(t_dense)  # the hooks hand warm-up calls to the model's own dense SDPA
             continue
         force = force or (stateful and step in plan.refresh_steps)
-        times.append(_timed(lambda st=step, f=force: call(state, st, f), dev)[1])
+        times.append(time_call(lambda st=step, f=force: call(state, st, f), dev))
     return times
 
 
@@ -208,7 +198,7 @@ def price_plan(
             sdpa = torch.nn.functional.scaled_dot_product_attention
             with torch.no_grad():
                 sdpa(q, k, v)
-                dense_call[h] = min(_timed(lambda: sdpa(q, k, v), dev)[1] for _ in range(3))
+                dense_call[h] = min(time_call(lambda: sdpa(q, k, v), dev) for _ in range(3))
         return dense_call[h]
 
     below = N < plan.min_tokens
