@@ -10,14 +10,15 @@ State lives in explicit objects, never in globals:
 * :class:`MaskCache` -- bounded LRU of static masks/permutations keyed by
   ``(layout, spec, block size, device)``; one per enabled transformer.
 * :class:`LayerState` -- one per (transformer, layer, and CFG branch if the pipeline runs branches in
-  separate calls): cached LSE, cached lse_cache block indices, skip-head outputs, k-means centroids.
+  separate calls): the layout it was filled for, the last mask, and one public slot per cross-step family
+  (:meth:`LayerState.family_state`: the lse_cache family's LSE and block indices, the skip family's
+  outputs, the reordered family's k-means warm starts, a user family's own state).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -33,7 +34,15 @@ from .specs import DenseSchedule, HeadSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sparse_attention", "LayerState", "MaskCache", "DenseSchedule", "DEFAULT_BLOCK_SIZE", "plan_heads"]
+__all__ = [
+    "sparse_attention",
+    "LayerState",
+    "MaskCache",
+    "DenseSchedule",
+    "DEFAULT_BLOCK_SIZE",
+    "group_heads",
+    "plan_heads",
+]
 
 #: Default block size (tokens per query/key block) on every device.
 DEFAULT_BLOCK_SIZE = 64
@@ -99,38 +108,42 @@ class LayerState:
     """Mutable per-layer state across denoising steps (explicit; see module docstring).
 
     Attributes:
-        lse: ``[B, H, N]`` float32 LSE of the last dense / refresh pass (natural order), or None.
-        lse_valid: bool ``[H]`` -- which heads' ``lse`` entries are current enough to use.
-        indices: ``{(spec, heads): (mask, refresh_step)}`` -- lse_cache block masks and when they were built.
-            lse_cache heads' ``lse`` entries are overwritten with the op's LSE on every call.
-        skip_out: ``{head: [B, N, D] tensor}`` -- outputs cached at the last dense pass for skip heads.
-        centroids: ``{(spec, heads): (cq, ck)}`` -- k-means warm starts for cluster-reordered heads.
-        last_recall: ``{(spec, heads): [B, Hg, Qb]}`` -- recall achieved at the last refresh (diagnostics).
         key: ``(layout, B, H, device)`` the state was filled for; a call with another key resets it.
+        last_step: the step of the last call (a call with an earlier step resets the state: a new generation).
         last_mask: the mask of the last call, each head in its own (permuted) order -- diagnostics
-            (``last_mask.density_per_head()``); skip heads served from the cache show density 0.
-        slots: ``{family: dict}`` -- state of user-registered ``"cached"`` families (:meth:`slot`).
+            (``last_mask.density_per_head()``); skip heads served from their stored output show density 0.
+        family_states: ``{family: state}`` -- each cross-step family's own slot (:meth:`family_state`).
+
+    Read-only views of the built-in families' slots (kept for compatibility): ``lse``, ``lse_valid``,
+    ``indices``, ``last_recall`` (lse_cache), ``skip_out`` (skip), ``centroids`` (reordered k-means).
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.lse: torch.Tensor | None = None
-        self.lse_valid: torch.Tensor | None = None
-        self.indices: dict[Hashable, tuple[BlockSparseMask, int | None]] = {}
-        self.skip_out: dict[int, torch.Tensor] = {}
-        self.centroids: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.last_recall: dict[Hashable, torch.Tensor] = {}
+        """Forget everything (every family's slot included)."""
         self.key: tuple | None = None
         self.last_step: int | None = None
         self.last_mask: BlockSparseMask | None = None
-        self.slots: dict[str, dict[Hashable, Any]] = {}
+        self.family_states: dict[str, Any] = {}
+
+    def family_state(self, family: str, factory: Callable[[], Any] = dict) -> Any:
+        """The state owned by the pattern family ``family`` -- ``factory()`` (a dict by default) made on first
+        use -- kept across calls and steps until the state is reset (new layout, batch or generation)."""
+        st = self.family_states.get(family)
+        if st is None:
+            st = self.family_states[family] = factory()
+        return st
 
     def slot(self, family: str) -> dict[Hashable, Any]:
-        """A dict owned by the pattern family ``family`` (user ``"cached"`` families keep their state here);
-        cleared with the rest of the state."""
-        return self.slots.setdefault(family, {})
+        """Deprecated name of :meth:`family_state` (a dict slot)."""
+        return self.family_state(family)
+
+    @property
+    def slots(self) -> dict[str, Any]:
+        """Deprecated name of :attr:`family_states`."""
+        return self.family_states
 
     def _bind(self, layout: TokenLayout, q: torch.Tensor, step: int | None) -> None:
         key = (layout, q.shape[0], q.shape[1], q.device)
@@ -140,26 +153,49 @@ class LayerState:
             self.key = key
         self.last_step = step
 
-    def _store_lse(self, lse: torch.Tensor, heads: Sequence[int]) -> None:
-        B, H, N = lse.shape
-        if self.lse is None:
-            self.lse = torch.full((B, H, N), -math.inf, dtype=torch.float32, device=lse.device)
-            self.lse_valid = torch.zeros(H, dtype=torch.bool)
-        h = list(heads)
-        self.lse[:, h] = lse[:, h].float()
-        self.lse_valid[h] = True
+    # ------------------------------------------------------------------ compatibility views (read-only)
+    def _view(self, family: str, attr: str | None, empty: Any) -> Any:
+        st = self.family_states.get(family)
+        if st is None:
+            return empty
+        return st if attr is None else getattr(st, attr)
 
-    def _has_lse(self, heads: Sequence[int]) -> bool:
-        return self.lse is not None and bool(self.lse_valid[list(heads)].all())
+    @property
+    def lse(self) -> torch.Tensor | None:
+        """``[B, H, N]`` LSE kept by the lse_cache family (its slot's ``lse``), or None."""
+        return self._view("lse_cache", "lse", None)
+
+    @property
+    def lse_valid(self) -> torch.Tensor | None:
+        return self._view("lse_cache", "lse_valid", None)
+
+    @property
+    def indices(self) -> dict:
+        """``{(spec, heads): (mask, refresh_step)}`` of the lse_cache family."""
+        return self._view("lse_cache", "indices", {})
+
+    @property
+    def last_recall(self) -> dict:
+        return self._view("lse_cache", "last_recall", {})
+
+    @property
+    def skip_out(self) -> dict:
+        """``{head: [B, N, D]}`` outputs stored by the skip family."""
+        return self._view("skip", None, {})
+
+    @property
+    def centroids(self) -> dict:
+        """``{(spec, heads): (cq, ck)}`` k-means warm starts of cluster-reordered heads."""
+        return self._view("reordered", None, {})
 
     def __repr__(self) -> str:
         return (
-            f"LayerState(layout={self.key[0] if self.key else None}, lse={'yes' if self.lse is not None else 'no'}, "
-            f"lse_groups={len(self.indices)}, skip_heads={sorted(self.skip_out)}, step={self.last_step})"
+            f"LayerState(layout={self.key[0] if self.key else None}, families={sorted(self.family_states)}, "
+            f"step={self.last_step})"
         )
 
 
-def plan_heads(head_specs: Sequence[HeadSpec]) -> OrderedDict[HeadSpec, tuple[int, ...]]:
+def group_heads(head_specs: Sequence[HeadSpec]) -> OrderedDict[HeadSpec, tuple[int, ...]]:
     """Group head indices by (normalised) spec, in order of first appearance.
 
     Memoised on the ``head_specs`` tuple (a layer's specs are the same on every call); the returned
@@ -168,8 +204,12 @@ def plan_heads(head_specs: Sequence[HeadSpec]) -> OrderedDict[HeadSpec, tuple[in
     return OrderedDict(_head_groups(tuple(head_specs)))
 
 
+#: Deprecated name of :func:`group_heads` (kept for one release).
+plan_heads = group_heads
+
+
 def _head_groups(head_specs: tuple) -> tuple[tuple[HeadSpec, tuple[int, ...]], ...]:
-    """:func:`plan_heads` as an immutable tuple of ``(spec, heads)``, memoised (LRU) on ``head_specs``."""
+    """:func:`group_heads` as an immutable tuple of ``(spec, heads)``, memoised (LRU) on ``head_specs``."""
     try:
         return _head_groups_cached(head_specs)
     except TypeError:  # an unhashable entry (so not a HeadSpec): the uncached path names it
@@ -267,8 +307,7 @@ def sparse_attention(
         out, lse = block_sparse_attention(q, k, v, full, scale=scale, return_lse=True, backend=backend)
         if state is not None:
             state.last_mask = full
-            state._store_lse(lse, range(H))
-            for spec, heads in group_items:  # cached families fill their state from the exact pass
+            for spec, heads in group_items:  # cross-step families fill their state from the exact pass
                 fam = get_family(spec.pattern)
                 if fam.on_dense is not None:
                     fam.on_dense(call, spec, heads, out, lse)
@@ -286,15 +325,15 @@ def sparse_attention(
         group_masks: list[tuple[tuple[int, ...], BlockSparseMask]] = []
         perms_q: list[tuple[tuple[int, ...], Permutation]] = []
         perms_k: list[tuple[tuple[int, ...], Permutation]] = []
-        for spec, heads in group_items:  # one plan per group of heads, from the spec's family
-            plan = get_family(spec.pattern).plan_group(call, spec, heads)
-            group_masks.append((heads, _expand_heads(plan.mask, len(heads))))
-            if plan.perm_q is not None:
-                perms_q.append((heads, plan.perm_q))
-                perms_k.append((heads, plan.perm_q if plan.perm_k is None else plan.perm_k))
-            if plan.after is not None:
-                afters.append(plan.after)
-                writes = writes or plan.writes_output
+        for spec, heads in group_items:  # each group's work, from the spec's family
+            work = get_family(spec.pattern).group_work(call, spec, heads)
+            group_masks.append((heads, _expand_heads(work.mask, len(heads))))
+            if work.perm_q is not None:
+                perms_q.append((heads, work.perm_q))
+                perms_k.append((heads, work.perm_q if work.perm_k is None else work.perm_k))
+            if work.after is not None:
+                afters.append(work.after)
+                writes = writes or work.writes_output
 
         # -------------------------------------------------------------- assemble one mask for all heads
         order = [h for heads, _ in group_masks for h in heads]

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from .layout import TokenLayout
-from .specs import AXIS_ORDERS
 
 __all__ = [
+    "AXIS_ORDERS",
     "Permutation",
     "axis_order",
     "tile_order",
@@ -45,6 +45,9 @@ __all__ = [
     "layout_order",
     "gather_tokens",
 ]
+
+#: The six axis orders of a ``(F, H, W)`` grid, slowest axis first (``"fhw"`` is the natural order).
+AXIS_ORDERS = ("fhw", "fwh", "hfw", "hwf", "wfh", "whf")
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:

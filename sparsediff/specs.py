@@ -5,75 +5,46 @@ the head's pattern and part of every mask-cache key. Parameters are stored sorte
 turned into tuples, so equal specs compare and hash equal however they were written.
 
 Pattern families are declared in one module each (``sparsediff/patterns/<name>.py``: parameters with
-defaults and value checks, kind, mask / permutation) and collected by :mod:`sparsediff.patterns.registry`,
-which fills :data:`PATTERN_PARAMS` / :data:`PARAM_CHECKS` / :data:`SPEC_CHECKS` here. Unknown names are
-rejected, and every value is checked at construction -- type and range -- so a bad value fails where the
-spec is written, not deep inside a pattern builder. Built-in families: ``dense``, ``skip``, ``radial``,
-``tile``, ``reordered``, ``topp``, ``lse_cache`` (:data:`PATTERNS`); users add their own with
-:func:`sparsediff.register_pattern`.
+defaults and value checks, kind, mask / permutation, search grid and cost terms) and collected by
+:mod:`sparsediff.patterns.registry`, which owns the family table (:data:`PATTERN_PARAMS` /
+:data:`PARAM_CHECKS` here are its read-only views). Unknown names are rejected, and every value is checked
+at construction -- type and range -- so a bad value fails where the spec is written, not deep inside a
+pattern builder. Built-in families: ``dense``, ``radial``, ``tile``, ``reordered``, ``topp``, ``lse_cache``,
+``skip`` (:data:`PATTERNS`); users add their own with :func:`sparsediff.register_pattern`.
+
+Module order: :mod:`sparsediff.patterns.registry` (the table) -> this module (specs) -> the family modules.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .patterns.registry import (
+    CROSS_STEP,
+    PARAM_CHECKS,
+    PATTERN_PARAMS,
+    builtin_patterns,
+    check_params,
+    get_family,
+)
+from .permute import AXIS_ORDERS
 
 __all__ = [
     "HeadSpec",
     "PATTERN_PARAMS",
     "AXIS_ORDERS",
-    "REORDER_ORDERS",
-    "REORDER_SELECTS",
-    "MAX_CLUSTERS",
     "PARAM_CHECKS",
     "DenseSchedule",
 ]
 
-AXIS_ORDERS = ("fhw", "fwh", "hfw", "hwf", "wfh", "whf")
-#: Orders of ``reordered`` heads.
-REORDER_ORDERS = ("frame", *AXIS_ORDERS, "hilbert", "cluster")
-#: Block selections of ``reordered`` heads.
-REORDER_SELECTS = ("static", "topp")
-#: Most k-means clusters a ``reordered(order="cluster")`` head may ask for.
-MAX_CLUSTERS = 512
-
-#: Parameter defaults of every registered pattern family, ``{pattern: {name: default}}``. Filled by the
-#: registry (:mod:`sparsediff.patterns.registry`): each family declares its parameters in its own module
-#: (``sparsediff/patterns/<name>.py``); :func:`sparsediff.register_pattern` adds user families here.
-PATTERN_PARAMS: dict[str, dict[str, Any]] = {}
-
-#: ``PARAM_CHECKS[pattern][name] = (predicate, description of the allowed values)`` (filled by the registry).
-PARAM_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {}
-
-#: Checks across parameters, run after the per-value checks (``SPEC_CHECKS[pattern](spec)`` raises).
-SPEC_CHECKS: dict[str, Callable[[HeadSpec], None]] = {}
-
-
-def _registry():
-    from .patterns import registry  # importing the package registers the built-in families
-
-    return registry
-
 
 def __getattr__(name: str) -> Any:
     if name == "PATTERNS":  # the built-in family names, from the registry
-        return _registry().builtin_patterns()
+        return builtin_patterns()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _check_value(pattern: str, name: str, value: Any) -> None:
-    ok, allowed = PARAM_CHECKS[pattern][name]
-    try:
-        good = bool(ok(value))
-    except TypeError:  # e.g. an unhashable / incomparable value
-        good = False
-    if not good:
-        raise ValueError(
-            f"pattern {pattern!r}: parameter {name!r} = {value!r} ({type(value).__name__}) is invalid; "
-            f"it must be {allowed}"
-        )
 
 
 def _freeze(v: Any) -> Any:
@@ -99,8 +70,6 @@ class HeadSpec:
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERN_PARAMS:
-            _registry()
-        if self.pattern not in PATTERN_PARAMS:
             raise ValueError(
                 f"unknown pattern {self.pattern!r}; known patterns: {tuple(PATTERN_PARAMS)} "
                 "(add your own with sparsediff.register_pattern)"
@@ -111,26 +80,15 @@ class HeadSpec:
                 raise TypeError(f"HeadSpec.params must be (name, value) pairs, got {item!r}")
             items.append((item[0], _freeze(item[1])))
         items.sort(key=lambda kv: kv[0])
-        names = [k for k, _ in items]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate parameter names in {names}")
-        allowed = PATTERN_PARAMS[self.pattern]
-        unknown = [k for k in names if k not in allowed]
-        if unknown:
-            raise ValueError(
-                f"pattern {self.pattern!r} has no parameter(s) {unknown}; its parameters are {sorted(allowed)}"
-            )
         items_t = tuple(items)
         try:
             hash(items_t)
         except TypeError as e:
             raise TypeError(f"HeadSpec parameters must be hashable: {e}") from e
-        for k, v in items_t:
-            _check_value(self.pattern, k, v)
+        fam = check_params(self.pattern, items_t)
         object.__setattr__(self, "params", items_t)
-        check = SPEC_CHECKS.get(self.pattern)
-        if check is not None:
-            check(self)
+        if fam.check is not None:
+            fam.check(self)
 
     @classmethod
     def make(cls, pattern: str, **params: Any) -> HeadSpec:
@@ -141,7 +99,7 @@ class HeadSpec:
         for k, v in self.params:
             if k == name:
                 return v
-        return PATTERN_PARAMS[self.pattern].get(name, default)
+        return get_family(self.pattern).params.get(name, default)
 
     def normalized(self) -> HeadSpec:
         """The same spec with every default written out (canonical cache key)."""
@@ -152,12 +110,18 @@ class HeadSpec:
     @property
     def is_static(self) -> bool:
         """True when the mask depends on the layout and params only (cacheable): the family's kind."""
-        return _registry().get_family(self.pattern).is_static_spec(self)
+        return get_family(self.pattern).is_static_spec(self)
 
     @property
     def kind(self) -> str:
-        """``"static"``, ``"dynamic"`` or ``"cached"`` (see :mod:`sparsediff.patterns.registry`)."""
-        return _registry().get_family(self.pattern).kind_of(self)
+        """``"static"``, ``"dynamic"`` or the cross-step ``"cached"`` (see :mod:`sparsediff.patterns.registry`)."""
+        return get_family(self.pattern).kind_of(self)
+
+    @property
+    def is_cross_step(self) -> bool:
+        """True when the head keeps state across denoising steps (the family's kind for this spec is
+        :data:`~sparsediff.patterns.registry.CROSS_STEP`: ``skip``, ``lse_cache``, ...)."""
+        return self.kind == CROSS_STEP
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict ``{"pattern": ..., "params": {...}}`` (tuples become lists)."""

@@ -16,8 +16,6 @@ from sparsediff.layout import TokenLayout
 from sparsediff.patterns import radial_mask
 from sparsediff.specs import HeadSpec
 
-S = HeadSpec.make
-
 
 def _grid_tokens(layout):
     """{token index: (f, h, w)} for the primary grid."""
@@ -125,13 +123,13 @@ def test_radial_reference_rule_is_sparser_and_a_spec_parameter():
     a = radial_mask(lay, 128, sink=True).density()
     r = radial_mask(lay, 128, sink=True, block_rule="reference").density()
     assert a == pytest.approx(0.699, abs=1e-3) and r == pytest.approx(0.619, abs=1e-3)
-    spec = S("radial", sink=True, block_rule="reference")
+    spec = HeadSpec.make("radial", sink=True, block_rule="reference")
     from sparsediff.patterns import static_mask
 
     assert static_mask(lay, spec, 128).density() == pytest.approx(r)
-    assert spec.normalized() != S("radial", sink=True).normalized()  # distinct cache keys
+    assert spec.normalized() != HeadSpec.make("radial", sink=True).normalized()  # distinct cache keys
     with pytest.raises(ValueError, match="block_rule"):
-        S("radial", block_rule="majority")
+        HeadSpec.make("radial", block_rule="majority")
     with pytest.raises(ValueError, match="block_rule"):
         radial_mask(lay, 128, block_rule="majority")
 
@@ -234,7 +232,7 @@ def _svg_temporal_ref(layout, block, band, sink):
 def test_reordered_sink_and_band_frames(layout, params):
     from sparsediff.patterns import static_mask
 
-    spec = S("reordered", order="frame", **params)
+    spec = HeadSpec.make("reordered", order="frame", **params)
     _, H, W = layout.grid
     band = params.get("band", math.ceil(params.get("band_frames", 1.0) * H * W))
     got = static_mask(layout, spec, 8).to_dense()[0, 0]
@@ -245,15 +243,17 @@ def test_reordered_band_parameters_checked_and_default_is_one_frame():
     from sparsediff.patterns import static_mask
 
     lay = TokenLayout.video(8, 6, 8)
-    one = static_mask(lay, S("reordered", order="frame"), 16).density()
-    assert one == pytest.approx(static_mask(lay, S("reordered", order="frame", band=48), 16).density())
+    one = static_mask(lay, HeadSpec.make("reordered", order="frame"), 16).density()
     assert one == pytest.approx(
-        static_mask(lay, S("reordered", order="frame", band_frames=1.0), 16).density()
+        static_mask(lay, HeadSpec.make("reordered", order="frame", band=48), 16).density()
     )
-    assert static_mask(lay, S("reordered", order="frame", sink=True), 16).density() > one
+    assert one == pytest.approx(
+        static_mask(lay, HeadSpec.make("reordered", order="frame", band_frames=1.0), 16).density()
+    )
+    assert static_mask(lay, HeadSpec.make("reordered", order="frame", sink=True), 16).density() > one
     with pytest.raises(ValueError, match="not both"):
-        S("reordered", band=10, band_frames=1.0)
+        HeadSpec.make("reordered", band=10, band_frames=1.0)
     with pytest.raises(ValueError, match="static"):
-        S("reordered", select="topp", sink=True)
+        HeadSpec.make("reordered", select="topp", sink=True)
     with pytest.raises(ValueError, match="band_frames"):
-        S("reordered", band_frames=-1.0)
+        HeadSpec.make("reordered", band_frames=-1.0)

@@ -11,7 +11,6 @@ from sparsediff.reference import attention_ref
 from sparsediff.specs import HeadSpec
 from sparsediff.testing import PLANTED_KINDS, drift, planted_qkv
 
-S = HeadSpec.make
 LAYOUT = TokenLayout.video(8, 16, 16, text_len=16, text_position="after")
 BLOCK = 16
 
@@ -36,18 +35,18 @@ def _run(p, ref, specs):
 
 
 MATCHED = [
-    S("tile", window=(3, 3, 3)),  # local
-    S("reordered", order="frame", band=16),  # temporal
-    S("reordered", order="cluster", select="topp", top_p=0.98, min_frac=0.0),  # cluster
-    S("lse_cache", recall=0.95),  # stripe
+    HeadSpec.make("tile", window=(3, 3, 3)),  # local
+    HeadSpec.make("reordered", order="frame", band=16),  # temporal
+    HeadSpec.make("reordered", order="cluster", select="topp", top_p=0.98, min_frac=0.0),  # cluster
+    HeadSpec.make("lse_cache", recall=0.95),  # stripe
 ]
 # mismatched families, each at a density >= the matched one. Local heads are served by every
 # locality-preserving order: position-major with a wide band is the strongest "other" family there.
 MISMATCHED = [
-    S("reordered", order="frame", band=240),  # local
-    S("tile", window=(3, 3, 3)),  # temporal
-    S("tile", window=(3, 3, 3)),  # cluster
-    S("tile", window=(3, 3, 3)),  # stripe
+    HeadSpec.make("reordered", order="frame", band=240),  # local
+    HeadSpec.make("tile", window=(3, 3, 3)),  # temporal
+    HeadSpec.make("tile", window=(3, 3, 3)),  # cluster
+    HeadSpec.make("tile", window=(3, 3, 3)),  # stripe
 ]
 
 
@@ -69,7 +68,10 @@ def test_temporal_reordering_beats_radial_on_long_videos():
     p = planted_qkv(lay, ["temporal"], head_dim=32, seed=1)
     ref, _ = attention_ref(p.q, p.k, p.v)
     res = {}
-    for name, spec in [("frame", S("reordered", order="frame", band=24)), ("radial", S("radial", decay=0.5))]:
+    for name, spec in [
+        ("frame", HeadSpec.make("reordered", order="frame", band=24)),
+        ("radial", HeadSpec.make("radial", decay=0.5)),
+    ]:
         st = LayerState()
         out = sparse_attention(p.q, p.k, p.v, lay, [spec], st, block_size=BLOCK, backend="reference")
         res[name] = (rel_error(out, ref), st.last_mask.density())
@@ -111,14 +113,16 @@ def test_print_planted_error_density_table():
     p = planted_qkv(LAYOUT, kinds, head_dim=32, seed=0)
     ref, _ = attention_ref(p.q, p.k, p.v)
     fams = {
-        "tile(3,3,3)": S("tile", window=(3, 3, 3)),
-        "radial": S("radial"),
-        "radial(.1,dd0)": S("radial", decay=0.1, dense_dist=0),
-        "ro-frame b16": S("reordered", order="frame", band=16),
-        "ro-hilbert b64": S("reordered", order="hilbert", band=64),
-        "ro-cluster p.98": S("reordered", order="cluster", select="topp", top_p=0.98, min_frac=0.0),
-        "topp p.9": S("topp", top_p=0.9, min_frac=0.0),
-        "lse_cache r.95": S("lse_cache", recall=0.95),
+        "tile(3,3,3)": HeadSpec.make("tile", window=(3, 3, 3)),
+        "radial": HeadSpec.make("radial"),
+        "radial(.1,dd0)": HeadSpec.make("radial", decay=0.1, dense_dist=0),
+        "ro-frame b16": HeadSpec.make("reordered", order="frame", band=16),
+        "ro-hilbert b64": HeadSpec.make("reordered", order="hilbert", band=64),
+        "ro-cluster p.98": HeadSpec.make(
+            "reordered", order="cluster", select="topp", top_p=0.98, min_frac=0.0
+        ),
+        "topp p.9": HeadSpec.make("topp", top_p=0.9, min_frac=0.0),
+        "lse_cache r.95": HeadSpec.make("lse_cache", recall=0.95),
     }
     res = {name: _run(p, ref, [spec] * len(kinds)) for name, spec in fams.items()}
     lines = ["| head kind | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]

@@ -15,8 +15,6 @@ from sparsediff.layout import TokenLayout
 from sparsediff.mask import BlockSparseMask
 from sparsediff.specs import HeadSpec
 
-S = HeadSpec.make
-
 
 def _strided(layout, spec, block_size, device):
     """Key blocks at a multiple of ``stride`` from the query block (the diagonal included)."""
@@ -68,7 +66,7 @@ def test_registered_family_runs_through_a_plan_on_a_tiny_pipeline(families):
     tiny = build("wan")
     plan = sparsediff.Plan.uniform("strided", stride=3)
     plan = sparsediff.Plan.from_dict(json.loads(plan.to_json()))  # a plan file naming the family loads
-    assert plan.default == S("strided", stride=3)
+    assert plan.default == HeadSpec.make("strided", stride=3)
     kw = dict(backend="reference", block_size=8, dense_steps=0, dense_layers=(), min_tokens=0)
     dense = tiny()
     with sparsediff.enable_sparse_attention(tiny.pipe, plan, **kw) as h:
@@ -76,7 +74,7 @@ def test_registered_family_runs_through_a_plan_on_a_tiny_pipeline(families):
         rep = h.report()["transformer"]
     assert rep["sparse_calls"] > 0
     n = tiny.layout.num_tokens
-    expected = _strided(tiny.layout, S("strided", stride=3), 8, None).density()
+    expected = _strided(tiny.layout, HeadSpec.make("strided", stride=3), 8, None).density()
     assert rep["mean_density"] == pytest.approx(expected) and expected < 0.5
     out_t, dense_t = (torch.as_tensor(x) for x in (_frames(out), _frames(dense)))
     assert out_t.shape == dense_t.shape and torch.isfinite(out_t).all() and n > 0
@@ -95,7 +93,11 @@ def test_registered_families_next_to_builtin_heads_match_the_token_oracle(famili
     lay = TokenLayout.video(3, 4, 6, text_len=5, text_position="after")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, lay.num_tokens, 16, generator=g) for _ in range(3))
-    specs = [S("strided", stride=2), S("radial", decay=0.5), S("best_block")]
+    specs = [
+        HeadSpec.make("strided", stride=2),
+        HeadSpec.make("radial", decay=0.5),
+        HeadSpec.make("best_block"),
+    ]
     out = sparse_attention(q, k, v, lay, specs, block_size=8, backend="reference")
     masks = [
         static_mask(lay, specs[0], 8).to_token_mask()[0, 0].expand(2, -1, -1),
@@ -107,7 +109,7 @@ def test_registered_families_next_to_builtin_heads_match_the_token_oracle(famili
     tm = torch.stack(masks, 1)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tm)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert S("strided").is_static and not S("best_block").is_static
+    assert HeadSpec.make("strided").is_static and not HeadSpec.make("best_block").is_static
 
 
 def test_registered_family_is_a_search_candidate(families):
@@ -115,7 +117,9 @@ def test_registered_family_is_a_search_candidate(families):
 
     lay = TokenLayout.video(2, 4, 4)
     q = k = torch.randn(1, 2, lay.num_tokens, 8)
-    st = build_structures([S("strided", stride=2), S("best_block")], q, k, lay, 8, 8**-0.5)
+    st = build_structures(
+        [HeadSpec.make("strided", stride=2), HeadSpec.make("best_block")], q, k, lay, 8, 8**-0.5
+    )
     assert [s.spec.pattern for s in st] == ["strided", "best_block"]
     assert float(st[0].density(lay.num_tokens, 8).max()) == pytest.approx(0.5)
 
@@ -132,11 +136,11 @@ def test_bad_registrations_and_specs_are_refused(families):
             "badcheck", params={}, checks={"x": (bool, "a bool")}, static_mask=_strided
         )
     with pytest.raises(ValueError, match="stride"):
-        S("strided", stride=0)  # the family's cross check
+        HeadSpec.make("strided", stride=0)  # the family's cross check
     with pytest.raises(ValueError, match="no parameter"):
-        S("strided", width=3)
+        HeadSpec.make("strided", width=3)
     with pytest.raises(ValueError, match="register_pattern"):
-        S("never_registered")
+        HeadSpec.make("never_registered")
     assert "both" not in sparsediff.specs.PATTERN_PARAMS
 
 
@@ -185,8 +189,8 @@ def test_cached_family_reuses_its_dense_pass_state(cached_family):
     lay = TokenLayout.video(2, 4, 8)
     g = torch.Generator().manual_seed(1)
     q0, k0, v0, q1, k1, v1 = (torch.randn(1, 2, lay.num_tokens, 16, generator=g) for _ in range(6))
-    specs = [S("frozen_topk"), S("dense")]
-    assert S("frozen_topk").kind == "cached" and not S("frozen_topk").is_static
+    specs = [HeadSpec.make("frozen_topk"), HeadSpec.make("dense")]
+    assert HeadSpec.make("frozen_topk").kind == "cached" and not HeadSpec.make("frozen_topk").is_static
     st = LayerState()
     sparse_attention(q0, k0, v0, lay, specs, st, step=0, force_dense=True, block_size=8, backend="reference")
     frozen = st.slot("frozen_topk")[(0,)]
@@ -232,7 +236,7 @@ def test_builtin_families_are_declared_in_their_own_modules():
         fam = get_family(name)
         assert fam.builtin and fam.plan.__module__ == f"sparsediff.patterns.{name}", name
         assert set(fam.params) == set(fam.checks) == set(sparsediff.specs.PATTERN_PARAMS[name])
-    kinds = {n: get_family(n).kind_of(S(n)) for n in sparsediff.PATTERNS}
+    kinds = {n: get_family(n).kind_of(HeadSpec.make(n)) for n in sparsediff.PATTERNS}
     assert kinds == {
         "dense": "static",
         "radial": "static",
@@ -243,5 +247,6 @@ def test_builtin_families_are_declared_in_their_own_modules():
         "lse_cache": "cached",
     }
     assert (
-        S("reordered", order="cluster").kind == "dynamic" and S("reordered", select="topp").kind == "dynamic"
+        HeadSpec.make("reordered", order="cluster").kind == "dynamic"
+        and HeadSpec.make("reordered", select="topp").kind == "dynamic"
     )

@@ -25,8 +25,6 @@ from sparsediff.search.core import layer_search
 from sparsediff.specs import HeadSpec
 from sparsediff.testing import drift, planted_qkv
 
-S = HeadSpec.make
-
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
@@ -82,14 +80,21 @@ def test_bad_input():
     lay = TokenLayout.video(2, 4, 4)
     q = torch.randn(1, 2, lay.num_tokens, 16)
     with pytest.raises(ValueError, match="cross-step"):
-        search_attention(q, q, q, lay, candidates=[S("skip")], block_size=8)
+        search_attention(q, q, q, lay, candidates=[HeadSpec.make("skip")], block_size=8)
     with pytest.raises(ValueError, match="tokens"):
         search_attention(q[:, :, :-1], q[:, :, :-1], q[:, :, :-1], lay, block_size=8)
     with pytest.raises(ValueError, match="twice"):
-        search_attention(q, q, q, lay, candidates=[S("dense"), S("dense")], block_size=8)
+        search_attention(
+            q, q, q, lay, candidates=[HeadSpec.make("dense"), HeadSpec.make("dense")], block_size=8
+        )
     with pytest.raises(ValueError, match="grid"):
         search_attention(
-            q, q, q, TokenLayout((lay.segments[0].text(32),)), candidates=[S("tile")], block_size=8
+            q,
+            q,
+            q,
+            TokenLayout((lay.segments[0].text(32),)),
+            candidates=[HeadSpec.make("tile")],
+            block_size=8,
         )
 
 
@@ -115,11 +120,15 @@ def test_cost_model_orders_patterns():
     lay = TokenLayout.video(21, 30, 52)
     cm = CostModel.default("cpu", head_dim=128, block_size=64)
     dense = cm.dense_cost(lay)
-    assert cm.cost(S("radial"), 0.2, lay) < 0.25 * dense
-    assert cm.cost(S("tile"), 0.2, lay) > cm.cost(S("radial"), 0.2, lay)  # gather / scatter
-    assert cm.cost(S("lse_cache", refresh=1), 0.2, lay) > cm.cost(S("lse_cache", refresh=10), 0.2, lay)
-    assert cm.cost(S("skip"), 0.0, lay) < 0.01 * dense
-    assert cm.cost(S("radial"), 1.0, lay) == pytest.approx(dense)
+    assert cm.cost(HeadSpec.make("radial"), 0.2, lay) < 0.25 * dense
+    assert cm.cost(HeadSpec.make("tile"), 0.2, lay) > cm.cost(
+        HeadSpec.make("radial"), 0.2, lay
+    )  # gather / scatter
+    assert cm.cost(HeadSpec.make("lse_cache", refresh=1), 0.2, lay) > cm.cost(
+        HeadSpec.make("lse_cache", refresh=10), 0.2, lay
+    )
+    assert cm.cost(HeadSpec.make("skip"), 0.0, lay) < 0.01 * dense
+    assert cm.cost(HeadSpec.make("radial"), 1.0, lay) == pytest.approx(dense)
 
 
 def test_cost_calibration_cpu_smoke():

@@ -6,13 +6,11 @@ import pytest
 import torch
 from tolerance import assert_close_to_oracle
 
-from sparsediff.attention import LayerState, MaskCache, plan_heads, sparse_attention
+from sparsediff.attention import LayerState, MaskCache, group_heads, sparse_attention
 from sparsediff.layout import TokenLayout
 from sparsediff.patterns import default_tile, reordered_permutation, static_mask, tile_permutation
 from sparsediff.reference import attention_ref
 from sparsediff.specs import HeadSpec
-
-S = HeadSpec.make
 
 
 def _qkv(layout, H, B=2, D=16, seed=0, dtype=torch.float32):
@@ -46,13 +44,13 @@ def _natural_token_mask(layout, spec, block):
 )
 def test_mixed_static_heads_match_token_mask_oracle(layout):
     specs = [
-        S("dense"),
-        S("radial", decay=0.3),
-        S("tile", window=(1, 1, 2)),
-        S("reordered", order="frame", band=9),
-        S("radial", decay=0.3),  # same spec as head 1: shares its mask
-        S("reordered", order="hilbert", band=20),
-        S("reordered", order="whf", band=5),
+        HeadSpec.make("dense"),
+        HeadSpec.make("radial", decay=0.3),
+        HeadSpec.make("tile", window=(1, 1, 2)),
+        HeadSpec.make("reordered", order="frame", band=9),
+        HeadSpec.make("radial", decay=0.3),  # same spec as head 1: shares its mask
+        HeadSpec.make("reordered", order="hilbert", band=20),
+        HeadSpec.make("reordered", order="whf", band=5),
     ]
     q, k, v = _qkv(layout, len(specs))
     out = sparse_attention(q, k, v, layout, specs, block_size=16, backend="reference")
@@ -66,9 +64,9 @@ def test_all_dense_equals_dense_attention_and_force_dense():
     layout = TokenLayout.video(3, 5, 7, text_len=13, text_position="before")
     q, k, v = _qkv(layout, 3)
     ref, _ = attention_ref(q, k, v)
-    out = sparse_attention(q, k, v, layout, [S("dense")] * 3, block_size=32, backend="reference")
+    out = sparse_attention(q, k, v, layout, [HeadSpec.make("dense")] * 3, block_size=32, backend="reference")
     assert_close_to_oracle(out, ref, what="all-dense")
-    specs = [S("radial", decay=0.1), S("topp", top_p=0.1), S("lse_cache")]
+    specs = [HeadSpec.make("radial", decay=0.1), HeadSpec.make("topp", top_p=0.1), HeadSpec.make("lse_cache")]
     st = LayerState()
     out = sparse_attention(
         q, k, v, layout, specs, st, step=0, force_dense=True, block_size=32, backend="reference"
@@ -82,13 +80,13 @@ def test_topp_full_mass_is_dense_and_heads_grouped():
     layout = TokenLayout.video(2, 6, 6, text_len=5)
     q, k, v = _qkv(layout, 5)
     specs = [
-        S("topp", top_p=1.0),
-        S("radial"),
-        S("topp", top_p=1.0),
-        S("reordered", order="cluster", select="topp", top_p=1.0),
-        S("reordered", order="hilbert", select="topp", top_p=1.0),
+        HeadSpec.make("topp", top_p=1.0),
+        HeadSpec.make("radial"),
+        HeadSpec.make("topp", top_p=1.0),
+        HeadSpec.make("reordered", order="cluster", select="topp", top_p=1.0),
+        HeadSpec.make("reordered", order="hilbert", select="topp", top_p=1.0),
     ]
-    groups = plan_heads(specs)
+    groups = group_heads(specs)
     assert list(groups.values()) == [(0, 2), (1,), (3,), (4,)]
     st = LayerState()
     out = sparse_attention(q, k, v, layout, specs, st, block_size=16, backend="reference")
@@ -102,7 +100,7 @@ def test_topp_full_mass_is_dense_and_heads_grouped():
 def test_skip_head_reuses_dense_output():
     layout = TokenLayout.video(2, 4, 4, text_len=3)
     q, k, v = _qkv(layout, 2)
-    specs = [S("dense"), S("skip")]
+    specs = [HeadSpec.make("dense"), HeadSpec.make("skip")]
     st = LayerState()
     dense = sparse_attention(
         q, k, v, layout, specs, st, step=0, force_dense=True, block_size=16, backend="reference"
@@ -121,7 +119,7 @@ def test_skip_head_reuses_dense_output():
 
 def test_mask_cache_keys_include_resolution():
     cache = MaskCache(max_entries=8)
-    specs = [S("radial"), S("tile")]
+    specs = [HeadSpec.make("radial"), HeadSpec.make("tile")]
     a = TokenLayout.video(3, 4, 4)
     b = TokenLayout.video(3, 4, 5)
     for lay in (a, a, b):
@@ -143,15 +141,30 @@ def test_state_resets_on_new_layout_or_earlier_step():
     q, k, v = _qkv(lay, 1)
     st = LayerState()
     sparse_attention(
-        q, k, v, lay, [S("lse_cache")], st, step=0, force_dense=True, block_size=16, backend="reference"
+        q,
+        k,
+        v,
+        lay,
+        [HeadSpec.make("lse_cache")],
+        st,
+        step=0,
+        force_dense=True,
+        block_size=16,
+        backend="reference",
     )
-    sparse_attention(q, k, v, lay, [S("lse_cache")], st, step=1, block_size=16, backend="reference")
+    sparse_attention(
+        q, k, v, lay, [HeadSpec.make("lse_cache")], st, step=1, block_size=16, backend="reference"
+    )
     assert st.indices
-    sparse_attention(q, k, v, lay, [S("lse_cache")], st, step=0, block_size=16, backend="reference")
+    sparse_attention(
+        q, k, v, lay, [HeadSpec.make("lse_cache")], st, step=0, block_size=16, backend="reference"
+    )
     assert not st.indices  # new pipeline call (step went back): no stale indices
     lay2 = TokenLayout.video(2, 4, 5)
     q2, k2, v2 = _qkv(lay2, 1)
-    sparse_attention(q2, k2, v2, lay2, [S("lse_cache")], st, step=1, block_size=16, backend="reference")
+    sparse_attention(
+        q2, k2, v2, lay2, [HeadSpec.make("lse_cache")], st, step=1, block_size=16, backend="reference"
+    )
     assert st.key[0] == lay2
     st.reset()
     assert st.lse is None and not st.skip_out
@@ -161,9 +174,11 @@ def test_input_errors():
     lay = TokenLayout.video(2, 4, 4)
     q, k, v = _qkv(lay, 2)
     with pytest.raises(ValueError, match="head specs"):
-        sparse_attention(q, k, v, lay, [S("dense")], backend="reference")
+        sparse_attention(q, k, v, lay, [HeadSpec.make("dense")], backend="reference")
     with pytest.raises(ValueError, match="tokens"):
-        sparse_attention(q, k, v, TokenLayout.video(2, 4, 5), [S("dense")] * 2, backend="reference")
+        sparse_attention(
+            q, k, v, TokenLayout.video(2, 4, 5), [HeadSpec.make("dense")] * 2, backend="reference"
+        )
     with pytest.raises(TypeError):
         sparse_attention(q, k, v, lay, ["dense", "dense"], backend="reference")
 
@@ -171,7 +186,7 @@ def test_input_errors():
 def test_half_precision_runs_and_matches():
     lay = TokenLayout.video(2, 4, 6, text_len=3, text_position="before")
     q, k, v = _qkv(lay, 2, dtype=torch.bfloat16)
-    specs = [S("radial", decay=0.5), S("tile", window=(1, 1, 1))]
+    specs = [HeadSpec.make("radial", decay=0.5), HeadSpec.make("tile", window=(1, 1, 1))]
     out = sparse_attention(q, k, v, lay, specs, block_size=16, backend="reference")
     assert out.dtype == torch.bfloat16
     tm = torch.stack([_natural_token_mask(lay, s, 16) for s in specs])[None]
@@ -190,7 +205,11 @@ def test_triton_backend_matches_reference():
 
     lay = TokenLayout.video(2, 4, 5, text_len=7, text_position="before")
     q, k, v = _qkv(lay, 3, B=1, D=16)
-    specs = [S("radial", decay=0.5), S("tile", window=(1, 1, 1)), S("reordered", order="frame", band=8)]
+    specs = [
+        HeadSpec.make("radial", decay=0.5),
+        HeadSpec.make("tile", window=(1, 1, 1)),
+        HeadSpec.make("reordered", order="frame", band=8),
+    ]
     from sparsediff.mask import BlockSparseMask
 
     reasons = triton_reasons(q, BlockSparseMask.full(1, 3, 16, (lay.num_tokens, lay.num_tokens)))
@@ -207,7 +226,7 @@ def test_cluster_static_band_matches_token_mask_oracle():
 
     lay = TokenLayout.video(2, 6, 6, text_len=5, text_position="before")
     q, k, v = _qkv(lay, 2, B=2)
-    spec = S("reordered", order="cluster", select="static", band=10, clusters=6, kmeans_iters=3)
+    spec = HeadSpec.make("reordered", order="cluster", select="static", band=10, clusters=6, kmeans_iters=3)
     out = sparse_attention(q, k, v, lay, [spec, spec], block_size=16, backend="reference")
     pq, pk, _, _ = cluster_permutations(q, k, lay, 6, 3)
     m = band_mask(lay, 16, band=10).to_token_mask()[0, 0]

@@ -38,9 +38,10 @@ import torch
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
+from ..specs import HeadSpec
 from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
-from .registry import register_builtin, static_group
+from .registry import builtin_family, static_group
 
 __all__ = ["radial_mask", "radial_frame_rule", "RADIAL_BLOCK_RULES"]
 
@@ -168,11 +169,26 @@ def _static(layout: TokenLayout, spec, block_size: int, device=None) -> BlockSpa
     )
 
 
-def _plan(call, spec, heads):
+def _build_group(call, spec, heads):
     return static_group(call, spec, heads, lambda: _static(call.layout, spec, call.block_size, call.device))
 
 
-FAMILY = register_builtin(
+def _candidates(layout: TokenLayout, block_size: int) -> list[HeadSpec]:
+    """decay 0.25 / 0.5 / 1 / 2, with and without the frame-0 sink (more than two frames), each with the
+    block rules ``"any"`` and ``"reference"`` (the authors' sparser column-density rule)."""
+    if layout.grid is None:
+        return []
+    out = []
+    for rule in RADIAL_BLOCK_RULES:
+        extra = {} if rule == "any" else {"block_rule": rule}
+        for decay in (0.25, 0.5, 1.0, 2.0):
+            out.append(HeadSpec.make("radial", decay=decay, **extra))
+            if layout.grid[0] > 2:
+                out.append(HeadSpec.make("radial", decay=decay, sink=True, **extra))
+    return out
+
+
+FAMILY = builtin_family(
     "radial",
     params={"decay": 1.0, "sink": False, "dense_dist": 1, "block_rule": "any"},
     checks={
@@ -185,5 +201,8 @@ FAMILY = register_builtin(
     doc="static energy-decay mask: decay (spatial window factor), sink (key frame 0 always kept), "
     "dense_dist (frame distance computed in full), block_rule ('any' superset / 'reference' authors' rule)",
     static_mask=_static,
-    plan=_plan,
+    build_group=_build_group,
+    candidates=_candidates,
+    planted=lambda kind, spec, layout, block_size: kind == "local",
+    needs_grid=True,
 )

@@ -32,19 +32,49 @@ import torch
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
-from ..permute import Permutation, cluster_order, layout_order, lift
-from ..specs import AXIS_ORDERS, MAX_CLUSTERS, REORDER_ORDERS, REORDER_SELECTS
+from ..permute import AXIS_ORDERS, Permutation, cluster_order, gather_tokens, layout_order, lift
+from ..specs import HeadSpec
 from . import params
-from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
-from .registry import register_builtin
+from .common import (
+    apply_dense_tokens,
+    cdiv,
+    dense_token_blocks,
+    mask_from_bool,
+    min_count,
+    reduce_segment_pairs,
+    segments,
+    select_cumulative,
+)
+from .registry import GroupWork, builtin_family, static_group
+from .topp import topp_block_bool
 
 __all__ = [
+    "REORDER_ORDERS",
+    "REORDER_SELECTS",
+    "MAX_CLUSTERS",
+    "cluster_count",
     "reordered_permutation",
     "reordered_band",
     "band_mask",
     "cluster_permutations",
     "cluster_topp_block_bool",
 ]
+
+#: Orders of ``reordered`` heads.
+REORDER_ORDERS = ("frame", *AXIS_ORDERS, "hilbert", "cluster")
+#: Block selections of ``reordered`` heads.
+REORDER_SELECTS = ("static", "topp")
+#: Most k-means clusters a ``reordered(order="cluster")`` head may ask for (and the most the default gives).
+MAX_CLUSTERS = 512
+#: Orders that put a spatial position's frames next to each other (temporal heads).
+POSITION_MAJOR_ORDERS = ("frame", "hwf", "whf")
+
+
+def cluster_count(clusters: int, grid_len: int, block_size: int) -> int:
+    """k-means clusters of an ``order="cluster"`` head: ``clusters`` when given (> 0), else one per block of
+    the grid (``ceil(grid_len / block_size)``), at least 1 and at most :data:`MAX_CLUSTERS`. The one rule
+    the op, the search and the cost model use."""
+    return int(clusters) or min(MAX_CLUSTERS, max(1, cdiv(grid_len, block_size)))
 
 
 def reordered_band(layout: TokenLayout, band: int | None = None, band_frames: float | None = None) -> int:
@@ -132,8 +162,6 @@ def cluster_topp_block_bool(
     scale: float,
 ) -> torch.Tensor:
     """Cluster-level top-p selection reduced to ``[B, H, Nb, Nb]`` block bools (see module docstring)."""
-    from .common import apply_dense_tokens, dense_token_blocks, min_count, select_cumulative
-
     cq, ck = centroids
     lq, lk = labels
     n, ng = layout.num_tokens, layout.grid_len
@@ -173,34 +201,41 @@ def _static(layout: TokenLayout, spec, block_size: int, device=None) -> BlockSpa
     return band_mask(layout, block_size, band=band, sink=bool(spec.get("sink")), device=device)
 
 
-def _plan(call, spec, heads):
-    from ..permute import gather_tokens
-    from .registry import GroupPlan, static_group
-    from .topp import topp_block_bool
+def _cluster_orders(call, spec, heads):
+    """k-means orders of the group (warm-started from the family's slot of the layer state when there is
+    one; without a state, shared by the call's groups with the same clusters / iterations / heads)."""
+    layout, hl = call.layout, list(heads)
+    ncl = cluster_count(spec.get("clusters"), layout.grid_len, call.block_size)
+    iters = int(spec.get("kmeans_iters"))
+    state = call.state
+    if state is None:
+        return call.memoized(
+            ("reordered.cluster", ncl, iters, tuple(heads)),
+            lambda: cluster_permutations(call.q[:, hl], call.k[:, hl], layout, ncl, iters, None),
+        )
+    centroids = state.family_state("reordered")  # {(spec, heads): (centroids_q, centroids_k)}
+    ckey = (spec, tuple(heads))
+    res = cluster_permutations(call.q[:, hl], call.k[:, hl], layout, ncl, iters, centroids.get(ckey))
+    centroids[ckey] = res[2]
+    return res
 
+
+def _build_group(call, spec, heads):
     layout, bs, dev, n = call.layout, call.block_size, call.device, call.num_tokens
     order, select = spec.get("order"), spec.get("select")
     if layout.grid is None:
         raise ValueError(f"{spec} needs a layout with a video/image grid, got {layout}")
     hl = list(heads)
     if order == "cluster":
-        ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(layout.grid_len, bs)))
-        ckey = (spec, tuple(heads))
-        state = call.state
-        init = state.centroids.get(ckey) if state is not None else None
-        pq, pk, cents, labels = cluster_permutations(
-            call.q[:, hl], call.k[:, hl], layout, ncl, int(spec.get("kmeans_iters")), init
-        )
-        if state is not None:
-            state.centroids[ckey] = cents
+        pq, pk, cents, labels = _cluster_orders(call, spec, heads)
     else:
         pq = pk = call.cached(
             ("perm", layout, order, str(dev)), lambda: reordered_permutation(layout, order, dev)
         )
     if select == "static":
-        plan = static_group(call, spec, heads, lambda: _static(layout, spec, bs, dev), pq)
-        plan.perm_k = pk
-        return plan
+        work = static_group(call, spec, heads, lambda: _static(layout, spec, bs, dev), pq)
+        work.perm_k = pk
+        return work
     top_p, min_frac = float(spec.get("top_p")), float(spec.get("min_frac"))
     if order == "cluster":
         bb = cluster_topp_block_bool(
@@ -212,10 +247,90 @@ def _plan(call, spec, heads):
         bb = topp_block_bool(
             qp, kp, call.dense_tokens_grid_first(), bs, top_p=top_p, min_frac=min_frac, scale=call.scale
         )
-    return GroupPlan(mask=BlockSparseMask.from_dense(bb, bs, (n, n)), perm_q=pq, perm_k=pk)
+    return GroupWork(mask=BlockSparseMask.from_dense(bb, bs, (n, n)), perm_q=pq, perm_k=pk)
 
 
-FAMILY = register_builtin(
+# ---------------------------------------------------------------------- search (see registry.py)
+def _order_bands(layout: TokenLayout, order: str, block_size: int) -> list[int]:
+    """Bands for a static reordered order: multiples of the token period of the order's inner axes
+    (``"fhw"``: one row ``W`` and one frame ``H*W`` = tokens per frame; ``"frame"`` = ``hwf``: ``F`` frames
+    of one position, ``W*F``...), plus block multiples for the Hilbert curve."""
+    F, H, W = layout.grid
+    n = layout.grid_len
+    size = {"f": F, "h": H, "w": W}
+    ax = "hwf" if order == "frame" else order
+    if order == "hilbert":
+        bands = [block_size, 2 * block_size, 4 * block_size, 8 * block_size]
+    else:
+        inner, inner2 = size[ax[2]], size[ax[1]] * size[ax[2]]
+        bands = [inner, 2 * inner, inner2 // 2, inner2]
+    return sorted({int(b) for b in bands if 1 <= b < n})
+
+
+def _candidates(layout: TokenLayout, block_size: int) -> list[HeadSpec]:
+    """Static: ``"frame"`` (position-major), the axis orders that differ from the natural and frame orders,
+    ``"hilbert"``; bands in multiples of each order's inner period (tokens per frame, rows, frames per
+    position) -- orders whose permutation equals an earlier one are dropped; the ``"frame"`` order also with
+    Sparse-VideoGen's sink (first ``H*W`` reordered keys kept). Top-p on the frame and Hilbert orders;
+    ``order="cluster"`` top-p 0.9 / 0.95 / 0.98 (grids of at least two blocks)."""
+    grid = layout.grid
+    if grid is None:
+        return []
+    out = []
+    seen: list[torch.Tensor] = [reordered_permutation(layout, "fhw").perm]  # natural (grid first)
+    orders = []
+    for order in ("frame", *AXIS_ORDERS, "hilbert"):
+        p = reordered_permutation(layout, order).perm
+        if any(torch.equal(p, s) for s in seen):
+            continue
+        seen.append(p)
+        orders.append(order)
+    for order in orders:
+        for band in _order_bands(layout, order, block_size):
+            out.append(HeadSpec.make("reordered", order=order, band=band))
+            if order == "frame" and grid[0] > 2:
+                out.append(HeadSpec.make("reordered", order=order, band=band, sink=True))
+    for order in [o for o in ("frame", "hilbert") if o in orders]:
+        for tp in (0.9, 0.95):
+            out.append(HeadSpec.make("reordered", order=order, select="topp", top_p=tp, min_frac=0.0))
+    if layout.grid_len >= 2 * block_size:
+        for tp in (0.9, 0.95, 0.98):
+            out.append(HeadSpec.make("reordered", order="cluster", select="topp", top_p=tp, min_frac=0.0))
+    return out
+
+
+def _cost(model, spec, density: float, layout: TokenLayout) -> float:
+    """The blocks and the gathers/scatters of the order; top-p: the pooled selection; clusters: k-means on
+    q and k (its iterations, the final assignment and the init)."""
+    t = model.block_cost(density, layout) + model.permute_cost(layout)
+    if spec.get("select") == "topp":
+        t += model.pooled_selection_cost(layout)
+    if spec.get("order") == "cluster":
+        ncl = cluster_count(spec.get("clusters"), layout.grid_len, model.block_size)
+        t += model.kmeans_cost(layout, ncl, int(spec.get("kmeans_iters")) + 2)
+    return t
+
+
+def _label(spec) -> str:
+    """``"cluster"`` for ``order="cluster"`` heads, else ``"reordered"``."""
+    return "cluster" if spec.get("order") == "cluster" else "reordered"
+
+
+def _planted(kind: str, spec, layout: TokenLayout, block_size: int) -> bool:
+    """``local``: a static band on a grid order (consecutive positions of any axis order are
+    spatio-temporal neighbours); ``temporal``: a position-major order; ``cluster`` and ``stripe``
+    (k-means puts the sinks in one key cluster): ``order="cluster"``."""
+    order = spec.get("order")
+    if kind == "local":
+        return order != "cluster" and spec.get("select") == "static"
+    if kind == "temporal":
+        return order in POSITION_MAJOR_ORDERS
+    if kind in ("cluster", "stripe"):
+        return order == "cluster"
+    return False
+
+
+FAMILY = builtin_family(
     "reordered",
     params={
         "order": "frame",
@@ -249,5 +364,10 @@ FAMILY = register_builtin(
     check=_check,
     doc="per-head token permutation (order) + block selection (select: static band / dynamic top-p)",
     static_mask=_static,
-    plan=_plan,
+    build_group=_build_group,
+    candidates=_candidates,
+    cost=_cost,
+    label=_label,
+    planted=_planted,
+    needs_grid=True,
 )

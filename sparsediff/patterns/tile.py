@@ -25,9 +25,10 @@ import torch
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..permute import Permutation, lift, tile_ids, tile_order
+from ..specs import HeadSpec
 from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
-from .registry import register_builtin, static_group
+from .registry import builtin_family, static_group
 
 __all__ = ["default_tile", "tile_permutation", "tile_mask", "tile_window_rule"]
 
@@ -108,7 +109,7 @@ def _static(layout: TokenLayout, spec, block_size: int, device=None) -> BlockSpa
     return tile_mask(layout, block_size, window=spec.get("window"), tile=spec.get("tile"), device=device)
 
 
-def _plan(call, spec, heads):
+def _build_group(call, spec, heads):
     layout, bs, dev = call.layout, call.block_size, call.device
     perm = None
     if layout.grid is not None:
@@ -119,7 +120,47 @@ def _plan(call, spec, heads):
     return static_group(call, spec, heads, lambda: _static(layout, spec, bs, dev), perm)
 
 
-FAMILY = register_builtin(
+def _windows(ntiles: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Tile windows that make sense for a grid of ``ntiles`` tiles: per axis the odd sizes 1 / 3 / 5 that
+    fit and the whole axis, every combination except the whole grid (that is dense)."""
+
+    def axis(n: int) -> list[int]:
+        return sorted({w for w in (1, 3, 5) if w < n} | {n})
+
+    out = []
+    for t in axis(ntiles[0]):
+        for h in axis(ntiles[1]):
+            for w in axis(ntiles[2]):
+                if (t, h, w) != tuple(ntiles):
+                    out.append((t, h, w))
+    return out
+
+
+def _candidates(layout: TokenLayout, block_size: int) -> list[HeadSpec]:
+    """The block-sized tile (:func:`default_tile`), windows of 1 / 3 / 5 tiles or the whole axis, per axis."""
+    if layout.grid is None:
+        return []
+    tile = default_tile(layout.grid, block_size)
+    ntiles = tuple(cdiv(layout.grid[a], tile[a]) for a in range(3))
+    return [HeadSpec.make("tile", window=w, tile=tile) for w in _windows(ntiles)]
+
+
+def _cost(model, spec, density: float, layout) -> float:
+    """The blocks, plus gathering q, k, v into the tiled order and scattering the output back."""
+    return model.block_cost(density, layout) + model.permute_cost(layout)
+
+
+def _planted(kind: str, spec, layout: TokenLayout, block_size: int) -> bool:
+    """``local``: any window; ``temporal``: a window spanning every frame."""
+    if kind == "local":
+        return True
+    if kind == "temporal":
+        tile = spec.get("tile") or default_tile(layout.grid, block_size)
+        return 2 * (int(spec.get("window")[0]) // 2) + 1 >= cdiv(layout.grid[0], tile[0])
+    return False
+
+
+FAMILY = builtin_family(
     "tile",
     params={"window": (3, 3, 3), "tile": None},
     checks={
@@ -133,5 +174,9 @@ FAMILY = register_builtin(
     doc="static 3D sliding-tile window: window (wt, wh, ww) in tiles with STA's meaning (an even w keeps "
     "w + 1 tiles), tile (tf, th, tw) in tokens (None = from the block size)",
     static_mask=_static,
-    plan=_plan,
+    build_group=_build_group,
+    candidates=_candidates,
+    cost=_cost,
+    planted=_planted,
+    needs_grid=True,
 )

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..mask import BlockSparseMask
+from ..specs import HeadSpec
 from . import params
 from .common import apply_dense_tokens, dense_token_blocks, min_count, pooled_block_scores, select_cumulative
-from .registry import register_builtin
+from .registry import GroupWork, builtin_family
 
 __all__ = ["topp_block_bool", "topp_mask"]
 
@@ -49,9 +50,7 @@ def topp_mask(q, k, dense_tokens, block_size, *, top_p=0.9, min_frac=0.05, scale
 
 
 # ---------------------------------------------------------------------- the family (see registry.py)
-def _plan(call, spec, heads):
-    from .registry import GroupPlan
-
+def _build_group(call, spec, heads):
     hl, n = list(heads), call.num_tokens
     bb = topp_block_bool(
         call.q[:, hl],
@@ -62,14 +61,26 @@ def _plan(call, spec, heads):
         min_frac=float(spec.get("min_frac")),
         scale=call.scale,
     )
-    return GroupPlan(mask=BlockSparseMask.from_dense(bb, call.block_size, (n, n)))
+    return GroupWork(mask=BlockSparseMask.from_dense(bb, call.block_size, (n, n)))
 
 
-FAMILY = register_builtin(
+def _candidates(layout, block_size: int) -> list[HeadSpec]:
+    return [HeadSpec.make("topp", top_p=tp, min_frac=0.02) for tp in (0.8, 0.9, 0.95, 0.98)]
+
+
+def _cost(model, spec, density: float, layout) -> float:
+    """The blocks, plus pooling q/k and the pooled score matrix (and its sort)."""
+    return model.block_cost(density, layout) + model.pooled_selection_cost(layout)
+
+
+FAMILY = builtin_family(
     "topp",
     params={"top_p": 0.9, "min_frac": 0.05},
     checks={"top_p": params.frac(True), "min_frac": params.frac(False)},
     kind="dynamic",
     doc="dynamic top-p over mean-pooled block scores: top_p (cumulative mass), min_frac (least kept)",
-    plan=_plan,
+    build_group=_build_group,
+    candidates=_candidates,
+    cost=_cost,
+    planted=lambda kind, spec, layout, block_size: kind == "stripe",  # finds sink columns
 )

@@ -8,7 +8,7 @@ and :func:`plan_from_stats`. See README "Searching a per-head plan" and docs/CON
 
 from __future__ import annotations
 
-from .candidates import CROSS_STEP_PATTERNS, default_candidates, family
+from .candidates import CROSS_STEP_PATTERNS, cross_step_patterns, default_candidates, family
 from .core import LayerSearch, layer_search, search_attention
 from .cost import CostCache, CostModel
 from .evaluate import LayerAccumulator, LayerStats, sample_rows
@@ -22,6 +22,7 @@ __all__ = [
     "LayerAccumulator",
     "LayerSearch",
     "LayerStats",
+    "cross_step_patterns",
     "default_candidates",
     "family",
     "layer_search",

@@ -1,9 +1,12 @@
 """Candidate head specs of the search and the block structure each one gives a head.
 
-:func:`default_candidates` spans every pattern family with a parameter grid sized from the layout;
-:func:`build_structures` turns candidates into what the evaluator needs per head -- the query / key
-token orders and the ``[Qb, Kb]`` block bools -- using the same pattern builders the attention op uses
-(:mod:`sparsediff.patterns`), so what is measured is what will run.
+Everything here goes through the pattern registry (:mod:`sparsediff.patterns.registry`), so a family
+registered with :func:`sparsediff.register_pattern` is enumerated and measured exactly like a built-in:
+:func:`default_candidates` concatenates the families' own candidate grids (``candidates=`` of their
+registration, sized from the layout), :func:`family` is their ``label``, and :func:`build_structures`
+turns candidates into what the evaluator needs per head -- the query / key token orders and the
+``[Qb, Kb]`` block bools -- by running each family's group work (the code the attention op runs) on the
+call's q/k, so what is measured is what will run.
 """
 
 from __future__ import annotations
@@ -14,21 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import TokenLayout
-from ..patterns import (
-    cluster_permutations,
-    cluster_topp_block_bool,
-    reordered_permutation,
-    static_mask,
-    tile_permutation,
-    topp_block_bool,
-)
-from ..patterns.common import block_token_counts, cdiv
-from ..patterns.tile import default_tile
-from ..permute import Permutation
-from ..specs import AXIS_ORDERS, HeadSpec
+from ..patterns.common import block_token_counts
+from ..patterns.registry import CROSS_STEP, GroupCall, families, get_family
+from ..specs import HeadSpec
 
 __all__ = [
     "CROSS_STEP_PATTERNS",
+    "cross_step_patterns",
     "default_candidates",
     "family",
     "Structure",
@@ -36,113 +31,46 @@ __all__ = [
     "check_candidates",
 ]
 
-#: Patterns that need an earlier profiled step of the same layer (see :class:`LayerAccumulator`).
-CROSS_STEP_PATTERNS = frozenset({"lse_cache", "skip"})
 
-S = HeadSpec.make
+def cross_step_patterns() -> frozenset[str]:
+    """Names of the registered families whose heads keep state across denoising steps (the cross-step
+    kind) -- the search measures them over two profiled steps (:class:`LayerAccumulator`)."""
+    return frozenset(f.name for f in families() if not callable(f.kind) and f.kind == CROSS_STEP)
+
+
+#: The built-in cross-step families (a snapshot at import; :func:`cross_step_patterns` also lists user
+#: families, and ``spec.is_cross_step`` decides per spec).
+CROSS_STEP_PATTERNS = cross_step_patterns()
 
 
 def family(spec: HeadSpec) -> str:
-    """Family label used in reports and comparisons: the pattern name, with reordered heads split into
-    ``"reordered"`` (static orders) and ``"cluster"`` (``order="cluster"``)."""
-    if spec.pattern == "reordered" and spec.get("order") == "cluster":
-        return "cluster"
-    return spec.pattern
-
-
-def _windows(ntiles: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Tile windows that make sense for a grid of ``ntiles`` tiles: per axis the odd sizes 1 / 3 / 5 that
-    fit and the whole axis, every combination except the whole grid (that is dense)."""
-
-    def axis(n: int) -> list[int]:
-        return sorted({w for w in (1, 3, 5) if w < n} | {n})
-
-    out = []
-    for t in axis(ntiles[0]):
-        for h in axis(ntiles[1]):
-            for w in axis(ntiles[2]):
-                if (t, h, w) != tuple(ntiles):
-                    out.append((t, h, w))
-    return out
-
-
-def _order_bands(layout: TokenLayout, order: str, block_size: int) -> list[int]:
-    """Bands for a static reordered order: multiples of the token period of the order's inner axes
-    (``"fhw"``: one row ``W`` and one frame ``H*W`` = tokens per frame; ``"frame"`` = ``hwf``: ``F`` frames
-    of one position, ``W*F``...), plus block multiples for the Hilbert curve."""
-    F, H, W = layout.grid
-    n = layout.grid_len
-    size = {"f": F, "h": H, "w": W}
-    ax = "hwf" if order == "frame" else order
-    if order == "hilbert":
-        bands = [block_size, 2 * block_size, 4 * block_size, 8 * block_size]
-    else:
-        inner, inner2 = size[ax[2]], size[ax[1]] * size[ax[2]]
-        bands = [inner, 2 * inner, inner2 // 2, inner2]
-    return sorted({int(b) for b in bands if 1 <= b < n})
+    """Family label used in reports, heatmaps and comparisons: the family's registered ``label`` (default
+    its name; the built-in ``reordered`` heads are split into ``"reordered"`` and ``"cluster"``)."""
+    return get_family(spec.pattern).label_of(spec)
 
 
 def default_candidates(
     layout: TokenLayout, block_size: int = 64, *, cross_step: bool = True
 ) -> list[HeadSpec]:
-    """The default candidate grid for ``layout``: every family, parameters sized from the grid.
-
-    * ``dense``;
-    * ``radial``: decay 0.25 / 0.5 / 1 / 2, with and without the frame-0 sink (video only), each with the
-      block rules ``"any"`` and ``"reference"`` (the authors' sparser column-density rule);
-    * ``tile``: the block-sized tile (:func:`~sparsediff.patterns.tile.default_tile`), windows of 1 / 3 / 5
-      tiles or the whole axis, per axis independently;
-    * ``reordered`` static: ``"frame"`` (position-major), the axis orders that differ from the natural
-      and frame orders, ``"hilbert"``; bands in multiples of each order's inner period (tokens per frame,
-      rows, frames per position) -- orders whose permutation equals an earlier one are dropped; the
-      ``"frame"`` order also with Sparse-VideoGen's sink (first ``H*W`` reordered keys kept);
-      ``reordered`` top-p on the frame and Hilbert orders; ``reordered`` ``order="cluster"`` top-p 0.9 /
-      0.95 / 0.98;
-    * ``topp``: top_p 0.8 / 0.9 / 0.95 / 0.98 (min_frac 0.02);
-    * ``cross_step=True``: ``lse_cache`` recall 0.9 / 0.95 / 0.98 and ``skip`` (need two profiled steps,
-      :class:`~sparsediff.search.LayerAccumulator`).
-
-    A layout without a grid gets dense, topp (and the cross-step families) only.
+    """The default candidate grid for ``layout``: every registered family's own grid, in registration order
+    (built-ins: dense, radial, tile, reordered, topp, lse_cache, skip; see each family's module), each
+    sized from the layout and block size. Families without a grid are not searched; families that need a
+    grid give nothing for a layout without one. ``cross_step=False`` leaves out the cross-step families
+    (they need two profiled steps, :class:`~sparsediff.search.LayerAccumulator`).
     """
-    out: list[HeadSpec] = [S("dense")]
-    grid = layout.grid
-    if grid is not None:
-        F = grid[0]
-        for rule in ("any", "reference"):
-            extra = {} if rule == "any" else {"block_rule": rule}
-            for decay in (0.25, 0.5, 1.0, 2.0):
-                out.append(S("radial", decay=decay, **extra))
-                if F > 2:
-                    out.append(S("radial", decay=decay, sink=True, **extra))
-        tile = default_tile(grid, block_size)
-        ntiles = tuple(cdiv(grid[a], tile[a]) for a in range(3))
-        for w in _windows(ntiles):
-            out.append(S("tile", window=w, tile=tile))
-        seen: list[torch.Tensor] = [reordered_permutation(layout, "fhw").perm]  # natural (grid first)
-        orders = []
-        for order in ("frame", *AXIS_ORDERS, "hilbert"):
-            p = reordered_permutation(layout, order).perm
-            if any(torch.equal(p, s) for s in seen):
+    out: list[HeadSpec] = []
+    for fam in families():
+        if fam.candidates is None or (fam.needs_grid and layout.grid is None):
+            continue
+        for spec in fam.candidates(layout, block_size):
+            if not isinstance(spec, HeadSpec) or spec.pattern != fam.name:
+                raise ValueError(
+                    f"pattern {fam.name!r}: its candidate grid gave {spec!r}, not a HeadSpec of it"
+                )
+            if not cross_step and spec.is_cross_step:
                 continue
-            seen.append(p)
-            orders.append(order)
-        for order in orders:
-            for band in _order_bands(layout, order, block_size):
-                out.append(S("reordered", order=order, band=band))
-                if order == "frame" and grid[0] > 2:
-                    out.append(S("reordered", order=order, band=band, sink=True))
-        for order in [o for o in ("frame", "hilbert") if o in orders]:
-            for tp in (0.9, 0.95):
-                out.append(S("reordered", order=order, select="topp", top_p=tp, min_frac=0.0))
-        if layout.grid_len >= 2 * block_size:
-            for tp in (0.9, 0.95, 0.98):
-                out.append(S("reordered", order="cluster", select="topp", top_p=tp, min_frac=0.0))
-    for tp in (0.8, 0.9, 0.95, 0.98):
-        out.append(S("topp", top_p=tp, min_frac=0.02))
-    if cross_step:
-        for r in (0.9, 0.95, 0.98):
-            out.append(S("lse_cache", recall=r))
-        out.append(S("skip"))
+            if spec not in out:
+                out.append(spec)
     return out
 
 
@@ -154,8 +82,14 @@ def check_candidates(candidates: Sequence[HeadSpec], layout: TokenLayout) -> lis
             raise TypeError(f"candidates[{i}] must be a HeadSpec, got {type(c).__name__}")
         if c in out:
             raise ValueError(f"candidates[{i}] = {c!r} is listed twice")
-        if layout.grid is None and c.pattern in ("tile", "reordered", "radial"):
+        fam = get_family(c.pattern)
+        if layout.grid is None and fam.needs_grid:
             raise ValueError(f"candidates[{i}] = {c!r} needs a layout with a video/image grid, got {layout}")
+        if c.is_cross_step and fam.cross_step_measure is None:
+            raise ValueError(
+                f"candidates[{i}] = {c!r} is a cross-step family without a cross_step_measure: the search "
+                "cannot measure it (see sparsediff.register_pattern)"
+            )
         out.append(c)
     if not out:
         raise ValueError("no candidates to search")
@@ -205,8 +139,16 @@ class Structure:
         return pairs / float(num_tokens * num_tokens)
 
 
-def _perm_fields(p: Permutation) -> tuple[torch.Tensor, torch.Tensor]:
-    return p.inv, p.perm
+class _CallCache:
+    """The mask cache of one measured call (static masks and orders shared by the candidates)."""
+
+    def __init__(self) -> None:
+        self._d: dict = {}
+
+    def get_or_build(self, key, build):
+        if key not in self._d:
+            self._d[key] = build()
+        return self._d[key]
 
 
 def build_structures(
@@ -217,93 +159,24 @@ def build_structures(
     block_size: int,
     scale: float,
 ) -> list[Structure]:
-    """Block structures of the single-step candidates for q/k ``[B, H, N, D]`` (cross-step patterns are
-    handled by the accumulator and skipped here)."""
-    N = layout.num_tokens
-    dev = q.device
-    dense_nat = layout.dense_mask(dev)
-    perms: dict[tuple, Permutation] = {}
-    clusters: dict[tuple, tuple] = {}
+    """Block structures of the single-step candidates for q/k ``[B, H, N, D]`` (cross-step candidates are
+    measured by the accumulator and skipped here).
+
+    Each candidate runs its family's group work (:meth:`PatternFamily.group_work`, as the attention op does)
+    for all heads of the call, without a layer state; candidates share static masks, token orders and
+    per-call data-dependent results (k-means) through one call cache. Candidates whose key order is the
+    same object share a ``group`` (and the evaluator's per-block partial sums).
+    """
+    heads = tuple(range(q.shape[1]))
+    call = GroupCall(q, k, k, layout, int(block_size), float(scale), None, None, _CallCache(), "auto")
     out = []
     for spec in candidates:
-        p = spec.pattern
-        if p in CROSS_STEP_PATTERNS:
+        if spec.is_cross_step:
             continue
-        if p in ("dense", "radial"):
-            bb = static_mask(layout, spec, block_size, dev).to_dense()
-            out.append(Structure(spec, ("natural",), None, None, bb))
-        elif p == "tile":
-            tile = tuple(spec.get("tile") or default_tile(layout.grid, block_size))
-            key = ("tile", tile)
-            if key not in perms:
-                perms[key] = tile_permutation(layout, tile, dev)
-            qp, kp = _perm_fields(perms[key])
-            bb = static_mask(layout, spec, block_size, dev).to_dense()
-            out.append(Structure(spec, key, qp, kp, bb))
-        elif p == "reordered" and spec.get("order") != "cluster":
-            order = spec.get("order")
-            key = ("order", order)
-            if key not in perms:
-                perms[key] = reordered_permutation(layout, order, dev)
-            perm = perms[key]
-            qp, kp = _perm_fields(perm)
-            if spec.get("select") == "static":
-                bb = static_mask(layout, spec, block_size, dev).to_dense()
-            else:
-                gf_dense = torch.arange(N, device=dev) >= layout.grid_len
-                bb = topp_block_bool(
-                    q[:, :, perm.perm],
-                    k[:, :, perm.perm],
-                    gf_dense,
-                    block_size,
-                    top_p=float(spec.get("top_p")),
-                    min_frac=float(spec.get("min_frac")),
-                    scale=scale,
-                )
-            out.append(Structure(spec, key, qp, kp, bb))
-        elif p == "reordered":  # cluster
-            ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(layout.grid_len, block_size)))
-            iters = int(spec.get("kmeans_iters"))
-            key = ("cluster", ncl, iters)
-            if key not in clusters:
-                pq, pk, cents, labels = cluster_permutations(q, k, layout, ncl, iters, None)
-                clusters[key] = (pq, pk, cents, labels)
-            pq, pk, cents, labels = clusters[key]
-            if spec.get("select") == "static":
-                bb = static_mask(layout, spec, block_size, dev).to_dense()
-            else:
-                bb = cluster_topp_block_bool(
-                    cents,
-                    labels,
-                    layout,
-                    block_size,
-                    top_p=float(spec.get("top_p")),
-                    min_frac=float(spec.get("min_frac")),
-                    scale=scale,
-                )
-            out.append(Structure(spec, key, pq.inv, pk.perm, bb))
-        elif p == "topp":
-            bb = topp_block_bool(
-                q,
-                k,
-                dense_nat,
-                block_size,
-                top_p=float(spec.get("top_p")),
-                min_frac=float(spec.get("min_frac")),
-                scale=scale,
-            )
-            out.append(Structure(spec, ("natural",), None, None, bb))
-        else:  # a user-registered family (sparsediff.register_pattern)
-            from ..patterns.registry import get_family
-
-            fam = get_family(p)
-            perm = fam.permutation(layout, spec, dev) if fam.permutation is not None else None
-            key = ("natural",) if perm is None else ("registered", spec)
-            qp, kp = (None, None) if perm is None else _perm_fields(perm)
-            if fam.static_mask is not None:
-                bb = fam.static_mask(layout, spec, block_size, dev).to_dense()
-            else:
-                qq, kk = (q, k) if perm is None else (q[:, :, perm.perm], k[:, :, perm.perm])
-                bb = torch.as_tensor(fam.select(qq, kk, layout, spec, block_size, scale)).to(torch.bool)
-            out.append(Structure(spec, key, qp, kp, bb))
+        work = get_family(spec.pattern).group_work(call, spec, heads)
+        perm_k = work.perm_k if work.perm_k is not None else work.perm_q
+        q_pos = None if work.perm_q is None else work.perm_q.inv
+        k_perm = None if perm_k is None else perm_k.perm
+        group = ("natural",) if k_perm is None else ("order", id(k_perm))  # alive as long as the structure
+        out.append(Structure(spec, group, q_pos, k_perm, work.mask.to_dense()))
     return out

@@ -9,7 +9,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..specs import HeadSpec
-from .candidates import CROSS_STEP_PATTERNS, default_candidates, family
+from .candidates import default_candidates, family
 from .cost import CostModel
 from .evaluate import LayerAccumulator, LayerStats
 from .select import select_per_head
@@ -174,7 +174,7 @@ def search_attention(
     if candidates is None:
         candidates = default_candidates(layout, block_size, cross_step=False)
     else:
-        cross = [c for c in candidates if isinstance(c, HeadSpec) and c.pattern in CROSS_STEP_PATTERNS]
+        cross = [c for c in candidates if isinstance(c, HeadSpec) and c.is_cross_step]
         if cross:
             raise ValueError(
                 f"{cross[0]!r} is a cross-step family: it needs two profiled steps of the layer -- measure with "

@@ -1,18 +1,21 @@
 """Predicted time of a head's attention under a candidate pattern.
 
-``cost = computed blocks x block_time + overheads``, per head and call:
+``cost = computed blocks x block_time + overheads``, per head and call. Each pattern family declares its
+own cost terms (``cost=`` of its registration, in ``sparsediff/patterns/<name>.py``) from the units this
+module defines on :class:`CostModel`; a family without cost terms is priced by its computed blocks:
 
-* computed blocks = ``density x Qb x Kb``;
-* permuted heads (``tile``, ``reordered``): gather of q, k, v and scatter of the output --
-  ``4 x N x D`` elements at ``elem_time``;
-* dynamic selection (``topp``, reordered ``select="topp"``): pooling (``2 x N x D`` elements) plus the
-  pooled score matrix (``Qb x Kb x D`` multiply-adds at ``flop_time``, and the sort);
-* ``reordered`` ``order="cluster"``: k-means on q and k (``2 x iters x N x clusters x D`` multiply-adds,
-  plus the farthest-point init) and the gathers;
-* ``lse_cache``: one QK^T pass over all blocks (``mass_factor`` of a block each) every ``refresh``
-  steps, amortised;
-* ``skip``: one copy of the cached output (``N x D`` elements);
-* ``dense``: ``Qb x Kb x dense_block_time`` (the dense kernel, not the sparse op at density 1).
+* :meth:`CostModel.block_cost` -- computed blocks = ``density x Qb x Kb`` at ``block_time``;
+* :meth:`CostModel.dense_cost` -- ``Qb x Kb x dense_block_time`` (the dense kernel, not the sparse op at
+  density 1; ``dense``);
+* :meth:`CostModel.permute_cost` -- gather of q, k, v and scatter of the output, ``4 x N x D`` elements
+  at ``elem_time`` (permuted heads: ``tile``, ``reordered``);
+* :meth:`CostModel.pooled_selection_cost` -- pooling (``2 x N x D`` elements) plus the pooled score matrix
+  (``Qb x Kb x D`` multiply-adds at ``flop_time``, and the sort) (``topp``, reordered ``select="topp"``);
+* :meth:`CostModel.kmeans_cost` -- k-means on q and k, ``2 x iters x N x clusters x D`` multiply-adds
+  (reordered ``order="cluster"``, with the final assignment and the init as two more iterations);
+* :meth:`CostModel.block_mass_cost` -- one QK^T pass over all blocks (``mass_factor`` of a block each)
+  every ``refresh`` steps, amortised (``lse_cache``);
+* :meth:`CostModel.copy_cost` -- one copy of a head's output, ``N x D`` elements (``skip``).
 
 Constants come from a :class:`CostModel`. :meth:`CostModel.default` returns documented constants for
 a device kind (CPU: the PyTorch reference path of a few-core machine; CUDA: an H100-class GPU with the
@@ -36,6 +39,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..patterns.common import cdiv
+from ..patterns.registry import get_family
 from ..specs import HeadSpec
 
 __all__ = ["CostModel", "CostCache", "device_name"]
@@ -177,27 +181,41 @@ class CostModel:
         nb = cdiv(layout.num_tokens, self.block_size)
         return nb * nb * self.dense_block_time
 
-    def cost(self, spec: HeadSpec, density: float, layout: TokenLayout) -> float:
-        """Predicted time of one head under ``spec`` computing a ``density`` fraction of its blocks."""
+    def block_cost(self, density: float, layout: TokenLayout) -> float:
+        """The sparse op computing a ``density`` fraction of the ``Qb x Kb`` blocks of one head."""
+        nb = cdiv(layout.num_tokens, self.block_size)
+        return float(density) * nb * nb * self.block_time
+
+    def permute_cost(self, layout: TokenLayout) -> float:
+        """Gathering q, k, v into a head's token order and scattering its output back."""
+        return 4 * layout.num_tokens * self.head_dim * self.elem_time
+
+    def pooled_selection_cost(self, layout: TokenLayout) -> float:
+        """A dynamic block selection on mean-pooled q/k: pooling, the pooled scores and their sort."""
         N, D = layout.num_tokens, self.head_dim
         nb = cdiv(N, self.block_size)
-        p = spec.pattern
-        if p == "dense":
-            return self.dense_cost(layout)
-        if p == "skip":
-            return N * D * self.elem_time
-        t = float(density) * nb * nb * self.block_time
-        if p in ("tile", "reordered"):
-            t += 4 * N * D * self.elem_time
-        if p == "topp" or (p == "reordered" and spec.get("select") == "topp"):
-            t += 2 * N * D * self.elem_time + nb * nb * (D * self.flop_time + 4 * self.elem_time)
-        if p == "reordered" and spec.get("order") == "cluster":
-            ncl = int(spec.get("clusters")) or min(512, max(1, cdiv(N, self.block_size)))
-            iters = int(spec.get("kmeans_iters")) + 2  # + the final assignment and the init
-            t += 2 * iters * N * ncl * D * self.flop_time
-        if p == "lse_cache":
-            t += nb * nb * self.block_time * self.mass_factor / max(1, int(spec.get("refresh")))
-        return t
+        return 2 * N * D * self.elem_time + nb * nb * (D * self.flop_time + 4 * self.elem_time)
+
+    def kmeans_cost(self, layout: TokenLayout, clusters: int, iters: int) -> float:
+        """``iters`` k-means passes with ``clusters`` centroids over the queries and over the keys."""
+        return 2 * iters * layout.num_tokens * clusters * self.head_dim * self.flop_time
+
+    def block_mass_cost(self, layout: TokenLayout, refresh: int) -> float:
+        """One QK^T block-mass pass over every block, once per ``refresh`` steps."""
+        nb = cdiv(layout.num_tokens, self.block_size)
+        return nb * nb * self.block_time * self.mass_factor / max(1, int(refresh))
+
+    def copy_cost(self, layout: TokenLayout) -> float:
+        """Copying one head's stored output ``[N, D]``."""
+        return layout.num_tokens * self.head_dim * self.elem_time
+
+    def cost(self, spec: HeadSpec, density: float, layout: TokenLayout) -> float:
+        """Predicted time of one head under ``spec`` computing a ``density`` fraction of its blocks: the
+        cost terms its family registered (``cost(model, spec, density, layout)``), else the blocks."""
+        fam = get_family(spec.pattern)
+        if fam.cost is None:
+            return self.block_cost(density, layout)
+        return float(fam.cost(self, spec, density, layout))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

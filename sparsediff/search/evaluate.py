@@ -15,16 +15,18 @@ v_j``. The partial sums depend only on the key order, so all candidates that sha
 natural-order pattern, every band of one reordered order...) share one ``R x N x D`` pass; a candidate
 then costs ``R x Kb x D``. ``sum_{b in K(r)} P[r, b]`` is the row's attention recall (mass kept).
 
-Cross-step families, through :class:`LayerAccumulator` (consecutive profiled steps of one layer):
+Cross-step families, through :class:`LayerAccumulator` (consecutive profiled steps of one layer), by the
+measurement their registration names (``cross_step_measure``; built-ins: ``skip`` -> ``"reuse_output"``,
+``lse_cache`` -> ``"block_mass"``, which reads the spec's ``recall`` and ``min_frac``):
 
-* ``skip``: the head's exact output on the sampled rows at the previous profiled step, used as this
+* ``"reuse_output"`` (``skip``): the head's exact output on the sampled rows at the previous profiled step, used as this
   step's output (density 0).
-* ``lse_cache``, exact (when ``B x H x N^2 x D`` is within ``lse_exact_macs``): at each profiled step
+* ``"block_mass"`` (``lse_cache``), exact (when ``B x H x N^2 x D`` is within ``lse_exact_macs``): at each profiled step
   the exact block mass (softmax of every row, summed per block pair, chunked) is computed and the op's
   per-query-block selection (:func:`~sparsediff.patterns.lse_cache_select`'s rule) made; the mask chosen at the previous profiled step is
   applied at this one -- a mask one profiled-step gap old, as the op reuses its mask between refreshes
   (the profile driver sets ``refresh`` to that gap).
-* ``lse_cache``, approximate (larger calls, e.g. 32K tokens on CPU): per sampled row, the key blocks
+* ``"block_mass"``, approximate (larger calls, e.g. 32K tokens on CPU): per sampled row, the key blocks
   (natural order) reaching ``recall`` of the row's mass at the previous profiled step, applied to this
   step's rows (same sampled rows every step). The op selects per query block (the union of its rows' needs), so this density is a lower
   bound and the error optimistic; :attr:`LayerStats.lse_exact` records which was used.
@@ -47,8 +49,9 @@ from ..patterns.common import (
     min_count,
     select_cumulative,
 )
+from ..patterns.registry import get_family
 from ..specs import HeadSpec
-from .candidates import CROSS_STEP_PATTERNS, Structure, build_structures, check_candidates, default_candidates
+from .candidates import Structure, build_structures, check_candidates, default_candidates
 
 __all__ = ["sample_rows", "LayerStats", "LayerAccumulator", "evaluate_call", "CHUNK_ELEMS"]
 
@@ -209,7 +212,7 @@ def _masked_out(M: torch.Tensor, Pb: torch.Tensor, PVb: torch.Tensor) -> tuple[t
     return torch.where(rec.unsqueeze(-1) > 0, out, torch.zeros_like(out)), rec
 
 
-def _sq(x: torch.Tensor) -> float:
+def _sum_of_squares(x: torch.Tensor) -> float:
     return float(x.double().pow(2).sum())
 
 
@@ -270,8 +273,8 @@ def evaluate_call(
     text_rows = layout.dense_mask(dev)[rows]  # dense rows: every pattern keeps them in full
     key = (layout, B, H, R, bs)
     prev = previous if previous is not None and previous.key == key else None
-    lse_specs = [c for c in cands if c.pattern == "lse_cache"]
-    skip_specs = [c for c in cands if c.pattern == "skip"]
+    lse_specs = [c for c in cands if _measure(c) == "block_mass"]
+    skip_specs = [c for c in cands if _measure(c) == "reuse_output"]
     if lse_exact_macs is None:
         lse_exact_macs = 2.0**44 if dev.type == "cuda" else 2.0**33
     lse_exact = bool(lse_specs) and float(B) * H * N * N * D <= lse_exact_macs
@@ -318,7 +321,7 @@ def evaluate_call(
                 del s
                 exact = P @ vh
                 out_rows[b, h, r0 : r0 + rr.numel()] = exact
-                ref2 += _sq(exact)
+                ref2 += _sum_of_squares(exact)
                 for gkey, members in groups.items():
                     k_perm = None
                     if members:
@@ -330,7 +333,7 @@ def evaluate_call(
                         qb = (rr if q_pos is None else q_pos.index_select(0, rr)) // bs
                         o, rc = _masked_out(bb.index_select(0, qb), Pb, PVb)
                         c = col[st.spec]
-                        e2[c] += _sq(o - exact)
+                        e2[c] += _sum_of_squares(o - exact)
                         rec[c] += float(rc.double().sum())
                     if gkey == ("natural",) and row_lse_specs:
                         tr = text_rows[r0 : r0 + rr.numel()]
@@ -343,7 +346,7 @@ def evaluate_call(
                                 M = prev.sel[rcl][b, h, r0 : r0 + rr.numel()]
                                 o, rc = _masked_out(M, Pb, PVb)
                                 c = col[spec]
-                                e2[c] += _sq(o - exact)
+                                e2[c] += _sum_of_squares(o - exact)
                                 rec[c] += float(rc.double().sum())
                 del P
             denom = math.sqrt(max(ref2, 1e-300))
@@ -366,7 +369,7 @@ def evaluate_call(
                     stats.count[h, c] += 1
                 for spec in skip_specs:
                     c = col[spec]
-                    stats.err[h, c] += math.sqrt(_sq(prev.out[b, h] - out_rows[b, h])) / denom
+                    stats.err[h, c] += math.sqrt(_sum_of_squares(prev.out[b, h] - out_rows[b, h])) / denom
                     stats.recall[h, c] += 0.0
                     stats.count[h, c] += 1
     return _Previous(key, out_rows, new_sel, lse_masks)
@@ -472,4 +475,10 @@ class LayerAccumulator:
 
 
 def cross_step(spec: HeadSpec) -> bool:
-    return spec.pattern in CROSS_STEP_PATTERNS
+    """Whether ``spec`` keeps state across steps (measured over two profiled steps)."""
+    return spec.is_cross_step
+
+
+def _measure(spec: HeadSpec) -> str | None:
+    """How a cross-step candidate is measured (its family's ``cross_step_measure``), None otherwise."""
+    return get_family(spec.pattern).cross_step_measure if spec.is_cross_step else None

@@ -1,7 +1,9 @@
 """Planted-structure checks of the search (used by tests and ``samples/search_planted.py``).
 
 :func:`structure_matches` says whether a chosen spec has the structure a planted head kind
-(:mod:`sparsediff.testing`) was built with:
+(:mod:`sparsediff.testing`) was built with. Each family declares its own rule (``planted=`` of its
+registration, in ``sparsediff/patterns/<name>.py``); a family without one matches no kind. The built-in
+rules:
 
 * ``local`` (3D Gaussian window): ``tile``, ``radial``, or a static band on a grid order
   (``reordered`` static -- consecutive positions of any axis order are spatio-temporal neighbours);
@@ -18,32 +20,17 @@
 from __future__ import annotations
 
 from ..layout import TokenLayout
-from ..patterns.common import cdiv
-from ..patterns.tile import default_tile
+from ..patterns.registry import get_family
 from ..specs import HeadSpec
+from ..testing import PLANTED_KINDS
 
 __all__ = ["structure_matches"]
 
-_POSITION_MAJOR = ("frame", "hwf", "whf")
-
 
 def structure_matches(kind: str, spec: HeadSpec, layout: TokenLayout, block_size: int) -> bool:
-    p = spec.pattern
-    if kind == "local":
-        return p in ("tile", "radial") or (
-            p == "reordered" and spec.get("order") != "cluster" and spec.get("select") == "static"
-        )
-    if kind == "temporal":
-        if p == "reordered":
-            return spec.get("order") in _POSITION_MAJOR
-        if p == "tile":
-            tile = spec.get("tile") or default_tile(layout.grid, block_size)
-            return 2 * (int(spec.get("window")[0]) // 2) + 1 >= cdiv(layout.grid[0], tile[0])
-        return False
-    if kind == "cluster":
-        return p == "reordered" and spec.get("order") == "cluster"
-    if kind == "stripe":
-        return p in ("topp", "lse_cache") or (p == "reordered" and spec.get("order") == "cluster")
-    if kind == "global":
-        return p == "dense"
-    raise ValueError(f"unknown planted kind {kind!r}")
+    """Whether ``spec`` has the structure of planted heads of ``kind`` (one of
+    :data:`sparsediff.testing.PLANTED_KINDS`), by its family's ``planted`` rule."""
+    if kind not in PLANTED_KINDS:
+        raise ValueError(f"unknown planted kind {kind!r}")
+    rule = get_family(spec.pattern).planted
+    return bool(rule(kind, spec, layout, block_size)) if rule is not None else False

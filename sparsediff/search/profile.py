@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..layout import TokenLayout
+from ..patterns.registry import get_family
 from ..plan import Plan, _layout_from_dict, _layout_to_dict
 from ..specs import DenseSchedule, HeadSpec
 from .candidates import default_candidates, family
@@ -169,6 +170,14 @@ def _gap(steps: Sequence[int]) -> int:
     return max(1, min(d)) if d else 1
 
 
+def _with_refresh(spec: HeadSpec, gap: int) -> HeadSpec:
+    """``spec`` with its family's refresh parameter (if it names one) set to ``gap`` steps."""
+    name = get_family(spec.pattern).refresh_param
+    if name is None:
+        return spec
+    return HeadSpec.make(spec.pattern, **{**dict(spec.params), name: gap})
+
+
 def profile_pipeline(
     pipe: Any,
     prompts: Sequence[str],
@@ -194,8 +203,9 @@ def profile_pipeline(
             ``num_inference_steps`` is set from ``num_steps``.
         num_steps: denoising steps (default: ``call_kwargs["num_inference_steps"]``, else 50).
         profile_steps: step indices to measure (default :func:`default_profile_steps`).
-        candidates / families: candidate specs (default grid per layout; ``lse_cache`` heads get
-            ``refresh`` = the profiled step gap), optionally restricted to these families.
+        candidates / families: candidate specs (default grid per layout; cross-step heads whose family
+            names a ``refresh_param`` -- ``lse_cache``'s ``refresh`` -- get it set to the profiled step gap),
+            optionally restricted to these families.
         block_size, num_rows, seed: the measurement (:class:`LayerAccumulator`).
         stats: statistics to add to (``--stats`` resume).
         progress: called with 1 after every measured attention call (tqdm's ``update``).
@@ -234,12 +244,8 @@ def profile_pipeline(
         c = cand_cache.get(layout)
         if c is None:
             base = list(candidates) if candidates is not None else default_candidates(layout, block_size)
-            base = [
-                HeadSpec.make("lse_cache", **{**dict(s.params), "refresh": gap})
-                if s.pattern == "lse_cache" and candidates is None
-                else s
-                for s in base
-            ]
+            if candidates is None:  # cross-step heads refresh at the profiled step gap (as measured)
+                base = [_with_refresh(s, gap) for s in base]
             if families:
                 base = [s for s in base if family(s) in families or s.pattern == "dense"]
             c = cand_cache[layout] = tuple(dict.fromkeys(base))
@@ -466,7 +472,7 @@ def plan_from_stats(
     step_speedup = None if frac is None else 1.0 / ((1.0 - frac) + frac / attn_speedup)
     steps = int(stats.meta.get("num_steps") or 0)
     psteps = list(stats.meta.get("profile_steps") or [])
-    cross = any(s.pattern in ("skip", "lse_cache") for row in specs_all for s in row)
+    cross = any(s.is_cross_step for row in specs_all for s in row)
     refresh: tuple[int, ...] = ()
     if cross and steps and psteps:
         gap = _gap(psteps)
