@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .mask import BlockSparseMask
+from .op_checks import check_inputs
 
 __all__ = ["block_sparse_attention", "attention_ref", "transposed_block_lists"]
 
@@ -76,8 +77,6 @@ def block_sparse_attention(
 
     Rows that attend to no key give out = 0 and lse = -inf.
     """
-    from .ops import check_inputs  # local import: ops imports this module
-
     check_inputs(q, k, v, mask)
     out, lse = _forward(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     return (out, lse) if return_lse else out

@@ -1,18 +1,22 @@
-"""The diffusers integration. The code lives in one module per responsibility, in the order a call
-reaches them; this module re-exports the names other modules use:
+"""The diffusers integration. The code lives in one module per responsibility; this package re-exports
+the names other modules use. Imports go one way only (top to bottom, never back, not even lazily or
+for type checking -- a lower module knows the objects above it through small ``Protocol`` s):
 
-1. :mod:`.hooks_install` -- :func:`apply_sparse_attention` / :func:`remove_sparse_attention`: ``Sparse<Processor>``
+1. :mod:`.install` -- :func:`apply_sparse_attention` / :func:`remove_sparse_attention`: ``Sparse<Processor>``
    subclasses in place of the model's processors, the root hook on the transformer.
-2. :mod:`.hooks_state` -- :class:`TransformerState` (one per enabled transformer) and :class:`SparseRootHook`,
-   which feeds it the layout and step context of each transformer call; :mod:`.hooks_steps` -- the step /
+2. :mod:`.layer` -- :class:`LayerContext`: one layer call, sparse (:func:`sparsediff.attention.sparse_attention`)
+   or the model's own dense call; key padding, context parallelism, the observer tap (:class:`AttentionCall`).
+3. :mod:`.state` -- :class:`TransformerState` (one per enabled transformer) and :class:`SparseRootHook`,
+   which feeds it the layout and step context of each transformer call; :mod:`.steps` -- the step /
    branch / generation rule (diffusers' ``cache_context``, else the timestep rule).
-3. :mod:`.hooks_backend` -- the ``"sparsediff"`` attention backend diffusers dispatches to, and the dense
-   backends behind it; :mod:`.hooks_compiled` -- the opaque op that stands for a layer's attention under
-   ``torch.compile``.
-4. :mod:`.hooks_dispatch` -- :class:`LayerContext`: one layer call, sparse (:func:`sparsediff.attention.sparse_attention`)
-   or the model's own dense call; key padding, context parallelism, the observer tap.
+4. :mod:`.backend` -- the ``"sparsediff"`` attention backend diffusers dispatches to, and the dense
+   backends behind it.
+5. :mod:`.compiled` -- the opaque ``torch.library`` ops (``sparsediff_hooks::begin_call``,
+   ``sparsediff_hooks::layer_attention``) that stand for the root hook's per-call work and a layer's
+   attention under ``torch.compile`` / ``torch.export``; imports no other hook module.
 
-See docs/CALL_FLOW.md.
+``install`` → ``layer`` → ``state`` → ``steps``; ``layer`` → ``backend`` → ``compiled``; ``state`` →
+``compiled``. See docs/CALL_FLOW.md.
 
 How one self-attention call reaches sparsediff (diffusers 0.42)::
 
@@ -43,7 +47,7 @@ How one self-attention call reaches sparsediff (diffusers 0.42)::
   (``sparsediff_hooks::begin_call``) that runs at run time: static patterns run sparse there, dynamic
   ones fall back to dense with a warning.
 * **Steps.** From diffusers' ``cache_context`` (the root hook holds a ``StateManager`` probe that
-  receives it), else from the timestep of each call -- see :class:`.hooks_steps.StepTracking`. Nothing is
+  receives it), else from the timestep of each call -- see :class:`.steps.StepTracking`. Nothing is
   patched onto the scheduler. Per-layer caches are keyed by the branch (the context's name).
 * **Threads.** The only per-call state that crosses diffusers' dispatch (the running layer) is
   thread-local; everything else lives on the per-transformer state.
@@ -54,10 +58,10 @@ How one self-attention call reaches sparsediff (diffusers 0.42)::
 
 from __future__ import annotations
 
-from .hooks_backend import BACKEND_NAME, ensure_backend_registered
-from .hooks_dispatch import AttentionCall, LayerContext
-from .hooks_install import ROOT_HOOK_NAME, apply_sparse_attention, get_state, remove_sparse_attention
-from .hooks_state import SparseRootHook, TransformerState
+from .backend import BACKEND_NAME, ensure_backend_registered
+from .install import ROOT_HOOK_NAME, apply_sparse_attention, get_state, remove_sparse_attention
+from .layer import AttentionCall, LayerContext
+from .state import SparseRootHook, TransformerState
 
 __all__ = [
     "BACKEND_NAME",

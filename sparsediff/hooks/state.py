@@ -2,8 +2,11 @@
 
 :class:`SparseRootHook` (registered on the transformer's diffusers ``HookRegistry``) calls
 :meth:`TransformerState.begin_call` before every transformer forward: step / branch / generation
-(:class:`~.hooks_steps.StepTracking`) and the call's token layout (the adapter). Layers
-(:class:`~.hooks_dispatch.LayerContext`) read it while they run, and report fallbacks and densities to it.
+(:class:`~.steps.StepTracking`) and the call's token layout (the adapter). Layers
+(:class:`~.layer.LayerContext`) read it while they run, and report fallbacks and densities to it.
+
+Imports :mod:`.steps` and :mod:`.compiled` only among the hook modules: the layers it keeps are known
+through :class:`StateLayer`, and the installer's processor take-over runs through the hook's ``adopt``.
 """
 
 from __future__ import annotations
@@ -13,27 +16,43 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import ModelHook
 
-from .config import SparseAttentionConfig
-from .hooks_compiled import traced_begin_call
-from .hooks_dispatch import _drop_trivial_mask
-from .hooks_steps import StepTracking, _ContextProbe
-from .layout import TokenLayout
-from .plan import Plan
-
-if TYPE_CHECKING:
-    from .hooks_dispatch import LayerContext
+from ..config import SparseAttentionConfig
+from ..layout import TokenLayout
+from ..plan import Plan
+from ..specs import HeadSpec
+from .compiled import traced_begin_call
+from .steps import ContextProbe, StepTracking
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TransformerState", "SparseRootHook"]
+__all__ = ["StateLayer", "TransformerState", "SparseRootHook"]
 
 _UIDS = itertools.count()
+
+
+class StateLayer(Protocol):
+    """What the state needs of its layers (:class:`~.layer.LayerContext`): names for warnings, plan
+    specs for :meth:`TransformerState.has_sparse_heads`, per-call states to clear."""
+
+    index: int
+    name: str
+    num_heads: int
+    states: dict[tuple[Any, int], Any]
+
+    def specs(self, num_heads: int, head_offset: int = 0) -> tuple[HeadSpec, ...]: ...
+
+
+def _drop_trivial_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """None when the mask masks nothing (bool all True, or additive all zero), else the mask."""
+    if mask.dtype == torch.bool:
+        return None if bool(mask.all()) else mask
+    return None if bool((mask == 0).all()) else mask
 
 
 def _forward_params(cls: type) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -70,13 +89,13 @@ class TransformerState(StepTracking):
         self.adapter = adapter
         self.plan = plan
         self.config = config
-        self.layers: list[LayerContext] = []
+        self.layers: list[StateLayer] = []
         self.processors: list[tuple[torch.nn.Module, Any, Any]] = []  # (module, original, ours)
         self.pipeline_ref: Any = None  # weakref to the pipeline when enabled on one (num_timesteps)
         self.active = True
         self.layout: TokenLayout | None = None
         self.call_serial = 0  # transformer calls so far (keys the per-layer call counters)
-        self._init_steps()
+        self.init_steps()
         self._mask_cache = None
         self._lock = threading.Lock()
         self._warned: set[tuple[int | None, str]] = set()
@@ -93,16 +112,13 @@ class TransformerState(StepTracking):
     def begin_call(self, inputs: Mapping[str, Any], compiled: bool = False) -> None:
         """Read the layout, step and branch of one transformer call. Eager, from the root hook; under a
         whole-model ``torch.compile`` / ``torch.export`` at run time inside the ``begin_call`` op
-        (:mod:`.hooks_compiled`, ``compiled=True``: ``inputs`` then holds the call's tensors and its
-        compile-time constants only)."""
+        (:mod:`.compiled`, ``compiled=True``: ``inputs`` then holds the call's tensors and its
+        compile-time constants only). Processors replaced while enabled were taken over just before an
+        eager call (:class:`SparseRootHook`'s ``adopt``)."""
         self.compiled_call = compiled
-        if not compiled:  # processors replaced while enabled (IP-adapter loading): take them over
-            from .hooks_install import adopt_processors
-
-            adopt_processors(self)
         self._mask_memo = None
         self.call_serial += 1
-        self._advance(inputs)
+        self.advance(inputs)
         try:
             self.layout = self.adapter.layout(self.transformer_ref(), inputs)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
@@ -138,13 +154,13 @@ class TransformerState(StepTracking):
             layer.states.clear()
         self.layout = None
         self._mask_memo = None
-        self._clear_steps()
+        self.clear_steps()
 
     reset = end_generation
 
     def mask_cache(self):
         if self._mask_cache is None:
-            from .attention import MaskCache
+            from ..attention import MaskCache
 
             self._mask_cache = MaskCache(max_entries=self.config.mask_cache_size)
         return self._mask_cache
@@ -193,7 +209,7 @@ class TransformerState(StepTracking):
         return gathered_of.to(device)
 
     # ------------------------------------------------------------------ logging and report
-    def note_fallback(self, reason: str, layer: LayerContext | None = None, hint: str = "") -> None:
+    def note_fallback(self, reason: str, layer: StateLayer | None = None, hint: str = "") -> None:
         """A call that should have run sparse runs dense: raise under ``strict``, else a WARNING once
         per (layer, reason) saying what to change."""
         where = f"layer {layer.index} ({layer.name})" if layer is not None else "all self-attention layers"
@@ -218,6 +234,12 @@ class TransformerState(StepTracking):
     def note_dense(self, why: str) -> None:
         """A call that runs dense by design (plan, warm-up, token threshold): counted for the report."""
         self._gen.count(why)
+
+    def note_tokens(self, num_tokens: int) -> None:
+        """A layer call of ``num_tokens`` tokens reached the sparse path (the report's ``max_tokens``)."""
+        gen = self._gen
+        if num_tokens > gen.max_tokens:
+            gen.max_tokens = num_tokens
 
     def record_density(self, layer: int, state: Any) -> None:
         mask = getattr(state, "last_mask", None)
@@ -307,14 +329,22 @@ class _GenerationStats:
 
 class SparseRootHook(ModelHook):
     """Root hook on the transformer: reads each call's layout, step and branch (diffusers' cache context
-    arrives through :attr:`context`); diffusers resets it at the end of a pipeline call."""
+    arrives through :attr:`context`); diffusers resets it at the end of a pipeline call.
+
+    ``adopt``: called with the state before each eager call, before :meth:`TransformerState.begin_call`
+    -- the installer's :func:`~.install.adopt_processors` (processors replaced while enabled, e.g. by
+    IP-adapter loading, are taken over).
+    """
 
     _is_stateful = True
 
-    def __init__(self, state: TransformerState) -> None:
+    def __init__(
+        self, state: TransformerState, adopt: Callable[[TransformerState], None] | None = None
+    ) -> None:
         super().__init__()
         self.state = state
-        self.context = _ContextProbe(state)
+        self.adopt = adopt
+        self.context = ContextProbe(state)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         if torch.compiler.is_compiling():
@@ -328,8 +358,10 @@ class SparseRootHook(ModelHook):
             inputs.update(kwargs)
             self.state.call_token = traced_begin_call(self.state, inputs)
             return args, kwargs
-        from .pipelines.base import bind_forward_inputs
+        from ..pipelines.base import bind_forward_inputs
 
+        if self.adopt is not None:
+            self.adopt(self.state)
         self.state.begin_call(bind_forward_inputs(module, args, kwargs))
         return args, kwargs
 

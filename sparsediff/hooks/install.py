@@ -1,11 +1,14 @@
 """Install / remove: processors replaced by ``Sparse<Processor>`` subclasses, root hook registered.
 
 :func:`apply_sparse_attention` (called per transformer by :func:`sparsediff.api.enable_sparse_attention`)
-lists the adapter's self-attention modules, gives each a :class:`~.hooks_dispatch.LayerContext` and a
+lists the adapter's self-attention modules, gives each a :class:`~.layer.LayerContext` and a
 ``Sparse<Processor>`` -- a subclass of the model's own processor class with the same ``__call__`` that
-publishes its layer (:data:`.hooks_backend.current`) and answers ``_attention_backend = "sparsediff"`` -- and
-registers the root hook (:class:`~.hooks_state.SparseRootHook`). :func:`remove_sparse_attention` puts the
-original processor objects back and removes the hook.
+publishes its layer (:data:`.backend.current`) and answers ``_attention_backend = "sparsediff"`` -- and
+registers the root hook (:class:`~.state.SparseRootHook`, with :func:`adopt_processors` as its ``adopt``).
+:func:`remove_sparse_attention` puts the original processor objects back and removes the hook.
+
+The top of :mod:`sparsediff.hooks`: imports :mod:`.layer`, :mod:`.state`, :mod:`.backend` and
+:mod:`.compiled`; nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry
 
-from .config import SparseAttentionConfig
-from .hooks_backend import backend_member, current, ensure_backend_registered
-from .hooks_compiled import release_state
-from .hooks_dispatch import LayerContext
-from .hooks_state import SparseRootHook, TransformerState
-from .plan import Plan
+from ..config import SparseAttentionConfig
+from ..plan import Plan
+from .backend import backend_member, current, ensure_backend_registered
+from .compiled import release_state
+from .layer import LayerContext
+from .state import SparseRootHook, TransformerState
 
 __all__ = [
     "ROOT_HOOK_NAME",
@@ -132,7 +135,8 @@ def _set_processor(mod: torch.nn.Module, proc: Any) -> None:
 
 
 def adopt_processors(state: TransformerState) -> None:
-    """Take over processors installed by other code while enabled (before each eager transformer call).
+    """Take over processors installed by other code while enabled (the root hook calls it before each
+    eager transformer call).
 
     Loading an IP-adapter (``pipe.load_ip_adapter`` / ``transformer._load_ip_adapter_weights``) or any
     ``set_attn_processor`` replaces the processors of the managed attention modules. A replacement built
@@ -180,7 +184,7 @@ def apply_sparse_attention(
     ``pipeline``: the pipeline ``transformer`` belongs to, if any (its ``num_timesteps`` gives the number
     of steps when the cache context does not); it is only read, never modified.
     """
-    from .pipelines.base import get_adapter
+    from ..pipelines.base import get_adapter
 
     if get_state(transformer) is not None:
         raise RuntimeError(
@@ -217,7 +221,7 @@ def apply_sparse_attention(
         state.processors.append((mod, orig, new))
 
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(SparseRootHook(state), ROOT_HOOK_NAME)
+    registry.register_hook(SparseRootHook(state, adopt=adopt_processors), ROOT_HOOK_NAME)
     if pipeline is not None:
         state.pipeline_ref = weakref.ref(pipeline)
     setattr(transformer, _STATE_ATTR, state)

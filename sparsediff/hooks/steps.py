@@ -1,38 +1,37 @@
 """Step, branch and generation of each transformer call, from diffusers' own ``cache_context``.
 
 Pipelines open ``transformer.cache_context(name, ...)`` around each transformer call; the root hook
-(:class:`~.hooks_state.SparseRootHook`) holds a :class:`_ContextProbe` that receives it. Where a pipeline
+(:class:`~.state.SparseRootHook`) holds a :class:`ContextProbe` that receives it. Where a pipeline
 gives no step index (most do not; a bare transformer in a custom loop has no context at all) the
 timestep rule of :class:`StepTracking` applies. Nothing is patched onto the scheduler.
+
+Imports no other hook module: :class:`StepTracking` is a mixin of :class:`~.state.TransformerState`.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers.hooks.hooks import StateManager
 
-if TYPE_CHECKING:
-    from .hooks_state import TransformerState
-
-__all__ = ["StepTracking"]
+__all__ = ["ContextProbe", "StepTracking"]
 
 
-class _ContextProbe(StateManager):
+class ContextProbe(StateManager):
     """Receives diffusers' cache context for the root hook.
 
     Pipelines open ``transformer.cache_context(name, ...)`` around each transformer call; diffusers
     forwards it to every :class:`~diffusers.hooks.hooks.StateManager` attribute of a stateful hook:
     a :class:`~diffusers.hooks.hooks.CacheContext` (``name``, ``step_index``, ``num_inference_steps``,
     ... -- diffusers >= 0.42; most pipelines fill only ``name``) or, in older diffusers, the name
-    string; ``None`` when the context closes. This probe hands it to :class:`TransformerState`; it
+    string; ``None`` when the context closes. This probe hands it to :class:`~.state.TransformerState`; it
     keeps no states of its own.
     """
 
-    def __init__(self, state: TransformerState) -> None:  # no StateManager.__init__: no state class
+    def __init__(self, state: StepTracking) -> None:  # no StateManager.__init__: no state class
         self._state_ref = weakref.ref(state)
         self._state_cache: dict = {}
         self._context = None
@@ -61,10 +60,10 @@ def _context_fields(ctx: Any) -> tuple[str | None, int | None, int | None]:
 
 
 class StepTracking:
-    """The step / branch / generation part of :class:`~.hooks_state.TransformerState` (a mixin: the fields live
+    """The step / branch / generation part of :class:`~.state.TransformerState` (a mixin: the fields live
     on the state; it needs the state's ``adapter``, ``config``, ``pipeline_ref`` and ``end_generation``).
 
-    **Step, branch and generation** of each transformer call (:meth:`_advance`, from ``begin_call``),
+    **Step, branch and generation** of each transformer call (:meth:`advance`, from ``begin_call``),
     from diffusers' own ``cache_context`` first, never from the scheduler (nothing is patched onto it):
 
     1. the context carries ``step_index`` (diffusers >= 0.42, e.g. ``WanPipeline``): that is the step,
@@ -83,8 +82,9 @@ class StepTracking:
     per-layer caches (:class:`~sparsediff.attention.LayerState`) are keyed by it.
     """
 
-    def _init_steps(self) -> None:
-        #: diffusers' cache context of the running transformer call (set by :class:`_ContextProbe`)
+    def init_steps(self) -> None:
+        """No step context yet (called once by the state's ``__init__``)."""
+        #: diffusers' cache context of the running transformer call (set by :class:`ContextProbe`)
         self.cache_context: Any = None
         self.step: int | None = None  # step index of the current call (None: no call yet this generation)
         self.num_steps: int | None = None
@@ -93,7 +93,7 @@ class StepTracking:
         self._names: set[str] = set()  # context names seen in the current step
         self._last_t: torch.Tensor | None = None
 
-    def _clear_steps(self) -> None:
+    def clear_steps(self) -> None:
         """End of a generation: no step context (the last timestep is kept: the next call compares with it)."""
         self.step = None
         self.num_steps = None
@@ -105,7 +105,7 @@ class StepTracking:
         """(step index, number of steps) of the current call -- either may be None when unknown."""
         return self.step, self.num_steps
 
-    def _advance(self, inputs: Mapping[str, Any]) -> None:
+    def advance(self, inputs: Mapping[str, Any]) -> None:
         """Step / branch / generation of this call (see the class docstring)."""
         name, index, n_ctx = _context_fields(self.cache_context)
         if index is not None:

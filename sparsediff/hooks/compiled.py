@@ -1,13 +1,18 @@
 """Compile glue: under ``torch.compile`` / ``torch.export`` the sparsediff work of a call runs inside opaque
 ``torch.library`` ops, eagerly, at run time.
 
+This module is the bottom of :mod:`sparsediff.hooks` and imports no other hook module: it finds the
+objects it serves in its own registries, by int key, and calls their public methods (the
+:class:`CompiledLayer` / :class:`CompiledState` protocols); the dense call for a layer it does not know is
+registered from above (:func:`set_dense_call`, by :mod:`.backend`).
+
 * ``sparsediff_hooks::layer_attention`` -- a layer's whole attention. Nothing per layer may be a Python
   constant the compiler specialises on (``compile_repeated_blocks`` traces one graph for all blocks): the
-  layer travels as a small int64 tensor (:attr:`LayerContext.key`) and the op finds it again in this
-  module's registry (weak references, so a dropped transformer is not kept alive). Mask building etc.
-  runs eagerly inside the op.
+  layer travels as a small int64 tensor (:attr:`~.layer.LayerContext.key`) and the op finds it again in
+  this module's registry (weak references, so a dropped transformer is not kept alive), then runs its
+  :meth:`~.layer.LayerContext.compiled_attention`. Mask building etc. runs eagerly inside the op.
 * ``sparsediff_hooks::begin_call`` -- the root hook's per-call work (step / branch / generation and the
-  token layout: :meth:`TransformerState.begin_call`) when the *whole* transformer is compiled or
+  token layout: :meth:`~.state.TransformerState.begin_call`) when the *whole* transformer is compiled or
   exported. The traced root hook hands it the call's tensor inputs and its ints (possibly symbolic, as
   the op's ``SymInt[]`` argument); the structure of the call's other inputs (None, bools, floats,
   strings, tuples: compile-time constants, guarded by the compiler) is recorded at trace time
@@ -23,32 +28,75 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 
-from .hooks_backend import call_backend, dispatch_kwargs
+__all__ = [
+    "CompiledLayer",
+    "CompiledState",
+    "dispatch_kwargs",
+    "register_layer",
+    "release_layer",
+    "release_state",
+    "set_dense_call",
+    "traced_begin_call",
+]
 
-if TYPE_CHECKING:
-    from .hooks_dispatch import LayerContext
-    from .hooks_state import TransformerState
 
-__all__ = ["register_layer", "release_layer", "release_state", "traced_begin_call"]
+class CompiledLayer(Protocol):
+    """What the ``layer_attention`` op needs of a registered layer (:class:`~.layer.LayerContext`)."""
 
-_LAYERS: dict[int, weakref.ReferenceType[LayerContext]] = {}
+    def compiled_attention(self, kwargs: dict[str, Any]) -> torch.Tensor: ...
+
+
+class CompiledState(Protocol):
+    """What the ``begin_call`` op needs of a transformer's state (:class:`~.state.TransformerState`)."""
+
+    uid: int
+    active: bool
+
+    def begin_call(self, inputs: Mapping[str, Any], compiled: bool = False) -> None: ...
+
+
+_LAYERS: dict[int, weakref.ReferenceType[CompiledLayer]] = {}
 _NEXT_ID = [0]
 _LOCK = threading.Lock()
 #: trace-time signatures of whole-model compiled calls: key -> (state, tensor input names, other inputs'
 #: structure: ``(name, split value)`` pairs, see :func:`_split_ints`)
-_CALLS: dict[int, tuple[weakref.ReferenceType[TransformerState], tuple[str, ...], tuple]] = {}
+_CALLS: dict[int, tuple[weakref.ReferenceType[CompiledState], tuple[str, ...], tuple]] = {}
 _CALL_KEYS: dict[tuple[int, tuple[str, ...], tuple[tuple[str, Any], ...]], int] = {}
 _CALL_IDS = itertools.count()
 _WARNED_UNKNOWN = [False]
+#: the dense attention call for a layer this process does not know (set by :mod:`.backend`: the global
+#: active diffusers backend)
+_DENSE_CALL: list[Callable[[dict[str, Any]], torch.Tensor] | None] = [None]
 logger = logging.getLogger(__name__)
 
 
-def register_layer(ctx: LayerContext) -> int:
+def dispatch_kwargs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config):
+    """The keyword arguments of diffusers' attention backend functions, as one dict."""
+    return {
+        "query": query,
+        "key": key,
+        "value": value,
+        "attn_mask": attn_mask,
+        "dropout_p": dropout_p,
+        "is_causal": is_causal,
+        "scale": scale,
+        "enable_gqa": enable_gqa,
+        "_parallel_config": parallel_config,
+    }
+
+
+def set_dense_call(fn: Callable[[dict[str, Any]], torch.Tensor]) -> None:
+    """Register the dense attention the ``layer_attention`` op runs for a layer it does not know
+    (``fn(kwargs)``, kwargs as :func:`dispatch_kwargs` builds them)."""
+    _DENSE_CALL[0] = fn
+
+
+def register_layer(ctx: CompiledLayer) -> int:
     """A new id for ``ctx`` (looked up by the op from the layer's key tensor)."""
     with _LOCK:
         i = _NEXT_ID[0]
@@ -62,7 +110,7 @@ def release_layer(layer_id: int) -> None:
         _LAYERS.pop(layer_id, None)
 
 
-def release_state(state: TransformerState) -> None:
+def release_state(state: CompiledState) -> None:
     """Forget the call signatures recorded for ``state`` (on disable)."""
     with _LOCK:
         for k in [k for k, (ref, _, _) in _CALLS.items() if ref() is None or ref() is state]:
@@ -109,7 +157,7 @@ def _join_ints(s: tuple, ints: list[int]) -> Any:
 
 
 @torch.compiler.assume_constant_result
-def _call_signature(state: TransformerState, names: tuple[str, ...], consts: tuple) -> int:
+def _call_signature(state: CompiledState, names: tuple[str, ...], consts: tuple) -> int:
     """Key of (state, tensor input names, structure of the other inputs); runs at trace time, its result
     is a constant."""
     sk = (state.uid, tuple(names), consts)
@@ -121,7 +169,7 @@ def _call_signature(state: TransformerState, names: tuple[str, ...], consts: tup
     return k
 
 
-def traced_begin_call(state: TransformerState, inputs: Mapping[str, Any]) -> torch.Tensor:
+def traced_begin_call(state: CompiledState, inputs: Mapping[str, Any]) -> torch.Tensor:
     """The root hook's ``begin_call`` as traced code: the ``begin_call`` op on the call's tensor inputs.
 
     ``inputs``: the forward's arguments by name. Tensor inputs and every int (possibly symbolic) go to the
@@ -187,25 +235,15 @@ def _layer_attention_op(
                 "attention enabled in this process (disabled, or the program was loaded elsewhere): it runs "
                 "dense attention"
             )
-        out = call_backend(None, kwargs)
-    elif ctx.root.compiled_call and ctx.root.layout is not None and _dynamic_heads(ctx, query.shape[2]):
-        out = ctx._fallback(
-            kwargs,
-            "a dynamic pattern (topp, lse_cache, skip, reordered cluster/topp) under a whole-model "
-            "torch.compile / torch.export",
-            "use static patterns (radial, tile, reordered static) there, or compile the blocks with "
-            "transformer.compile_repeated_blocks()",
-        )
+        dense = _DENSE_CALL[0]
+        if dense is None:  # never: importing sparsediff.hooks registers it (.backend)
+            raise RuntimeError("sparsediff: no dense attention call is registered (import sparsediff.hooks)")
+        out = dense(kwargs)
     else:
-        out = ctx.attention(kwargs)
+        out = ctx.compiled_attention(kwargs)
     res = torch.empty_like(query)  # the fake's strides; never alias an input
     res.copy_(out)
     return res
-
-
-def _dynamic_heads(ctx: LayerContext, num_heads: int) -> bool:
-    """Whether the plan gives any head of this layer a pattern whose mask is not static."""
-    return any(not s.is_static for s in ctx.specs(num_heads))
 
 
 @_layer_attention_op.register_fake

@@ -1,27 +1,47 @@
 """The ``"sparsediff"`` attention backend of diffusers' dispatcher, and the dense backends behind it.
 
-A ``Sparse<Processor>`` (:mod:`.hooks_install`) publishes its layer in :data:`current` for the duration of
-its ``__call__`` and answers ``_attention_backend = "sparsediff"``; diffusers' ``dispatch_attention_fn``
-then calls :func:`_sparsediff_backend`, which hands the call to that layer's
-:meth:`~.hooks_dispatch.LayerContext.attention` -- or, under ``torch.compile``, to the opaque op of
-:mod:`.hooks_compiled`. Dense fallbacks call a registered dense backend exactly as the dispatcher would
+A ``Sparse<Processor>`` (:mod:`.install`) publishes its layer in :data:`current` for the duration of its
+``__call__`` and answers ``_attention_backend = "sparsediff"``; diffusers' ``dispatch_attention_fn`` then
+calls :func:`_sparsediff_backend`, which hands the call to that layer's
+:meth:`~.layer.LayerContext.attention` -- or, under ``torch.compile``, to the opaque op of
+:mod:`.compiled`. Dense fallbacks call a registered dense backend exactly as the dispatcher would
 (:func:`call_backend`), so they are bit-identical.
+
+Imports only :mod:`.compiled` among the hook modules; the layer is known through :class:`BackendLayer`.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.models import attention_dispatch as _ad
 
-if TYPE_CHECKING:
-    from .hooks_dispatch import LayerContext
+from .compiled import dispatch_kwargs, set_dense_call
 
-__all__ = ["BACKEND_NAME", "ensure_backend_registered", "backend_member", "call_backend", "current"]
+__all__ = [
+    "BACKEND_NAME",
+    "BackendLayer",
+    "ensure_backend_registered",
+    "backend_member",
+    "call_backend",
+    "current",
+    "dispatch_kwargs",
+]
 
 BACKEND_NAME = "sparsediff"
+
+
+class BackendLayer(Protocol):
+    """What the backend needs of the running layer (:class:`~.layer.LayerContext`)."""
+
+    #: int64 tensor that identifies the layer inside compiled graphs
+    key: torch.Tensor
+    #: the layer's transformer state; ``root.call_token`` is the whole-model compiled call's token
+    root: Any
+
+    def attention(self, kwargs: dict[str, Any]) -> torch.Tensor: ...
 
 
 # The layer whose processor is running *in this thread* (``current.layer``, set for the duration of the
@@ -31,7 +51,7 @@ BACKEND_NAME = "sparsediff"
 # ``ContextVar.set``; a ``threading.local`` attribute it traces like any object attribute).
 class _ThreadLocal(threading.local):
     def __init__(self) -> None:  # runs once in every thread: compiled code always finds the attribute
-        self.layer: LayerContext | None = None
+        self.layer: BackendLayer | None = None
 
 
 current = _ThreadLocal()
@@ -57,10 +77,11 @@ def _add_enum_member(enum_cls: type, name: str, value: str) -> Any:
 
 
 def ensure_backend_registered() -> Any:
-    """Register the ``"sparsediff"`` attention backend with diffusers (idempotent); returns its enum member."""
-    global _BACKEND_MEMBER
-    from . import hooks_compiled  # noqa: F401  (registers the op the backend calls under torch.compile)
+    """Register the ``"sparsediff"`` attention backend with diffusers (idempotent); returns its enum member.
 
+    (The ops the backend calls under ``torch.compile`` are registered when :mod:`.compiled` is imported.)
+    """
+    global _BACKEND_MEMBER
     with _LOCK:
         if _BACKEND_MEMBER is None:
             member = _add_enum_member(_ad.AttentionBackendName, "SPARSEDIFF", BACKEND_NAME)
@@ -92,6 +113,14 @@ def call_backend(name: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     member, fn = _fallback_backend(name)
     allowed = _ad._AttentionBackendRegistry._supported_arg_names[member]
     return fn(**{k: v for k, v in kwargs.items() if k in allowed})
+
+
+def _global_dense(kwargs: dict[str, Any]) -> torch.Tensor:
+    """Dense attention through the global active backend (a layer the compiled op does not know)."""
+    return call_backend(None, kwargs)
+
+
+set_dense_call(_global_dense)
 
 
 def _sparsediff_backend(
@@ -128,18 +157,3 @@ def _sparsediff_backend(
             ctx.root.call_token,
         )
     return ctx.attention(kwargs)
-
-
-def dispatch_kwargs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config):
-    """The keyword arguments of diffusers' attention backend functions, as one dict."""
-    return {
-        "query": query,
-        "key": key,
-        "value": value,
-        "attn_mask": attn_mask,
-        "dropout_p": dropout_p,
-        "is_causal": is_causal,
-        "scale": scale,
-        "enable_gqa": enable_gqa,
-        "_parallel_config": parallel_config,
-    }

@@ -1,29 +1,30 @@
 """Per-layer dispatch: one self-attention call of one layer, sparse or the model's own dense call.
 
-:meth:`LayerContext.attention` is what the backend (:mod:`.hooks_backend`, or the compiled op of
-:mod:`.hooks_compiled`) calls with diffusers' ``[B, N, H, D]`` tensors. It decides per call: dense plan,
+:meth:`LayerContext.attention` is what the backend (:mod:`.backend`; under ``torch.compile`` the op of
+:mod:`.compiled`, through :meth:`LayerContext.compiled_attention`) calls with diffusers' ``[B, N, H, D]``
+tensors. It decides per call: dense plan,
 token threshold, warm-up, unsupported arguments (fallbacks: :meth:`TransformerState.note_fallback`),
 key-padding masks (:meth:`LayerContext._masked_run`: padded text dropped, sparse path on the kept
 tokens), Ulysses context parallelism (:meth:`LayerContext._context_parallel`: the plan sliced by global
 head index) -- then :func:`sparsediff.attention.sparse_attention`. The search's observer tap
 (:attr:`SparseAttentionConfig.observer`, :class:`AttentionCall`) is called before attention is computed.
+
+Imports :mod:`.state`, :mod:`.backend` and :mod:`.compiled` among the hook modules (all below it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers.models import attention_dispatch as _ad
 
-from .hooks_backend import call_backend
-from .hooks_compiled import register_layer, release_layer
-from .layout import TokenLayout
-from .specs import HeadSpec
-
-if TYPE_CHECKING:
-    from .hooks_state import TransformerState
+from ..layout import TokenLayout
+from ..specs import HeadSpec
+from .backend import call_backend
+from .compiled import register_layer, release_layer
+from .state import TransformerState
 
 __all__ = ["AttentionCall", "LayerContext"]
 
@@ -89,7 +90,7 @@ class LayerContext:
     def state(self, key: tuple[int, int]) -> Any:
         st = self.states.get(key)
         if st is None:
-            from .attention import LayerState
+            from ..attention import LayerState
 
             st = self.states[key] = LayerState()
         return st
@@ -136,6 +137,27 @@ class LayerContext:
             )
         return self._run(kwargs, fitted, head_offset=0)
 
+    def compiled_attention(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """:meth:`attention` inside the ``sparsediff_hooks::layer_attention`` op (:mod:`.compiled`).
+
+        Under a whole-model ``torch.compile`` / ``torch.export`` (the call's ``begin_call`` ran in its op),
+        heads with a dynamic pattern are not served: the layer falls back to dense with a warning.
+        """
+        root = self.root
+        if root.compiled_call and root.layout is not None and self._dynamic_heads(kwargs["query"].shape[2]):
+            return self._fallback(
+                kwargs,
+                "a dynamic pattern (topp, lse_cache, skip, reordered cluster/topp) under a whole-model "
+                "torch.compile / torch.export",
+                "use static patterns (radial, tile, reordered static) there, or compile the blocks with "
+                "transformer.compile_repeated_blocks()",
+            )
+        return self.attention(kwargs)
+
+    def _dynamic_heads(self, num_heads: int) -> bool:
+        """Whether the plan gives any head of this layer a pattern whose mask is not static."""
+        return any(not s.is_static for s in self.specs(num_heads))
+
     def _fallback(self, kwargs: dict[str, Any], reason: str, hint: str = "") -> torch.Tensor:
         self.root.note_fallback(reason, self, hint)
         return self.dense(kwargs)
@@ -167,9 +189,7 @@ class LayerContext:
         if all(s.pattern == "dense" for s in specs):
             root.note_dense("dense plan")
             return self.dense(kwargs)
-        gen = root._gen
-        if layout.num_tokens > gen.max_tokens:
-            gen.max_tokens = layout.num_tokens
+        root.note_tokens(layout.num_tokens)
         if layout.num_tokens < root.plan.min_tokens:
             root.note_dense("below min_tokens")
             return self.dense(kwargs)
@@ -193,7 +213,7 @@ class LayerContext:
             if mask is not None:
                 return self._masked_run(kwargs, layout, head_offset, mask)
         # looked up on the module at call time (tests/_integration.py checks every call through it)
-        from .attention import sparse_attention
+        from ..attention import sparse_attention
 
         cfg = root.config
         state = self.state((root.branch_key, call_index))
@@ -388,10 +408,3 @@ def _key_padding(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
     if keep.shape[0] != batch:
         keep = keep.expand(batch, n)
     return keep
-
-
-def _drop_trivial_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """None when the mask masks nothing (bool all True, or additive all zero), else the mask."""
-    if mask.dtype == torch.bool:
-        return None if bool(mask.all()) else mask
-    return None if bool((mask == 0).all()) else mask
