@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from .config import SparseAttentionConfig
 from .defaults import default_plan
 from .hooks import TransformerState, apply_sparse_attention, get_state, remove_sparse_attention
-from .plan import Plan
+from .plan import ADAPTER_NAME, Plan, plan_folder_files
 from .specs import PATTERN_PARAMS, HeadSpec
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def resolve_plan(plan: Any, adapter: Any) -> Plan:
     """``None`` -> family default; a pattern name (or a :class:`HeadSpec`) -> that pattern on every head
     with the family's schedule (warm-up steps, dense first layer and, for images, the token threshold
     ``min_tokens`` -- override with ``dense_steps=0, dense_layers=(), min_tokens=0``); a path ->
-    :meth:`Plan.load`; a :class:`Plan` -> itself (its own schedule)."""
+    :meth:`Plan.load`; a plan folder (``sparsediff finetune`` output) -> its ``sparse_plan.json``; a
+    :class:`Plan` -> itself (its own schedule)."""
     if plan is None:
         return default_plan(adapter)
     if isinstance(plan, Plan):
@@ -58,6 +60,8 @@ def resolve_plan(plan: Any, adapter: Any) -> Plan:
         return default_plan(adapter, plan.pattern, **dict(plan.params))
     if isinstance(plan, str) and plan in PATTERN_PARAMS:
         return default_plan(adapter, plan)
+    if isinstance(plan, (str, os.PathLike)) and os.path.isdir(plan):
+        return Plan.load(plan_folder_files(plan)[0])
     if isinstance(plan, (str, os.PathLike)):
         if isinstance(plan, str) and not plan.endswith(".json") and not os.path.exists(plan):
             raise ValueError(
@@ -88,6 +92,38 @@ def _transformers(obj: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
             f"supports DiT pipelines with these transformer classes: {', '.join(supported_classes())}"
         )
     return found, obj
+
+
+def _folder_adapter(name: str, transformer: torch.nn.Module, plan: Any) -> Path | None:
+    """The LoRA weights to load with a plan folder (only into the ``transformer`` component: what
+    ``sparsediff finetune`` trains), else None. Refuses a transformer that already has an adapter by that
+    name (before anything is modified)."""
+    if not (isinstance(plan, (str, os.PathLike)) and os.path.isdir(plan)):
+        return None
+    weights = plan_folder_files(plan)[1]
+    if weights is None or name != "transformer":
+        return None
+    if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
+        raise RuntimeError(
+            f"{name} already has an adapter named {ADAPTER_NAME!r}; delete it before enabling the plan folder {plan}"
+        )
+    if not hasattr(transformer, "load_lora_adapter"):
+        raise TypeError(
+            f"{type(transformer).__name__} cannot load LoRA adapters (no diffusers PeftAdapterMixin)"
+        )
+    return weights
+
+
+def _load_folder_adapter(transformer: torch.nn.Module, weights: Path) -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"{weights.parent} holds a LoRA adapter: loading it needs peft (pip install peft)"
+        ) from e
+    transformer.load_lora_adapter(
+        str(weights.parent), weight_name=weights.name, adapter_name=ADAPTER_NAME, prefix="transformer"
+    )
 
 
 class SparseAttentionHandle:
@@ -161,7 +197,10 @@ def enable_sparse_attention(
             see :class:`sparsediff.hooks.TransformerState`. The scheduler is never touched.
         plan: ``None`` (the family's training-free default), a pattern name applied to every head
             (``"radial"``, ``"tile"``, ``"topp"``, ...; keeps the family's warm-up schedule), a path to a
-            plan JSON, a :class:`~sparsediff.Plan`, or a dict ``{component name: any of these}``.
+            plan JSON, a plan folder (``sparsediff finetune --out DIR``: its plan, and its LoRA adapter
+            is loaded into the ``transformer`` component through diffusers' ``load_lora_adapter`` as
+            ``"sparsediff"`` and deleted again on disable), a :class:`~sparsediff.Plan`, or a dict
+            ``{component name: any of these}``.
         config: a :class:`~sparsediff.SparseAttentionConfig`; ``overrides`` set its fields
             (``dense_steps=0.2``, ``strict=True``, ``backend="reference"``...).
 
@@ -192,7 +231,7 @@ def enable_sparse_attention(
             pattern_params=config.pattern_params,
         )
         resolved.validate_for(t, check_config=config.check_config)
-        prepared.append((n, t, adapter, resolved))
+        prepared.append((n, t, adapter, resolved, _folder_adapter(n, t, p)))
     if isinstance(plan, Mapping):
         unknown = set(plan) - {n for n, *_ in prepared}
         if unknown:
@@ -201,13 +240,21 @@ def enable_sparse_attention(
             )
 
     states: dict[str, TransformerState] = {}
+    loaded: list[torch.nn.Module] = []
     try:
-        for n, t, adapter, resolved in prepared:
+        for n, t, adapter, resolved, weights in prepared:
+            if weights is not None:
+                _load_folder_adapter(t, weights)
+                loaded.append(t)
             states[n] = apply_sparse_attention(t, resolved, config, adapter=adapter, pipeline=pipeline)
+            if weights is not None:
+                states[n].loaded_adapters.append(ADAPTER_NAME)
     except BaseException:
         for n, t, *_ in prepared:
             if n in states:
                 remove_sparse_attention(t)
+        for t in loaded:
+            t.delete_adapters(ADAPTER_NAME)
         raise
     for n, s in states.items():
         logger.info(
@@ -231,7 +278,10 @@ def disable_sparse_attention(pipe_or_transformer: Any) -> None:
     if not enabled:
         raise RuntimeError(f"sparse attention is not enabled on {type(pipe_or_transformer).__name__}")
     for n, t in enabled:
+        adapters = list(get_state(t).loaded_adapters)
         remove_sparse_attention(t)
+        if adapters:
+            t.delete_adapters(adapters)
         logger.info("sparsediff: sparse attention disabled on %s", n)
 
 

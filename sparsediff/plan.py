@@ -158,6 +158,24 @@ class ModelIdentity:
         )
 
 
+#: a plan folder (``sparsediff finetune --out DIR``): the plan, and maybe the LoRA adapter trained for it
+PLAN_FILE = "sparse_plan.json"
+#: diffusers' file name for pipeline-level LoRA weights (``LORA_WEIGHT_NAME_SAFE``)
+ADAPTER_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+#: the name the folder's adapter gets inside the transformer (diffusers / peft adapter name)
+ADAPTER_NAME = "sparsediff"
+
+
+def plan_folder_files(folder: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(plan file, adapter weights or None) of a plan folder; raises :class:`PlanError` without a plan."""
+    folder = Path(folder)
+    plan = folder / PLAN_FILE
+    if not plan.is_file():
+        raise PlanError(f"{folder}: a plan folder needs {PLAN_FILE} (it has no plan)")
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    return plan, (weights if weights.is_file() else None)
+
+
 def _head_dim(attn: torch.nn.Module) -> int:
     for name in ("head_dim", "dim_head"):
         v = getattr(attn, name, None)

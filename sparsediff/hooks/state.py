@@ -92,6 +92,8 @@ class TransformerState(StepTracking):
         self.layers: list[StateLayer] = []
         self.processors: list[tuple[torch.nn.Module, Any, Any]] = []  # (module, original, ours)
         self.pipeline_ref: Any = None  # weakref to the pipeline when enabled on one (num_timesteps)
+        #: LoRA adapters loaded with the plan (a plan folder's): deleted from the model on disable
+        self.loaded_adapters: list[str] = []
         self.active = True
         self.layout: TokenLayout | None = None
         self.call_serial = 0  # transformer calls so far (keys the per-layer call counters)

@@ -1,0 +1,756 @@
+"""``sparsediff finetune``: teach a model its sparse plan with a LoRA (dense teacher, sparse student).
+
+Training-free sparse attention loses quality as density drops. This module distils the dense model into
+the sparse one: the **teacher** is the pipeline itself with dense attention; the **student** is the same
+weights with the plan's sparse attention plus a LoRA (peft, through diffusers' own adapter API
+``transformer.add_adapter``) on the linear layers of the self-attention modules the model's sparsediff
+adapter lists.
+
+How, in three parts:
+
+1. :func:`record_teacher` runs the pipeline densely on the prompts and seeds and records every transformer
+   call it makes -- the call's own inputs (latents, timestep, the pipeline's conditioning of the prompt and
+   of its negative prompt for CFG, ids, masks ...) and its output -- with the step index, the number of
+   steps and the CFG branch. Nothing pipeline-specific is written here: whatever the pipeline hands its
+   transformer is what the student sees, at the timesteps of the pipeline's own schedule.
+2. :func:`train_adapter` replays recorded generations **in step order** through the student (so the plan's
+   dense warm-up steps and cross-step families see the steps they would see in a real generation), a batch
+   of ``batch`` generations concatenated along the batch dimension, and minimises the mean squared error
+   between the student's and the teacher's predictions; one optimizer step per denoising step. Gradients
+   through sparse attention use the op's backward. Under ``accelerate launch`` the generations of a batch
+   are split over the processes and the adapter's gradients summed, so N processes train the same adapter
+   as one process on the same data.
+3. The output folder loads with diffusers' API (``pipe.load_lora_weights(DIR)`` where the pipeline has it,
+   ``transformer.load_lora_adapter(DIR)`` otherwise: the weights are stored under the ``transformer.``
+   prefix), holds the plan it was trained for (``sparse_plan.json``; ``enable_sparse_attention(DIR)``
+   accepts the folder and loads the adapter with the plan) and a card (``README.md`` + ``finetune.json``:
+   base model, plan, steps, wall time, held-out sparse-vs-dense error before and after).
+
+Files under ``OUT``: ``teacher/train-*.pt`` and ``teacher/heldout-*.pt`` (recorded calls, tensors only,
+loaded with ``weights_only=True``), ``checkpoint.pt`` (adapter + optimizer + position; ``--resume``),
+the adapter ``pytorch_lora_weights.safetensors``, ``sparse_plan.json``, ``finetune.json``, ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .plan import ADAPTER_NAME, ADAPTER_WEIGHTS_FILE, PLAN_FILE, Plan, plan_folder_files
+
+logger = logging.getLogger("sparsediff.finetune")
+
+__all__ = [
+    "ADAPTER_NAME",
+    "FinetuneConfig",
+    "FinetuneInputError",
+    "RecordedCall",
+    "adapter_files",
+    "finetune",
+    "heldout_error",
+    "load_recording",
+    "record_teacher",
+    "replay_call",
+    "self_attention_linears",
+    "train_adapter",
+]
+
+WEIGHT_NAME = ADAPTER_WEIGHTS_FILE
+PLAN_NAME = PLAN_FILE
+META_NAME = "finetune.json"
+CARD_NAME = "README.md"
+#: the key prefix of the transformer's LoRA weights in a pipeline-level LoRA file
+PREFIX = "transformer"
+
+
+class FinetuneInputError(ValueError):
+    """Bad input to ``sparsediff finetune`` (found before any recording or training)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """What :func:`finetune` trains and how.
+
+    Attributes:
+        steps: optimizer steps (one per replayed denoising step of a batch of generations), >= 1.
+        rank: LoRA rank; ``alpha`` its scaling numerator (default: ``rank``, scale 1).
+        lr: AdamW learning rate for the adapter.
+        batch: generations per optimizer step (over all processes).
+        num_inference_steps: the pipeline's denoising steps when recording the teacher.
+        guidance_scale: passed to the pipeline when not None (CFG conditioning is then recorded too).
+        frames, height, width: video/image size passed to the pipeline when not None.
+        seeds_per_prompt: training generations per prompt (seeds ``seed, seed + 1, ...``).
+        heldout: held-out generations (prompts cycled, seeds from ``seed + 10_000``) for the before/after
+            error; 0 skips the measurement.
+        seed: base seed (noise of the recorded generations, batch order, adapter init).
+        checkpoint_every: optimizer steps between checkpoints (and at the end).
+        targets: which linear layers of each self-attention module get the LoRA: ``"all"`` (every
+            ``nn.Linear`` inside it), or ``"qkv"`` (only the query/key/value projections).
+    """
+
+    steps: int = 200
+    rank: int = 8
+    alpha: float | None = None
+    lr: float = 1e-3
+    batch: int = 1
+    num_inference_steps: int = 20
+    guidance_scale: float | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    seeds_per_prompt: int = 1
+    heldout: int = 1
+    seed: int = 0
+    checkpoint_every: int = 25
+    targets: str = "all"
+    extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rank", "batch", "num_inference_steps", "seeds_per_prompt", "checkpoint_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise FinetuneInputError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.heldout < 0:
+            raise FinetuneInputError(f"heldout must be >= 0, got {self.heldout}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FinetuneInputError(f"lr must be a positive number, got {self.lr}")
+        if self.targets not in ("all", "qkv"):
+            raise FinetuneInputError(f"targets must be 'all' or 'qkv', got {self.targets!r}")
+        for name in ("frames", "height", "width"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise FinetuneInputError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+# --------------------------------------------------------------------------------------------- recording
+
+
+@dataclass
+class RecordedCall:
+    """One transformer call of a dense generation: its inputs, its output (the target), where it ran.
+
+    ``args``/``kwargs`` are the call's positional / keyword arguments (tensors on the CPU); ``step`` /
+    ``num_steps`` the denoising step and step count, ``branch`` the CFG branch (diffusers' cache-context
+    name, or the call's index within its step); ``target`` the dense output ``[B, ...]``.
+    """
+
+    args: tuple
+    kwargs: dict[str, Any]
+    step: int
+    num_steps: int | None
+    branch: str | int
+    target: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "args": list(self.args),
+            "kwargs": self.kwargs,
+            "step": self.step,
+            "num_steps": self.num_steps,
+            "branch": self.branch,
+            "target": self.target,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RecordedCall:
+        return cls(
+            tuple(d["args"]), dict(d["kwargs"]), int(d["step"]), d["num_steps"], d["branch"], d["target"]
+        )
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return x
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    """The predicted tensor of a transformer's output (``.sample``, a tuple's first item, or a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot find the prediction in a transformer output of type {type(output).__name__}")
+
+
+def _pipeline_kwargs(pipe: Any, cfg: FinetuneConfig) -> dict[str, Any]:
+    """The pipeline call's keyword arguments from the config, only those its ``__call__`` accepts."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    wanted = {
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "num_frames": cfg.frames,
+        "height": cfg.height,
+        "width": cfg.width,
+        "output_type": "latent",
+    }
+    out = {k: v for k, v in wanted.items() if v is not None and k in params}
+    if cfg.frames is not None and "num_frames" not in params:
+        raise FinetuneInputError(f"{type(pipe).__name__} takes no num_frames: drop --frames")
+    out.update(cfg.extra_call_kwargs)
+    return out
+
+
+def record_teacher(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    cfg: FinetuneConfig,
+    *,
+    progress: bool = True,
+) -> list[list[RecordedCall]]:
+    """Run ``pipe`` densely once per (prompt, seed) pair and record every transformer call.
+
+    The pipeline runs with sparsediff's hooks on an all-dense plan (bit-identical to the untouched
+    pipeline) so each call's step index and CFG branch are known exactly as the sparse student will see
+    them. Returns one list of calls per generation, in call order.
+    """
+    from .api import enable_sparse_attention
+    from .hooks import get_state
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    transformer = pipe.transformer
+    call_kwargs = _pipeline_kwargs(pipe, cfg)
+    generations: list[list[RecordedCall]] = []
+    handle = enable_sparse_attention(transformer, Plan.dense())
+    state = get_state(transformer)
+    calls: list[RecordedCall] = []
+
+    def keep(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        step, num_steps = state.step_info()
+        calls.append(
+            RecordedCall(
+                _to_cpu(args),
+                _to_cpu(kwargs),
+                int(step or 0),
+                num_steps,
+                state.branch_key,
+                _prediction(output).detach().float().cpu(),
+            )
+        )
+
+    hook = transformer.register_forward_hook(keep, with_kwargs=True)
+    try:
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            device = getattr(pipe, "device", torch.device("cpu"))
+            gen = torch.Generator(device=device).manual_seed(int(seed))
+            calls = []
+            with torch.no_grad():
+                pipe(prompt=prompt, generator=gen, **call_kwargs)
+            if not calls:
+                raise RuntimeError(f"{type(pipe).__name__} made no transformer call for {prompt!r}")
+            generations.append(calls)
+            if progress:
+                logger.info(
+                    "teacher %d/%d: %r seed %d, %d calls", i + 1, len(prompts), prompt, seed, len(calls)
+                )
+    finally:
+        hook.remove()
+        handle.disable()
+    return generations
+
+
+def save_recording(generation: Sequence[RecordedCall], path: str | os.PathLike) -> None:
+    """Write one recorded generation (tensors and plain values only; loadable with ``weights_only``)."""
+    tmp = f"{path}.tmp"
+    torch.save([c.to_dict() for c in generation], tmp)
+    os.replace(tmp, path)
+
+
+def load_recording(path: str | os.PathLike) -> list[RecordedCall]:
+    """Read a generation written by :func:`save_recording`."""
+    return [RecordedCall.from_dict(d) for d in torch.load(path, map_location="cpu", weights_only=True)]
+
+
+# ------------------------------------------------------------------------------------------- replay
+
+
+def _batch_size(call: RecordedCall) -> int:
+    return int(call.target.shape[0])
+
+
+def _cat(values: Sequence[Any], batch: Sequence[int], where: str) -> Any:
+    """Concatenate one argument of the same call across generations along the batch dimension.
+
+    A tensor whose first dimension is its generation's batch size is concatenated; anything else (ids,
+    flags, shared masks) must be equal in every generation and is passed once."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() > 0 and all(v.dim() > 0 and v.shape[0] == b for v, b in zip(values, batch)):
+            return torch.cat(list(values), 0)
+        if all(
+            isinstance(v, torch.Tensor) and v.shape == first.shape and torch.equal(v, first) for v in values
+        ):
+            return first
+        raise ValueError(f"{where}: differs between generations and has no batch dimension")
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat([v[i] for v in values], batch, f"{where}[{i}]") for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values], batch, f"{where}.{k}") for k in first}
+    if any(v != first for v in values[1:]):
+        raise ValueError(f"{where}: differs between generations ({values!r})")
+    return first
+
+
+def _merge_calls(calls: Sequence[RecordedCall]) -> RecordedCall:
+    """The same call (step, branch) of several generations as one batched call."""
+    if len(calls) == 1:
+        return calls[0]
+    batch = [_batch_size(c) for c in calls]
+    return RecordedCall(
+        _cat([c.args for c in calls], batch, "args"),
+        _cat([c.kwargs for c in calls], batch, "kwargs"),
+        calls[0].step,
+        calls[0].num_steps,
+        calls[0].branch,
+        torch.cat([c.target for c in calls], 0),
+    )
+
+
+def _steps_of(generations: Sequence[Sequence[RecordedCall]]) -> list[list[RecordedCall]]:
+    """Group the batch's calls by (position in the generation): call i of every generation together, then
+    by denoising step -- a list of steps, each a list of merged calls (one per branch)."""
+    lengths = {len(g) for g in generations}
+    if len(lengths) != 1:
+        raise ValueError(f"generations of different lengths {sorted(lengths)}: record them with one schedule")
+    merged = [_merge_calls([g[i] for g in generations]) for i in range(lengths.pop())]
+    steps: list[list[RecordedCall]] = []
+    for call in merged:
+        if steps and steps[-1][0].step == call.step:
+            steps[-1].append(call)
+        else:
+            steps.append([call])
+    return steps
+
+
+def replay_call(
+    transformer: torch.nn.Module, call: RecordedCall, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """One recorded call through the transformer, under the cache context it ran in (its step index and
+    CFG branch, so sparse attention sees the step it would see in a generation); returns the prediction."""
+    args = _to_device(call.args, device)
+    kwargs = _to_device(call.kwargs, device)
+    if isinstance(call.branch, str) and hasattr(transformer, "cache_context"):
+        with transformer.cache_context(call.branch, step_index=call.step, num_inference_steps=call.num_steps):
+            return _prediction(transformer(*args, **kwargs))
+    return _prediction(transformer(*args, **kwargs))
+
+
+def _sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample ``[B]``."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------- adapter
+
+
+def self_attention_linears(transformer: torch.nn.Module, targets: str = "all") -> list[str]:
+    """Full module names of the linear layers inside the model's self-attention modules (what the LoRA
+    adapts), from the model's sparsediff adapter (the same modules that run sparse)."""
+    from .pipelines.base import get_adapter
+
+    names = []
+    for prefix, module in get_adapter(transformer).attention_modules(transformer):
+        for sub, child in module.named_modules():
+            if not sub or not isinstance(child, torch.nn.Linear):
+                continue
+            leaf = sub.rsplit(".", 1)[-1]
+            if targets == "qkv" and not any(t in leaf for t in ("to_q", "to_k", "to_v", "qkv")):
+                continue
+            names.append(f"{prefix}.{sub}")
+    if not names:
+        raise FinetuneInputError(
+            f"{type(transformer).__name__}: no linear layers in its self-attention modules"
+        )
+    return names
+
+
+def _add_adapter(transformer: torch.nn.Module, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
+    try:
+        from peft import LoraConfig
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("sparsediff finetune needs peft: pip install 'sparsediff[finetune]'") from e
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        target_modules=self_attention_linears(transformer, cfg.targets),
+        init_lora_weights=True,
+    )
+    torch.manual_seed(cfg.seed)
+    transformer.add_adapter(lora, adapter_name=ADAPTER_NAME)
+    params = []
+    for name, p in transformer.named_parameters():
+        train = "lora_" in name and f".{ADAPTER_NAME}." in f"{name}."
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    if not params:
+        raise RuntimeError("the LoRA adapter added no trainable parameters")
+    return params
+
+
+def _adapter_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()
+    }
+
+
+def save_adapter(transformer: torch.nn.Module, out: str | os.PathLike) -> Path:
+    """Write the adapter as a pipeline-level LoRA file (keys under ``transformer.``) with its peft config
+    as metadata -- what ``pipe.load_lora_weights(out)`` and ``transformer.load_lora_adapter(out)`` read."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    config = transformer.peft_config[ADAPTER_NAME].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    LoraBaseMixin.write_lora_layers(
+        state_dict=LoraBaseMixin.pack_weights(_adapter_state(transformer), PREFIX),
+        save_directory=os.fspath(out),
+        is_main_process=True,
+        weight_name=WEIGHT_NAME,
+        save_function=None,
+        safe_serialization=True,
+        lora_adapter_metadata={f"{PREFIX}.{k}": v for k, v in config.items()},
+    )
+    return Path(out) / WEIGHT_NAME
+
+
+adapter_files = plan_folder_files
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size): from accelerate's state when launched with ``accelerate launch``, else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        st = PartialState(cpu=True)
+        return st.process_index, st.num_processes
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def heldout_error(
+    transformer: torch.nn.Module,
+    generations: Iterable[Sequence[RecordedCall]],
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean squared error of the transformer (as it is now: sparse or not, adapter or not) against the
+    recorded dense outputs, over every call of every generation, replayed in step order."""
+    device = torch.device(device)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for gen in generations:
+            for step in _steps_of([gen]):
+                for call in step:
+                    err = _sample_errors(replay_call(transformer, call, device), call.target.to(device))
+                    total += float(err.sum())
+                    n += err.numel()
+    return total / max(n, 1)
+
+
+def _order(n_generations: int, seed: int, count: int) -> list[int]:
+    """The generations' order over training: seeded shuffles, one after another (same in every process)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < count:
+        perm = list(range(n_generations))
+        rng.shuffle(perm)
+        order.extend(perm)
+    return order[:count]
+
+
+def train_adapter(
+    transformer: torch.nn.Module,
+    plan: Plan,
+    generations: Sequence[Sequence[RecordedCall]] | Sequence[str | os.PathLike],
+    cfg: FinetuneConfig,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+    sparse_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA on ``transformer`` so that with ``plan``'s sparse attention it predicts what the
+    recorded dense generations predicted.
+
+    Args:
+        transformer: the model (its adapter must list its self-attention modules); gets the adapter
+            ``"sparsediff"`` and, for the duration, sparse attention with ``plan``.
+        plan: the sparse plan the student runs (validated against the model).
+        generations: recorded generations (:func:`record_teacher`) or paths of saved ones. All must come
+            from one schedule (the same number of calls).
+        cfg: steps, rank, lr, batch (generations per optimizer step over all processes), seed.
+        checkpoint: file to write every ``cfg.checkpoint_every`` steps; with ``resume`` training continues
+            from it (same data and config).
+        sparse_options: keyword overrides for :func:`~sparsediff.enable_sparse_attention` (e.g.
+            ``backend="reference"``).
+
+    Returns: ``{"steps", "losses", "wall_s", "processes"}``; the adapter stays on ``transformer`` (active).
+    """
+    from .api import enable_sparse_attention
+
+    rank, world = _dist()
+    if cfg.batch % world:
+        raise FinetuneInputError(f"batch {cfg.batch} does not split over {world} processes")
+    device = next(transformer.parameters()).device
+    params = _add_adapter(transformer, cfg)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, losses = 0, []
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(transformer, ck["adapter"], adapter_name=ADAPTER_NAME)
+        opt.load_state_dict(ck["optimizer"])
+        start, losses = int(ck["step"]), list(ck["losses"])
+        logger.info("resumed at step %d/%d from %s", start, cfg.steps, checkpoint)
+
+    def load(i: int) -> Sequence[RecordedCall]:
+        g = generations[i]
+        return load_recording(g) if isinstance(g, (str, os.PathLike)) else g
+
+    # One pass = one batch of generations replayed step by step; an optimizer step per denoising step.
+    per_pass = len(_steps_of([load(0)]))
+    n_passes = math.ceil(cfg.steps / per_pass)
+    order = _order(len(generations), cfg.seed, n_passes * cfg.batch)
+    local = cfg.batch // world
+    handle = enable_sparse_attention(transformer, plan, **dict(sparse_options or {}))
+    t0, step = time.perf_counter(), start
+    bar = _progress(cfg.steps, start, enabled=progress and rank == 0)
+    try:
+        transformer.train(False)
+        while step < cfg.steps:
+            p, first = divmod(step, per_pass)
+            chosen = order[p * cfg.batch : (p + 1) * cfg.batch][rank * local : (rank + 1) * local]
+            steps = _steps_of([load(i) for i in chosen])
+            for k in range(first, per_pass):
+                if step >= cfg.steps:
+                    break
+                opt.zero_grad(set_to_none=True)
+                total = torch.zeros((), device=device)
+                for call in steps[k]:
+                    err = _sample_errors(replay_call(transformer, call, device), call.target.to(device))
+                    loss = err.sum() / (cfg.batch * len(steps[k]))
+                    loss.backward()
+                    total += loss.detach()
+                if world > 1:
+                    for prm in params:
+                        if prm.grad is None:
+                            prm.grad = torch.zeros_like(prm)
+                        torch.distributed.all_reduce(prm.grad)
+                    torch.distributed.all_reduce(total)
+                opt.step()
+                step += 1
+                losses.append(float(total))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3g}")
+                if on_step is not None:
+                    on_step(step, losses[-1])
+                if (
+                    checkpoint is not None
+                    and rank == 0
+                    and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+                ):
+                    _save_checkpoint(checkpoint, transformer, opt, step, losses)
+            _barrier(world)
+    finally:
+        bar.close()
+        handle.disable()
+    for prm in params:
+        prm.requires_grad_(False)
+    return {"steps": step, "losses": losses, "wall_s": time.perf_counter() - t0, "processes": world}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step", disable=not enabled)
+
+
+def _save_checkpoint(path: str | os.PathLike, transformer, opt, step: int, losses: list[float]) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(
+        {
+            "adapter": _adapter_state(transformer),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "losses": losses,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
+    before, after = meta.get("heldout_mse_before"), meta.get("heldout_mse_after")
+    lines = [
+        "# sparsediff finetune adapter",
+        "",
+        f"- base model: `{meta['model']['class']}` (config hash `{meta['model']['config_hash']}`)",
+        f"- plan: {meta['plan_summary']}",
+        f"- LoRA: rank {meta['config']['rank']}, alpha {meta['config']['alpha'] or meta['config']['rank']},"
+        f" {meta['lora_layers']} linear layers of the self-attention modules",
+        f"- training: {meta['steps']} steps, batch {meta['config']['batch']}, lr {meta['config']['lr']},"
+        f" {meta['processes']} process(es), {meta['wall_s']:.0f} s wall (+ {meta['record_s']:.0f} s recording"
+        f" the teacher), {meta['train_generations']} training generations",
+    ]
+    if before is not None and after is not None:
+        lines.append(
+            f"- held-out sparse-vs-dense prediction MSE ({meta['heldout_generations']} generations): "
+            f"{before:.4g} before -> {after:.4g} after ({after / max(before, 1e-30):.2f}x)"
+        )
+    lines += [
+        "",
+        "Load with diffusers' API: `pipe.load_lora_weights(DIR)` (or `pipe.transformer.load_lora_adapter(DIR)`),",
+        "or let sparsediff load the adapter with its plan: `pipe.enable_sparse_attention(DIR)`.",
+        "",
+    ]
+    (out / CARD_NAME).write_text("\n".join(lines))
+
+
+def finetune(
+    pipe: Any,
+    plan: Plan,
+    prompts: Sequence[str],
+    out: str | os.PathLike,
+    cfg: FinetuneConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    heldout_prompts: Sequence[str] | None = None,
+    sparse_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Record the dense teacher, train the adapter, write ``out`` (adapter, plan, card). Returns the card's
+    data (also in ``out/finetune.json``).
+
+    ``out`` must not exist unless ``resume`` (continue: the recorded teacher and checkpoint are reused) or
+    ``overwrite`` (start over; only sparsediff's own files there are replaced). The held-out generations
+    (``cfg.heldout`` of them, seeds from ``cfg.seed + 10_000``) cycle through ``heldout_prompts`` (default:
+    the training prompts)."""
+    cfg = cfg or FinetuneConfig()
+    out = Path(out)
+    if not prompts:
+        raise FinetuneInputError("no prompts")
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise FinetuneInputError(f"{out} exists: pass --resume to continue or --overwrite to start over")
+    transformer = pipe.transformer
+    plan.validate_for(transformer)
+    if getattr(transformer, "peft_config", None) and ADAPTER_NAME in transformer.peft_config:
+        raise FinetuneInputError(f"the transformer already has an adapter named {ADAPTER_NAME!r}")
+    rank, world = _dist()
+    teacher = out / "teacher"
+    teacher.mkdir(parents=True, exist_ok=True)
+    jobs = [("train", p, cfg.seed + s) for s in range(cfg.seeds_per_prompt) for p in prompts]
+    held_prompts = list(heldout_prompts or prompts)
+    jobs += [
+        ("heldout", held_prompts[i % len(held_prompts)], cfg.seed + 10_000 + i) for i in range(cfg.heldout)
+    ]
+    paths = [teacher / f"{kind}-{i:04d}.pt" for i, (kind, _, _) in enumerate(jobs)]
+    t0 = time.perf_counter()
+    todo = [i for i, pth in enumerate(paths) if not (resume and pth.is_file()) and i % world == rank]
+    for i in todo:
+        (gen,) = record_teacher(pipe, [jobs[i][1]], [jobs[i][2]], cfg, progress=progress)
+        save_recording(gen, paths[i])
+    _barrier(world)
+    record_s = time.perf_counter() - t0
+    train = [p for p, j in zip(paths, jobs) if j[0] == "train"]
+    held = [p for p, j in zip(paths, jobs) if j[0] == "heldout"]
+    before = None
+    if held:
+        from .api import sparse_attention_enabled
+
+        with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
+            before = heldout_error(transformer, (load_recording(p) for p in held), transformer.device)
+    result = train_adapter(
+        transformer,
+        plan,
+        train,
+        cfg,
+        checkpoint=out / "checkpoint.pt",
+        resume=resume,
+        progress=progress,
+        sparse_options=sparse_options,
+    )
+    after = None
+    if held:
+        from .api import sparse_attention_enabled
+
+        with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
+            after = heldout_error(transformer, (load_recording(p) for p in held), transformer.device)
+    meta = {
+        "format": "sparsediff-finetune/1",
+        "model": plan_model_identity(transformer),
+        "plan_summary": plan.summary(),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra_call_kwargs"},
+        "prompts": list(prompts),
+        "heldout_prompts": held_prompts,
+        "lora_layers": len(self_attention_linears(transformer, cfg.targets)),
+        "steps": result["steps"],
+        "processes": result["processes"],
+        "wall_s": result["wall_s"],
+        "record_s": record_s,
+        "train_generations": len(train),
+        "heldout_generations": len(held),
+        "heldout_mse_before": before,
+        "heldout_mse_after": after,
+        "final_loss": result["losses"][-1] if result["losses"] else None,
+    }
+    if rank == 0:
+        save_adapter(transformer, out)
+        plan.save(out / PLAN_NAME, overwrite=True)
+        (out / META_NAME).write_text(json.dumps(meta, indent=1))
+        _write_card(out, meta)
+    _barrier(world)
+    return meta
+
+
+def plan_model_identity(transformer: torch.nn.Module) -> dict[str, Any]:
+    """The base model's identity as plans record it (class, adapter, config hash)."""
+    from .plan import ModelIdentity
+
+    ident = ModelIdentity.of(transformer)
+    return {"class": ident.transformer_class, "adapter": ident.adapter, "config_hash": ident.config_hash}

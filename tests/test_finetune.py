@@ -1,0 +1,218 @@
+"""``sparsediff finetune``: a LoRA that teaches a model its sparse plan (dense teacher, sparse student).
+
+On the shipped embedded model at 8 x 32 x 32 px (real attention structure; the shipped plan re-derived there
+keeps ~44 % of blocks): a few steps lower the held-out sparse-vs-dense error, and do not when the teacher's
+targets are replaced by noise (negative control); the saved adapter loads through diffusers' own API
+bit-identically; ``enable_sparse_attention(DIR)`` loads plan + adapter and ``disable`` restores the model
+exactly; fusing works with sparse attention on. The tiny Wan pipeline checks ``pipe.load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparsediff import Plan, enable_sparse_attention
+from sparsediff.embedded import load_embedded_pipeline
+from sparsediff.finetune import (
+    ADAPTER_NAME,
+    FinetuneConfig,
+    FinetuneInputError,
+    finetune,
+    heldout_error,
+    load_recording,
+    record_teacher,
+    replay_call,
+    self_attention_linears,
+    train_adapter,
+)
+
+PROMPTS = ["a red square moving left", "a blue circle moving up"]
+HELD = ["a green diamond moving right"]
+#: the PyTorch twin (under pytest the Triton interpreter would serve the op with autograd on)
+SPARSE = {"backend": "reference"}
+CFG = dict(rank=4, lr=3e-3, batch=1, num_inference_steps=4, guidance_scale=4.0, frames=8, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_embedded_pipeline()
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def plan():
+    from sparsediff.embedded import WEIGHTS_DIR
+
+    return Plan.load(f"{WEIGHTS_DIR}/sparse_plan.json")
+
+
+@pytest.fixture(scope="module")
+def recorded(pipe):
+    cfg = FinetuneConfig(steps=1, **CFG)
+    train = record_teacher(pipe, PROMPTS, [0, 1], cfg, progress=False)
+    held = record_teacher(pipe, HELD, [7], cfg, progress=False)
+    return train, held
+
+
+def _fresh(pipe):
+    """A copy of the embedded transformer (no adapter, no hooks)."""
+    return copy.deepcopy(pipe.transformer)
+
+
+def _sparse_error(t, plan, held) -> float:
+    h = enable_sparse_attention(t, plan, **SPARSE)
+    try:
+        assert 0 < min(h.densities()["transformer"].values() or [1.0]) <= 1
+        return heldout_error(t, held)
+    finally:
+        h.disable()
+
+
+def test_recording_holds_every_call_with_step_and_branch(recorded):
+    train, _ = recorded
+    calls = train[0]
+    # 4 steps x CFG (cond, uncond as separate calls)
+    assert len(calls) == 8
+    assert [c.step for c in calls] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {c.branch for c in calls} == {"cond", "uncond"}
+    hs = calls[0].kwargs["hidden_states"]
+    assert calls[0].target.shape[0] == hs.shape[0] and calls[0].target.shape[2:] == hs.shape[2:]
+    # the two generations differ (different prompts, seeds)
+    assert not torch.equal(train[0][0].target, train[1][0].target)
+
+
+def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, plan, recorded):
+    train, held = recorded
+    t = _fresh(pipe)
+    h = enable_sparse_attention(t, plan, **SPARSE)
+    try:
+        before = heldout_error(t, held)
+        dens = h.report()["transformer"]
+        dense_err = None
+    finally:
+        h.disable()
+    assert before > 0, "sparse attention made no difference: nothing to learn"
+    assert dens is not None
+    dense_err = heldout_error(t, held)  # no hooks: the teacher itself
+    assert dense_err < 1e-10 * max(before, 1.0), dense_err
+
+    cfg = FinetuneConfig(steps=8, **CFG)
+    result = train_adapter(t, plan, train, cfg, progress=False, sparse_options=SPARSE)
+    assert result["steps"] == 8 and len(result["losses"]) == 8
+    after = _sparse_error(t, plan, held)
+    assert after < 0.9 * before, (before, after)
+
+    # negative control: the same training against noise targets does not lower the error
+    noisy = [[copy.copy(c) for c in g] for g in train]
+    gen = torch.Generator().manual_seed(3)
+    for g in noisy:
+        for c in g:
+            c.target = torch.randn(c.target.shape, generator=gen) * c.target.std()
+    t2 = _fresh(pipe)
+    train_adapter(t2, plan, noisy, cfg, progress=False, sparse_options=SPARSE)
+    assert _sparse_error(t2, plan, held) > 0.95 * before
+
+
+def test_lora_targets_are_the_self_attention_linears(pipe):
+    names = self_attention_linears(pipe.transformer)
+    assert names and all(".attn1." in n for n in names), names
+    assert not any(".attn2." in n for n in names)  # never the cross-attention
+    assert {n.rsplit(".", 1)[-1] for n in self_attention_linears(pipe.transformer, "qkv")} == {
+        "to_q",
+        "to_k",
+        "to_v",
+    }
+
+
+def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, recorded, tmp_path, monkeypatch):
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=3, heldout=1, **CFG)
+    meta = finetune(
+        pipe_copy := load_embedded_pipeline(),
+        plan,
+        PROMPTS[:1],
+        out,
+        cfg,
+        progress=False,
+        sparse_options=SPARSE,
+    )
+    assert meta["steps"] == 3 and meta["heldout_mse_after"] is not None
+    assert {"pytorch_lora_weights.safetensors", "sparse_plan.json", "finetune.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "held-out" in (out / "README.md").read_text()
+    trained = pipe_copy.transformer  # has the adapter
+    x = load_recording(next((out / "teacher").glob("heldout-*.pt")))[-1]
+    assert x.step == 3  # past the plan's 2 dense warm-up steps: runs sparse
+
+    def run(t):
+        with torch.no_grad():
+            return replay_call(t, x)
+
+    ref = run(trained)
+    # diffusers' API on a fresh copy: bit-identical
+    t = _fresh(pipe)
+    t.load_lora_adapter(str(out), adapter_name=ADAPTER_NAME, use_safetensors=True)
+    assert torch.equal(run(t), ref)
+    # sparsediff: enable(DIR) loads plan + adapter; disable restores the model without the adapter
+    t = _fresh(pipe)
+    base = run(t)
+    h = enable_sparse_attention(t, str(out), **SPARSE)
+    assert ADAPTER_NAME in t.peft_config
+    sparse_tuned = run(t)
+    h.disable()
+    assert not getattr(t, "peft_config", {}), "disable left the adapter on the model"
+    assert torch.equal(run(t), base)
+    h = enable_sparse_attention(t, plan, **SPARSE)
+    sparse_plain = run(t)
+    assert h.report()["transformer"]["sparse_calls"] > 0
+    h.disable()
+    assert not torch.equal(sparse_plain, base)
+    assert not torch.equal(sparse_tuned, sparse_plain)
+    # the same as the trained transformer with the plan
+    h = enable_sparse_attention(trained, plan, **SPARSE)
+    try:
+        assert torch.equal(run(trained), sparse_tuned)
+        # fuse / unfuse with sparse attention on
+        trained.fuse_lora(adapter_names=[ADAPTER_NAME])
+        fused = run(trained)
+        trained.unfuse_lora()
+        unfused = run(trained)
+        # rounding of W + BA (- BA): ~2e-5 fused, ~6e-6 unfused at |out| ~14; the adapter itself moves the
+        # sparse output by ~4e-2, so these bounds still tell "adapter applied once" from "not / twice"
+        assert (fused - sparse_tuned).abs().max() < 2e-4
+        assert (unfused - sparse_tuned).abs().max() < 2e-4
+        assert (sparse_plain - sparse_tuned).abs().max() > 1e-2
+    finally:
+        h.disable()
+
+
+def test_bad_inputs_fail_before_any_work(pipe, plan, tmp_path):
+    with pytest.raises(FinetuneInputError, match="steps"):
+        FinetuneConfig(steps=0)
+    with pytest.raises(FinetuneInputError, match="rank"):
+        FinetuneConfig(rank=0)
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(FinetuneInputError, match="exists"):
+        finetune(pipe, plan, PROMPTS, out, FinetuneConfig(steps=1, **CFG), progress=False)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    with pytest.raises(FinetuneInputError, match="no prompts"):
+        finetune(pipe, plan, [], tmp_path / "x", FinetuneConfig(steps=1, **CFG), progress=False)
+    from sparsediff.plan import PlanMismatchError
+
+    other = Plan.from_dict(
+        {
+            **plan.to_dict(),
+            "model": {**plan.to_dict()["model"], "transformer_class": "FluxTransformer2DModel"},
+        }
+    )
+    with pytest.raises(PlanMismatchError):
+        finetune(pipe, other, PROMPTS, tmp_path / "y", FinetuneConfig(steps=1, **CFG), progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
