@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
 from . import dense, lse_cache, radial, reordered, skip, tile, topp
 from .dense import dense_mask
 from .lse_cache import lse_cache_select
@@ -38,6 +37,7 @@ from .reordered import (
     reordered_band,
     reordered_permutation,
 )
+from .specs import HeadSpec
 from .tile import default_tile, tile_mask, tile_permutation
 from .topp import topp_block_bool, topp_mask
 

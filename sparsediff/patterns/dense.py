@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
 from .registry import GroupCall, GroupWork, builtin_family, static_group
+from .specs import HeadSpec
 
 __all__ = ["dense_mask"]
 

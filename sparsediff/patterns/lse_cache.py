@@ -24,10 +24,10 @@ import torch
 
 from ..block_mass import block_mass
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
 from . import params
 from .common import apply_dense_tokens, dense_token_blocks, min_count, select_cumulative
 from .registry import CROSS_STEP, GroupWork, builtin_family
+from .specs import HeadSpec
 
 logger = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ import torch
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
 from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
 from .registry import builtin_family, static_group
+from .specs import HeadSpec
 
 __all__ = ["radial_mask", "radial_frame_rule", "RADIAL_BLOCK_RULES"]
 

@@ -33,7 +33,6 @@ import torch
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..permute import AXIS_ORDERS, Permutation, cluster_order, gather_tokens, layout_order, lift
-from ..specs import HeadSpec
 from . import params
 from .common import (
     apply_dense_tokens,
@@ -46,6 +45,7 @@ from .common import (
     select_cumulative,
 )
 from .registry import GroupWork, builtin_family, static_group
+from .specs import HeadSpec
 from .topp import topp_block_bool
 
 __all__ = [

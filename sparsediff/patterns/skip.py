@@ -17,9 +17,9 @@ import logging
 import torch
 
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
 from ..support import cdiv
 from .registry import CROSS_STEP, GroupCall, GroupWork, builtin_family
+from .specs import HeadSpec
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import torch
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..permute import Permutation, lift, tile_ids, tile_order
-from ..specs import HeadSpec
 from . import params
 from .common import cdiv, mask_from_bool, reduce_segment_pairs, segments
 from .registry import builtin_family, static_group
+from .specs import HeadSpec
 
 __all__ = ["default_tile", "tile_permutation", "tile_mask", "tile_window_rule"]
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..mask import BlockSparseMask
-from ..specs import HeadSpec
 from . import params
 from .common import apply_dense_tokens, dense_token_blocks, min_count, pooled_block_scores, select_cumulative
 from .registry import GroupWork, builtin_family
+from .specs import HeadSpec
 
 __all__ = ["topp_block_bool", "topp_mask"]
 
