@@ -282,3 +282,20 @@ def test_to_flex_block_mask_matches_oracle(bm, nq, nk):
     assert torch.equal(flex_table, m.to_dense().expand_as(flex_table))
     with pytest.raises(ValueError, match="equal q/k block sizes"):
         BlockSparseMask.full(1, 1, (16, 32), (64, 64)).to_flex_block_mask()
+
+
+def test_mask_negative_index_selects_last():
+    m = BlockSparseMask.full(2, 3, 16, (40, 40))
+    assert m[-1].batch == 1 and m[0, -1].heads == 1
+
+
+def test_mask_out_of_range_index_raises():
+    m = BlockSparseMask.full(2, 3, 16, (40, 40))
+    with pytest.raises(IndexError):
+        m[5]
+
+
+def test_union_mismatched_batch_is_a_clear_error():
+    a, b = BlockSparseMask.full(2, 1, 16, (40, 40)), BlockSparseMask.full(3, 1, 16, (40, 40))
+    with pytest.raises(ValueError, match="batch"):
+        a | b

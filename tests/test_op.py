@@ -10,6 +10,8 @@ from tolerance import assert_close_to_oracle
 
 import sparsediff
 from sparsediff import BlockSparseMask, block_sparse_attention
+from sparsediff.block_mass import block_mass, block_mass_reference
+from sparsediff.ops import triton_reasons
 from sparsediff.reference import attention_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -341,3 +343,12 @@ def test_bench_plan_times_each_layer_of_a_real_plan(tmp_path, monkeypatch):
     assert "4x8x8" in out.read_text() or "video[4x8x8]" in out.read_text()
     with pytest.raises(SystemExit, match="--head-dim"):
         bench.main(["--plan", str(path), "--grid", "4,8,8"])
+
+
+def test_block_mass_auto_falls_back_for_unsupported_block_size():
+    q, k = torch.randn(1, 2, 48, 16), torch.randn(1, 2, 48, 16)
+    if triton_reasons(q):
+        pytest.skip("Triton cannot run here at all; auto goes to the twin anyway")
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, -1)
+    got = block_mass(q, k, lse, block_q=24, block_kv=24, scale=0.25)
+    torch.testing.assert_close(got, block_mass_reference(q, k, lse, block_q=24, block_kv=24, scale=0.25))

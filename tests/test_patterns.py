@@ -251,3 +251,17 @@ def test_viz_block_masks_and_attention_map(tmp_path):
     assert im2.size == (53, 53) and im2.mode == "RGB"
     px = torch.frombuffer(bytearray(im2.tobytes()), dtype=torch.uint8).view(53, 53, 3)
     assert (px == torch.tensor([255, 0, 0], dtype=torch.uint8)).all(-1).any()  # outline drawn
+
+
+@pytest.mark.parametrize(
+    "pattern,params",
+    [
+        ("tile", {"window": 5}),
+        ("topp", {"top_p": 1.5}),
+        ("lse_cache", {"refresh": 0}),
+        ("reordered", {"band": -5}),
+    ],
+)
+def test_headspec_rejects_bad_parameter_values(pattern, params):
+    with pytest.raises((TypeError, ValueError)):
+        HeadSpec.make(pattern, **params)

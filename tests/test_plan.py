@@ -182,3 +182,18 @@ def test_config_validation():
 
 def test_version_constant():
     assert Plan.uniform("dense").to_dict()["version"] == PLAN_VERSION
+
+
+@pytest.mark.parametrize("where", ["top", "schedule"])
+def test_plan_unknown_keys_are_rejected(where):
+    import json
+
+    from sparsediff.plan import Plan, PlanError
+
+    d = json.loads(Plan.dense().to_json())
+    if where == "top":
+        d["shedule"] = {"dense_steps": 3}
+    else:
+        d["schedule"] = {"dense_steps": 2, "dense_layer": [0]}
+    with pytest.raises(PlanError):
+        Plan.from_dict(d)

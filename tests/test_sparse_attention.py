@@ -237,3 +237,19 @@ def test_cluster_static_band_matches_token_mask_oracle():
             tm[b, h, a[:, None], c[None, :]] = m
     ref, _ = attention_ref(q, k, v, tm)
     assert_close_to_oracle(out, ref, what="cluster-ordered static band")
+
+
+def test_cached_static_call_builds_no_per_call_tensors(monkeypatch):
+    layout = TokenLayout.video(2, 4, 6, text_len=5)
+    n = layout.num_tokens
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    specs = [HeadSpec.make("radial"), HeadSpec.make("tile")]
+    cache = MaskCache()
+    sparse_attention(q, k, v, layout, specs, None, block_size=16, cache=cache, backend="reference")
+    calls = []
+    orig = TokenLayout.dense_mask
+    monkeypatch.setattr(
+        TokenLayout, "dense_mask", lambda self, *a, **kw: calls.append(1) or orig(self, *a, **kw)
+    )
+    sparse_attention(q, k, v, layout, specs, None, block_size=16, cache=cache, backend="reference")
+    assert not calls, f"dense_mask rebuilt {len(calls)}x on a fully cached static call"
