@@ -144,17 +144,17 @@ def test_bad_registrations_and_specs_are_refused(families):
     assert "both" not in sparsediff.specs.PATTERN_PARAMS
 
 
-# ---------------------------------------------------------------------- the full form: a "cached" family
-def _frozen_topk_plan(call, spec, heads):
+# ---------------------------------------------------------------------- the full form: a cross-step family
+def _frozen_topk_work(call, spec, heads):
     """Cached: the key blocks with the largest exact attention mass at the last dense pass, frozen until
     the next one (a user's own LSE-cache-like family)."""
-    from sparsediff.patterns import GroupPlan
+    from sparsediff.patterns import GroupWork
 
-    slot = call.state.slot("frozen_topk") if call.state is not None else {}
+    slot = call.state.family_state("frozen_topk") if call.state is not None else {}
     key = tuple(heads)
     if key not in slot:  # no dense pass yet: exact, and nothing to reuse
-        return GroupPlan(mask=call.full_mask(len(heads)))
-    return GroupPlan(mask=slot[key])
+        return GroupWork(mask=call.full_mask(len(heads)))
+    return GroupWork(mask=slot[key])
 
 
 def _frozen_topk_on_dense(call, spec, heads, out, lse):
@@ -166,7 +166,7 @@ def _frozen_topk_on_dense(call, spec, heads, out, lse):
     mass = torch.nn.functional.pad(p, (0, pad, 0, pad)).view(*p.shape[:2], nb, bs, nb, bs).sum((3, 5))
     top = mass.topk(int(spec.get("keep")), dim=-1).indices
     keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True)
-    call.state.slot("frozen_topk")[tuple(heads)] = BlockSparseMask.from_dense(keep, bs, (n, n))
+    call.state.family_state("frozen_topk")[tuple(heads)] = BlockSparseMask.from_dense(keep, bs, (n, n))
 
 
 @pytest.fixture
@@ -175,9 +175,9 @@ def cached_family():
         "frozen_topk",
         params={"keep": 2},
         checks={"keep": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1")},
-        plan_group=_frozen_topk_plan,
+        build_group=_frozen_topk_work,
         on_dense=_frozen_topk_on_dense,
-        kind="cached",
+        kind="cross_step",
     )
     yield fam
     sparsediff.unregister_pattern("frozen_topk")
@@ -190,10 +190,10 @@ def test_cached_family_reuses_its_dense_pass_state(cached_family):
     g = torch.Generator().manual_seed(1)
     q0, k0, v0, q1, k1, v1 = (torch.randn(1, 2, lay.num_tokens, 16, generator=g) for _ in range(6))
     specs = [HeadSpec.make("frozen_topk"), HeadSpec.make("dense")]
-    assert HeadSpec.make("frozen_topk").kind == "cached" and not HeadSpec.make("frozen_topk").is_static
+    assert HeadSpec.make("frozen_topk").kind == "cross_step" and not HeadSpec.make("frozen_topk").is_static
     st = LayerState()
     sparse_attention(q0, k0, v0, lay, specs, st, step=0, force_dense=True, block_size=8, backend="reference")
-    frozen = st.slot("frozen_topk")[(0,)]
+    frozen = st.family_state("frozen_topk")[(0,)]
     assert frozen.density() == pytest.approx(2 / 8)  # 2 of 8 key blocks per query block
     out = sparse_attention(q1, k1, v1, lay, specs, st, step=1, block_size=8, backend="reference")
     # head 0 ran on the mask chosen from step 0's q/k (not step 1's), head 1 dense
@@ -223,7 +223,7 @@ def test_cached_family_runs_through_a_pipeline_with_dense_warmup(cached_family):
 
 def test_full_form_registration_is_checked():
     with pytest.raises(ValueError, match="kind"):
-        sparsediff.register_pattern("nokind", plan_group=_frozen_topk_plan)
+        sparsediff.register_pattern("nokind", build_group=_frozen_topk_work)
     with pytest.raises(ValueError, match="on_dense"):
         sparsediff.register_pattern("odd", static_mask=_strided, on_dense=_frozen_topk_on_dense)
     assert "nokind" not in sparsediff.specs.PATTERN_PARAMS and "odd" not in sparsediff.specs.PATTERN_PARAMS
@@ -234,7 +234,7 @@ def test_builtin_families_are_declared_in_their_own_modules():
 
     for name in sparsediff.PATTERNS:
         fam = get_family(name)
-        assert fam.builtin and fam.plan.__module__ == f"sparsediff.patterns.{name}", name
+        assert fam.builtin and fam.build_group.__module__ == f"sparsediff.patterns.{name}", name
         assert set(fam.params) == set(fam.checks) == set(sparsediff.specs.PATTERN_PARAMS[name])
     kinds = {n: get_family(n).kind_of(HeadSpec.make(n)) for n in sparsediff.PATTERNS}
     assert kinds == {
@@ -243,10 +243,21 @@ def test_builtin_families_are_declared_in_their_own_modules():
         "tile": "static",
         "reordered": "static",
         "topp": "dynamic",
-        "skip": "cached",
-        "lse_cache": "cached",
+        "skip": "cross_step",
+        "lse_cache": "cross_step",
     }
     assert (
         HeadSpec.make("reordered", order="cluster").kind == "dynamic"
         and HeadSpec.make("reordered", select="topp").kind == "dynamic"
     )
+
+
+def test_the_old_cross_step_kind_name_is_accepted_with_a_warning():
+    with pytest.warns(FutureWarning, match="kind='cached' is now kind='cross_step'"):
+        fam = sparsediff.register_pattern(
+            "frozen_topk_old", params={"keep": 2}, build_group=_frozen_topk_work, kind="cached"
+        )
+    try:
+        assert fam.kind == "cross_step" and HeadSpec.make("frozen_topk_old").is_cross_step
+    finally:
+        sparsediff.unregister_pattern("frozen_topk_old")

@@ -194,12 +194,12 @@ class LayerContext:
             root.note_dense("below min_tokens")
             return self.dense(kwargs)
         step, num_steps = root.step_info()
-        stateful = any(s.kind == "cached" for s in specs)  # state across steps (skip, lse_cache)
+        cross_step = any(s.is_cross_step for s in specs)  # state across steps (skip, lse_cache)
         force_dense = self._force_dense(step, num_steps)
-        if force_dense and not stateful:
+        if force_dense and not cross_step:
             root.note_dense("warm-up (dense_steps / dense_layers)")
             return self.dense(kwargs)
-        if stateful and step is not None and step in root.plan.refresh_steps:
+        if cross_step and step is not None and step in root.plan.refresh_steps:
             force_dense = True  # refresh step: exact pass that refreshes LSE / skip caches
         if kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
             return self._fallback(

@@ -10,8 +10,8 @@ declared in one place (the built-ins: ``sparsediff/patterns/<name>.py``, registe
   the block size: built once, cached), ``"dynamic"`` (chosen from ``q``/``k`` on every call) or the
   **cross-step** kind :data:`CROSS_STEP` (state carried across denoising steps in the layer's
   :class:`~sparsediff.attention.LayerState`, in the family's own slot ``state.family_state(name)``: a dense
-  pass fills it, later steps reuse it). The cross-step kind's value is ``"cached"`` (the name it has had
-  since the first release);
+  pass fills it, later steps reuse it). Its value is ``"cross_step"``; the old name ``"cached"`` is
+  accepted for one release with a ``FutureWarning``;
 * how a group of heads with that spec runs in one call: its mask, its token permutation (if any), and what it
   does after the op -- ``build_group(call, spec, heads)``, which returns a :class:`GroupWork`;
 * optionally, what the offline search needs to enumerate and price it (:mod:`sparsediff.search`):
@@ -104,9 +104,25 @@ __all__ = [
     "check_params",
 ]
 
-#: The cross-step kind: state carried across denoising steps (see the module docstring). Its value
-#: ``"cached"`` is public (``register_pattern(kind="cached")``, ``HeadSpec.kind``) and kept as is.
-CROSS_STEP = "cached"
+#: The cross-step kind: state carried across denoising steps (see the module docstring).
+CROSS_STEP = "cross_step"
+#: The cross-step kind's name until 0.1 (``register_pattern(kind="cached")``): accepted with a warning.
+DEPRECATED_KINDS = {"cached": CROSS_STEP}
+
+
+def _current_kind(kind: Any, name: str) -> Any:
+    """``kind`` with a deprecated name replaced by the current one (and a ``FutureWarning``)."""
+    if isinstance(kind, str) and kind in DEPRECATED_KINDS:
+        new = DEPRECATED_KINDS[kind]
+        warnings.warn(
+            f"pattern {name!r}: kind={kind!r} is now kind={new!r}; the old name goes in the next release",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return new
+    return kind
+
+
 #: The kinds of pattern (see the module docstring).
 KINDS = ("static", "dynamic", CROSS_STEP)
 #: How the search may measure a cross-step family (see the module docstring).
@@ -237,7 +253,7 @@ class PatternFamily:
     refresh_param: str | None = None
 
     def kind_of(self, spec: Any) -> str:
-        k = self.kind(spec) if callable(self.kind) else self.kind
+        k = _current_kind(self.kind(spec) if callable(self.kind) else self.kind, self.name)
         if k not in KINDS:
             raise ValueError(f"pattern {self.name!r}: kind must be one of {KINDS}, got {k!r}")
         return k
@@ -514,7 +530,7 @@ def register_pattern(
             block selection (``kind`` is then ``"static"`` / ``"dynamic"``).
         permutation: optional token order of the family's heads (simple form).
         build_group / kind / on_dense: the full form -- ``build_group(call, spec, heads) -> GroupWork``
-            with its ``kind`` (``"static"``, ``"dynamic"`` or the cross-step ``"cached"``); ``on_dense`` for
+            with its ``kind`` (``"static"``, ``"dynamic"`` or ``"cross_step"``); ``on_dense`` for
             cross-step families.
         check: ``check(spec)`` raising ``ValueError`` for parameter combinations that are not allowed.
         doc: one line shown in error messages and listings.
@@ -559,6 +575,8 @@ def register_pattern(
     ):
         if fn is not None and not callable(fn):
             raise TypeError(f"pattern {name!r}: {what} must be callable, got {type(fn).__name__}")
+    if isinstance(kind, str):
+        kind = _current_kind(kind, name)
     if build_group is not None:
         if kind not in KINDS:
             raise ValueError(f"pattern {name!r}: build_group= needs kind= one of {KINDS}, got {kind!r}")

@@ -114,7 +114,7 @@ class HeadSpec:
 
     @property
     def kind(self) -> str:
-        """``"static"``, ``"dynamic"`` or the cross-step ``"cached"`` (see :mod:`sparsediff.patterns.registry`)."""
+        """``"static"``, ``"dynamic"`` or ``"cross_step"`` (see :mod:`sparsediff.patterns.registry`)."""
         return get_family(self.pattern).kind_of(self)
 
     @property

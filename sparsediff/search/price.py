@@ -120,7 +120,7 @@ def _replay_layer(
     from ..attention import LayerState, MaskCache, sparse_attention
 
     q, k, v = qkv
-    stateful = any(s.kind == "cached" for s in specs)
+    cross_step = any(s.is_cross_step for s in specs)
     cache = MaskCache()
 
     def call(state: LayerState, step: int, force: bool) -> None:
@@ -134,10 +134,10 @@ def _replay_layer(
     times = []
     for step in range(num_steps):
         force = plan.schedule.is_dense(step, num_steps, layer)
-        if force and not stateful:
+        if force and not cross_step:
             times.append(t_dense)  # the hooks hand warm-up calls to the model's own dense SDPA
             continue
-        force = force or (stateful and step in plan.refresh_steps)
+        force = force or (cross_step and step in plan.refresh_steps)
         times.append(time_call(lambda st=step, f=force: call(state, st, f), dev))
     return times
 
