@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=min(4, torch.get_num_threads()), help="torch CPU threads")
     args = p.parse_args(argv)
-    torch.set_num_threads(min(4, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
 
     try:
         # 1. the pipeline: the embedded model (or pass pipeline="module:function" / model="folder")

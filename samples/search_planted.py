@@ -13,8 +13,8 @@ import torch
 
 from sparsediff.layout import TokenLayout
 from sparsediff.search import CostModel, LayerAccumulator, default_candidates
-from sparsediff.search.compare import compare_families
 from sparsediff.search.core import layer_search
+from sparsediff.search.family_table import compare_families
 from sparsediff.search.planted import structure_matches
 from sparsediff.testing import drift, planted_qkv
 

@@ -29,16 +29,20 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .cli_args import add_threads_arg, apply_threads, deprecated_alias, nonnegative_int, positive_int
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
+from .timing import sync
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,18 @@ QUICK_SHAPES = ("wan2.1-1.3b", "flux")
 CPU_SHAPE = Shape("CPU smoke", 8192, 8, 64)
 CPU_QUICK_SHAPE = Shape("CPU smoke (quick)", 2048, 8, 64)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class BenchInputError(SystemExit):
+    """A bad input: its one-line message goes to stderr and the exit status is 2 (``str()`` is the message)."""
+
+    def __init__(self, message: str) -> None:
+        print(message, file=sys.stderr)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def random_block_mask(
@@ -125,7 +141,9 @@ def _parse_shapes(spec: str | None, quick: bool, cuda: bool) -> list[Shape]:
             n, h, d = (int(x) for x in item.split(":"))
             shapes.append(Shape(f"custom N={n}", n, h, d))
         else:
-            raise SystemExit(f"unknown shape {item!r}: use one of {sorted(MODEL_SHAPES)} or N:H:D")
+            raise BenchInputError(
+                f"sparsediff bench: error: unknown shape {item!r}: use one of {sorted(MODEL_SHAPES)} or N:H:D"
+            )
     return shapes
 
 
@@ -135,7 +153,7 @@ def _timer(cuda: bool, warmup: int, reps: int) -> Callable[[Callable[[], object]
             fn()
         times = []
         if cuda:
-            torch.cuda.synchronize()
+            sync()
             for _ in range(reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -462,20 +480,28 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m sparsediff.bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsediff bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes/densities (CPU: N=2048)")
     p.add_argument("--shapes", help=f"comma list of {sorted(MODEL_SHAPES)} or N:H:D")
     p.add_argument(
         "--densities", help="comma list of fractions (default 0.05,0.1,0.25,0.5; CPU 0.1,0.25,0.5)"
     )
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--block", type=int, help="block size (q and kv); default 128 on CUDA, 64 on CPU")
-    p.add_argument("--reps", type=int, help="timed repetitions (median); default 10 on CUDA, 3 on CPU")
-    p.add_argument("--warmup", type=int, help="warm-up runs; default 3 on CUDA, 1 on CPU")
+    p.add_argument(
+        "--block-size", type=positive_int, help="block size (q and kv); default 128 on CUDA, 64 on CPU"
+    )
+    deprecated_alias(p, "--block", "--block-size")
+    p.add_argument(
+        "--reps", type=positive_int, help="timed repetitions (median); default 10 on CUDA, 3 on CPU"
+    )
+    p.add_argument("--warmup", type=nonnegative_int, help="warm-up runs; default 3 on CUDA, 1 on CPU")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--out", help="also write the table as Markdown to this file")
+    p.add_argument("--out", metavar="FILE.md", help="also write the table as Markdown to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    deprecated_alias(p, "--force", "--overwrite")
+    add_threads_arg(p)
     p.add_argument(
         "--mask",
         choices=sorted(MASK_KINDS),
@@ -490,10 +516,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument(
         "--grid", help="with --plan: F,H,W token grid (default: the layout the plan was searched for)"
     )
-    p.add_argument("--heads", type=int, help="with --plan: heads per layer (default: the plan's model)")
-    p.add_argument("--head-dim", type=int, help="with --plan: head dimension (required)")
+    p.add_argument(
+        "--heads", type=positive_int, help="with --plan: heads per layer (default: the plan's model)"
+    )
+    p.add_argument("--head-dim", type=positive_int, help="with --plan: head dimension (required)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    apply_threads(args.threads)
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise BenchInputError(
+            f"sparsediff bench: error: --out {args.out} exists; pass --overwrite to replace it"
+        )
     if args.plan is not None:
         return _plan_main(args)
 
@@ -517,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     head += f"; {args.mask} block masks"
     print(head, flush=True)
     rows = run_benchmark(
-        shapes, densities, dtype=dtype, device=device, block=args.block, warmup=warmup, reps=reps,
+        shapes, densities, dtype=dtype, device=device, block=args.block_size, warmup=warmup, reps=reps,
         flex=not args.no_flex, mask_kind=args.mask,
     )  # fmt: skip
     return _emit(head, format_table(rows), args.out)
@@ -541,32 +579,32 @@ def _plan_main(args) -> str:
     try:
         plan = Plan.load(args.plan) if args.plan.endswith(".json") else Plan.uniform(args.plan)
     except (PlanError, ValueError, OSError) as e:
-        raise SystemExit(f"sparsediff bench: --plan {args.plan}: {e}") from None
+        raise BenchInputError(f"sparsediff bench: error: --plan {args.plan}: {e}") from None
     if args.grid:
         try:
             layout = TokenLayout.video(*(int(x) for x in args.grid.split(",")))
         except (TypeError, ValueError):
-            raise SystemExit(f"sparsediff bench: --grid {args.grid!r} is not F,H,W") from None
+            raise BenchInputError(f"sparsediff bench: error: --grid {args.grid!r} is not F,H,W") from None
     elif plan.layout is not None:
         layout = plan.layout
     else:
-        raise SystemExit("sparsediff bench: --plan without a searched layout needs --grid F,H,W")
+        raise BenchInputError("sparsediff bench: error: --plan without a searched layout needs --grid F,H,W")
     if not args.head_dim:
-        raise SystemExit("sparsediff bench: --plan needs --head-dim")
+        raise BenchInputError("sparsediff bench: error: --plan needs --head-dim")
     dtype = _DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     reps = args.reps or (10 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     head = environment_header(device)
     head += (
         f"  \nplan {args.plan} ({plan.summary()}) at {layout} ({layout.num_tokens} tokens), D = {args.head_dim}, "
-        f"dtype {str(dtype).split('.')[-1]}, block {args.block or 64}; "
+        f"dtype {str(dtype).split('.')[-1]}, block {args.block_size or 64}; "
         f"sparse = {'Triton kernel' if cuda else 'PyTorch twin'}; B = 1; "
         f"{'median' if cuda else 'best'} of {reps} after {warmup} warm-up, round-robin with SDPA"
     )
     print(head, flush=True)
     rows = run_plan_benchmark(
         plan, layout, num_heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=device,
-        block=args.block, warmup=warmup, reps=reps, backend="auto" if cuda else "reference",
+        block=args.block_size, warmup=warmup, reps=reps, backend="auto" if cuda else "reference",
     )  # fmt: skip
     return _emit(head, format_plan_table(rows), args.out)
 

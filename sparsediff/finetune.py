@@ -382,7 +382,13 @@ def self_attention_linears(transformer: torch.nn.Module, targets: str = "all") -
     names = []
     for prefix, module in get_adapter(transformer).attention_modules(transformer):
         for sub, child in module.named_modules():
-            if not sub or not isinstance(child, torch.nn.Linear):
+            # a linear layer, or one peft has wrapped (its base_layer); never peft's own inner layers
+            linear = isinstance(child, torch.nn.Linear) or isinstance(
+                getattr(child, "base_layer", None), torch.nn.Linear
+            )
+            if not sub or not linear:
+                continue
+            if any(part == "base_layer" or part.startswith("lora_") for part in sub.split(".")):
                 continue
             leaf = sub.rsplit(".", 1)[-1]
             if targets == "qkv" and not any(t in leaf for t in ("to_q", "to_k", "to_v", "qkv")):
@@ -454,13 +460,11 @@ adapter_files = plan_folder_files
 
 
 def _dist() -> tuple[int, int]:
-    """(rank, world size): from accelerate's state when launched with ``accelerate launch``, else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """(rank, world size): several processes only under ``accelerate launch``."""
+    from .loading import distributed
 
-        st = PartialState(cpu=True)
-        return st.process_index, st.num_processes
-    return 0, 1
+    rank, world, _ = distributed()
+    return rank, world
 
 
 def _barrier(world: int) -> None:
@@ -496,6 +500,34 @@ def _order(n_generations: int, seed: int, count: int) -> list[int]:
         rng.shuffle(perm)
         order.extend(perm)
     return order[:count]
+
+
+def _update_groups(
+    steps: Sequence[Sequence[RecordedCall]], plan: Plan, transformer: torch.nn.Module
+) -> list[list[int]]:
+    """The denoising steps (indices into ``steps``) of each optimizer update: every step that runs sparse
+    in some layer ends a group; the plan's all-dense warm-up steps join the group of the next sparse step."""
+    from .pipelines.base import get_adapter
+
+    num_layers = len(get_adapter(transformer).attention_modules(transformer))
+    groups: list[list[int]] = []
+    pending: list[int] = []
+    for k, calls in enumerate(steps):
+        pending.append(k)
+        step, n = calls[0].step, calls[0].num_steps or len(steps)
+        if any(not plan.schedule.is_dense(step, n, layer) for layer in range(num_layers)):
+            groups.append(pending)
+            pending = []
+    if not groups:
+        raise FinetuneInputError(
+            "the plan runs every recorded step dense (warm-up steps / dense layers): nothing to train"
+        )
+    groups[-1].extend(pending)
+    return groups
+
+
+def _sparse_calls(handle: Any) -> int:
+    return sum(r["sparse_calls"] for r in handle.report().values())
 
 
 def train_adapter(
@@ -535,22 +567,27 @@ def train_adapter(
     device = next(transformer.parameters()).device
     params = _add_adapter(transformer, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start, losses = 0, []
+    start, losses, wall_before = 0, [], 0.0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
         from peft.utils import set_peft_model_state_dict
 
         set_peft_model_state_dict(transformer, ck["adapter"], adapter_name=ADAPTER_NAME)
         opt.load_state_dict(ck["optimizer"])
-        start, losses = int(ck["step"]), list(ck["losses"])
+        start, losses, wall_before = int(ck["step"]), list(ck["losses"]), float(ck.get("wall_s", 0.0))
         logger.info("resumed at step %d/%d from %s", start, cfg.steps, checkpoint)
 
     def load(i: int) -> Sequence[RecordedCall]:
         g = generations[i]
         return load_recording(g) if isinstance(g, (str, os.PathLike)) else g
 
-    # One pass = one batch of generations replayed step by step; an optimizer step per denoising step.
-    per_pass = len(_steps_of([load(0)]))
+    # One pass = one batch of generations replayed step by step; an optimizer step per denoising step that
+    # runs sparse. The plan's dense warm-up steps run the teacher's own attention (plus the adapter): their
+    # gradients only keep the adapter near identity there and are ~0 at first, so they are added to the next
+    # sparse step's update instead of getting Adam steps of their own (Adam would blow float noise up to
+    # full-size steps).
+    groups = _update_groups(_steps_of([load(0)]), plan, transformer)
+    per_pass = len(groups)
     n_passes = math.ceil(cfg.steps / per_pass)
     order = _order(len(generations), cfg.seed, n_passes * cfg.batch)
     local = cfg.batch // world
@@ -563,16 +600,23 @@ def train_adapter(
             p, first = divmod(step, per_pass)
             chosen = order[p * cfg.batch : (p + 1) * cfg.batch][rank * local : (rank + 1) * local]
             steps = _steps_of([load(i) for i in chosen])
-            for k in range(first, per_pass):
+            for group in groups[first:]:
                 if step >= cfg.steps:
                     break
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=device)
-                for call in steps[k]:
-                    err = _sample_errors(replay_call(transformer, call, device), call.target.to(device))
-                    loss = err.sum() / (cfg.batch * len(steps[k]))
-                    loss.backward()
-                    total += loss.detach()
+                for k in group:
+                    for call in steps[k]:
+                        err = _sample_errors(replay_call(transformer, call, device), call.target.to(device))
+                        loss = err.sum() / (cfg.batch * len(steps[k]))
+                        loss.backward()
+                        if k == group[-1]:
+                            total += loss.detach()
+                if _sparse_calls(handle) == 0:  # counts this generation (the pass's) so far
+                    raise FinetuneInputError(
+                        f"the plan ran no layer sparse at step {steps[group[-1]][0].step} (min_tokens, or a size "
+                        "below the block size?): nothing to train"
+                    )
                 if world > 1:
                     for prm in params:
                         if prm.grad is None:
@@ -591,14 +635,16 @@ def train_adapter(
                     and rank == 0
                     and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
                 ):
-                    _save_checkpoint(checkpoint, transformer, opt, step, losses)
+                    wall = wall_before + time.perf_counter() - t0
+                    _save_checkpoint(checkpoint, transformer, opt, step, losses, wall)
             _barrier(world)
     finally:
         bar.close()
         handle.disable()
     for prm in params:
         prm.requires_grad_(False)
-    return {"steps": step, "losses": losses, "wall_s": time.perf_counter() - t0, "processes": world}
+    wall = wall_before + time.perf_counter() - t0  # over every resumed run
+    return {"steps": step, "losses": losses, "wall_s": wall, "processes": world}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -607,7 +653,9 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="finetune", unit="step", disable=not enabled)
 
 
-def _save_checkpoint(path: str | os.PathLike, transformer, opt, step: int, losses: list[float]) -> None:
+def _save_checkpoint(
+    path: str | os.PathLike, transformer, opt, step: int, losses: list[float], wall_s: float
+) -> None:
     tmp = f"{path}.tmp"
     torch.save(
         {
@@ -615,6 +663,7 @@ def _save_checkpoint(path: str | os.PathLike, transformer, opt, step: int, losse
             "optimizer": opt.state_dict(),
             "step": step,
             "losses": losses,
+            "wall_s": wall_s,
         },
         tmp,
     )
@@ -644,7 +693,7 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
         )
     lines += [
         "",
-        "Load with diffusers' API: `pipe.load_lora_weights(DIR)` (or `pipe.transformer.load_lora_adapter(DIR)`),",
+        "Load with diffusers' API: `pipe.load_lora_weights(DIR)` (or `pipe.transformer.load_lora_adapter(DIR, weight_name="pytorch_lora_weights.safetensors")`),",
         "or let sparsediff load the adapter with its plan: `pipe.enable_sparse_attention(DIR)`.",
         "",
     ]
@@ -697,6 +746,11 @@ def finetune(
         save_recording(gen, paths[i])
     _barrier(world)
     record_s = time.perf_counter() - t0
+    timing = teacher / "recording.json"  # the recording's wall time over every resumed run
+    if rank == 0:
+        if timing.is_file():
+            record_s += float(json.loads(timing.read_text()).get("record_s", 0.0))
+        timing.write_text(json.dumps({"record_s": record_s}))
     train = [p for p, j in zip(paths, jobs) if j[0] == "train"]
     held = [p for p, j in zip(paths, jobs) if j[0] == "heldout"]
     before = None
@@ -754,3 +808,169 @@ def plan_model_identity(transformer: torch.nn.Module) -> dict[str, Any]:
 
     ident = ModelIdentity.of(transformer)
     return {"class": ident.transformer_class, "adapter": ident.adapter, "config_hash": ident.config_hash}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    """``sparsediff finetune`` (also ``python -m sparsediff.finetune``; ``accelerate launch -m
+    sparsediff.finetune`` splits recording and batches over processes)."""
+    import argparse
+
+    from .cli_args import add_output_args, add_threads_arg, positive_float, positive_int
+    from .loading import add_source_args
+
+    p = argparse.ArgumentParser(
+        prog="sparsediff finetune",
+        description="Train a LoRA that teaches a pipeline's transformer its sparse plan (dense teacher, "
+        "sparse student); writes the adapter, the plan and a card to --out.",
+    )
+    add_source_args(p)
+    p.add_argument("--prompts", required=True, metavar="FILE", help="training prompts, one per line")
+    p.add_argument(
+        "--plan",
+        metavar="PLAN",
+        help="plan JSON, plan folder, or pattern name (default: the shipped plan of the embedded model, "
+        "else the family default)",
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=200, metavar="N", help="optimizer steps (default: 200)"
+    )
+    p.add_argument("--rank", type=positive_int, default=8, metavar="R", help="LoRA rank (default: 8)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=1,
+        metavar="B",
+        help="generations per optimizer step (default: 1)",
+    )
+    p.add_argument("--frames", type=positive_int, metavar="N", help="video frames (default: the pipeline's)")
+    p.add_argument("--height", type=positive_int, metavar="PX", help="height in px (default: the pipeline's)")
+    p.add_argument("--width", type=positive_int, metavar="PX", help="width in px (default: the pipeline's)")
+    p.add_argument(
+        "--inference-steps",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="denoising steps of the recorded teacher generations (default: 20)",
+    )
+    p.add_argument("--guidance-scale", type=float, metavar="G", help="CFG scale (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of noise, batch order and adapter init")
+    p.add_argument(
+        "--seeds-per-prompt",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="training generations per prompt",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=2,
+        metavar="N",
+        help="held-out generations for before/after (default: 2)",
+    )
+    p.add_argument(
+        "--heldout-prompts", metavar="FILE", help="held-out prompts (default: the training prompts)"
+    )
+    p.add_argument(
+        "--targets", choices=("all", "qkv"), default="all", help="LoRA on all self-attention linears or q/k/v"
+    )
+    p.add_argument("--resume", action="store_true", help="continue a run in --out (recording and checkpoint)")
+    add_threads_arg(p)
+    add_output_args(p, out_help="output folder (adapter, plan, card, recorded teacher, checkpoint)")
+    return p
+
+
+def _default_plan(transformer: torch.nn.Module, plan_arg: str | None) -> Plan:
+    from .api import resolve_plan
+    from .pipelines.base import get_adapter
+
+    if plan_arg is None:
+        from .embedded import WEIGHTS_DIR
+
+        shipped = Path(WEIGHTS_DIR) / PLAN_FILE
+        if type(transformer).__name__ == "WanTransformer3DModel" and shipped.is_file():
+            plan = Plan.load(shipped)
+            try:
+                plan.validate_for(transformer)
+                return plan
+            except ValueError:
+                pass
+    return resolve_plan(plan_arg, get_adapter(transformer))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_args import InputError, apply_threads, fail, read_prompts_file
+    from .loading import check_source, load_pipeline
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    prog = "sparsediff finetune"
+    try:
+        # everything checkable before loading or recording anything
+        prompts = read_prompts_file(args.prompts)
+        if not prompts:
+            raise InputError(f"no prompts in {args.prompts}")
+        held = read_prompts_file(args.heldout_prompts) if args.heldout_prompts else None
+        check_source(args.pipeline, args.model)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file")
+        if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+            raise InputError(f"--out {out} exists and is not empty: pass --resume to continue or --overwrite")
+        cfg = FinetuneConfig(
+            steps=args.steps,
+            rank=args.rank,
+            lr=args.lr,
+            batch=args.batch,
+            num_inference_steps=args.inference_steps,
+            guidance_scale=args.guidance_scale,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            seeds_per_prompt=args.seeds_per_prompt,
+            heldout=args.heldout,
+            seed=args.seed,
+            targets=args.targets,
+        )
+        apply_threads(args.threads)
+        loaded = load_pipeline(args.pipeline, args.model, fallback_random=False, command=prog)
+        pipe = loaded.pipe
+        if getattr(pipe, "transformer", None) is None:
+            raise InputError(f"{type(pipe).__name__} has no 'transformer' component to fine-tune")
+        plan = _default_plan(pipe.transformer, args.plan)
+        plan.validate_for(pipe.transformer)
+        call = dict(getattr(loaded, "call_kwargs", None) or {})
+        cfg.extra_call_kwargs = {k: v for k, v in call.items() if k not in ("prompt", "generator")}
+    except (InputError, FinetuneInputError, ValueError, FileNotFoundError) as e:
+        return fail(prog, e)
+    try:
+        meta = finetune(
+            pipe,
+            plan,
+            prompts,
+            out,
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            heldout_prompts=held,
+        )
+    except FinetuneInputError as e:
+        return fail(prog, e)
+    rank, _ = _dist()
+    if rank == 0:
+        before, after = meta["heldout_mse_before"], meta["heldout_mse_after"]
+        line = f"trained {meta['steps']} steps in {meta['wall_s']:.0f} s"
+        if before is not None and after is not None:
+            line += f"; held-out sparse-vs-dense MSE {before:.4g} -> {after:.4g}"
+        print(line)
+        print(f"wrote {out} (load: pipe.enable_sparse_attention({str(out)!r}))")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1367,13 +1367,19 @@ def _free(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_args import deprecated_alias
+
     p = argparse.ArgumentParser(
         prog="python -m sparsediff.gpucheck",
         description="One prepared GPU run: correctness, kernel speed and end-to-end tables "
         "(see the module docstring).",
     )
-    p.add_argument("--out", required=True, help="folder for gpucheck.md, gpucheck.json and pytest.log")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for gpucheck.md, gpucheck.json and pytest.log"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
+    deprecated_alias(p, "--force", "--overwrite")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (CPU without a GPU), < 1 min")
     p.add_argument(
         "--budget-s", type=float, default=480.0, help="global time budget in seconds (default 480)"
@@ -1391,10 +1397,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_parser = build_parser  # the older name
+OUTPUT_FILES = ("gpucheck.md", "gpucheck.json", "pytest.log")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; returns the exit status (0: every correctness check passed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -1409,6 +1419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cuda and not args.dry_run:
         print(
             "gpucheck: no CUDA device; the full run needs a GPU (use --dry-run for the CPU smoke run)",
+            file=sys.stderr,
+        )
+        return 2
+    clash = [n for n in OUTPUT_FILES if (Path(args.out) / n).exists()]
+    if clash and not args.overwrite:
+        print(
+            f"gpucheck: {args.out} already holds {', '.join(clash)}; pass --overwrite to replace them",
             file=sys.stderr,
         )
         return 2

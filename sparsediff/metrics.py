@@ -44,7 +44,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["VideoMetrics", "VideoQuality", "video_metrics", "as_video", "lpips_unavailable_reason"]
+__all__ = [
+    "VideoMetrics",
+    "VideoQuality",
+    "video_metrics",
+    "as_video",
+    "lpips_unavailable_reason",
+    "strict_json",
+]
 
 #: MS-SSIM: 5 scales (the standard betas) with an 11-px window need frames of at least this many pixels.
 MS_SSIM_MIN_SIDE = 176
@@ -113,6 +120,24 @@ def _json_safe(obj: Any) -> Any:
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts (strict JSON): non-finite floats
+    -- and the strings "inf" / "-inf" / "nan" of :meth:`VideoMetrics.to_dict` -- become ``None``; tuples
+    become lists; numpy / torch scalars become Python numbers. What the tools write (``results.json``,
+    ``summary.json``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalar
+        return strict_json(obj.item())
     return obj
 
 

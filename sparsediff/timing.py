@@ -1,4 +1,5 @@
-"""Timing helpers shared by the tools (``sparsediff demo``, ``sparsediff compare``)."""
+"""Timing helpers shared by the tools (``sparsediff demo``, ``compare``, ``bench``): :func:`sync`,
+:func:`time_call`, :class:`AttentionTimer`, :class:`GenerationClock`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,23 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ATTENTION_OPS", "AttentionTimer", "GenerationClock", "time_call"]
+__all__ = ["ATTENTION_OPS", "AttentionTimer", "GenerationClock", "sync", "time_call"]
 
 #: Attention operators :class:`AttentionTimer` adds up: dense SDPA (self and cross attention; the sparse run
 #: still calls it for cross-attention) and the sparse op (which also runs the dense warm-up layers/steps).
 ATTENTION_OPS = ("scaled_dot_product_attention", "sparsediff::block_sparse_attn")
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for the GPU work queued on ``device`` (all CUDA work with ``None`` when CUDA is up); a no-op on
+    CPU. The one synchronisation helper of the timing code."""
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return
+    d = torch.device(device)
+    if d.type == "cuda":
+        torch.cuda.synchronize(d)
 
 
 class AttentionTimer(TorchFunctionMode):
@@ -45,11 +58,11 @@ class AttentionTimer(TorchFunctionMode):
             return func(*args, **kwargs)
         cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args[:3])
         if cuda:
-            torch.cuda.synchronize()
+            sync()
         t0 = time.perf_counter()
         out = func(*args, **kwargs)
         if cuda:
-            torch.cuda.synchronize()
+            sync()
         dt = time.perf_counter() - t0
         self.seconds += dt
         self.calls += 1
@@ -61,13 +74,10 @@ class AttentionTimer(TorchFunctionMode):
 
 def time_call(fn: Any, device: torch.device | str) -> float:
     """Seconds of one call of ``fn()`` (CUDA synchronised before and after on a CUDA device)."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    if cuda:
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -93,7 +103,7 @@ class GenerationClock:
 
     def _sync(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            sync()
 
     def on_step_end(self, pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
         self._sync()

@@ -28,3 +28,43 @@ def test_console_module_runs():
     )
     assert r.returncode == 0, r.stderr
     assert "supported transformers" in r.stdout
+
+
+def test_compare_package_runs_as_a_module_and_through_the_dispatcher(capsys):
+    r = subprocess.run(
+        [sys.executable, "-m", "sparsediff.compare", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--guidance-scale" in r.stdout and "--threads" in r.stdout
+    assert "--guidance " not in r.stdout  # the deprecated spelling is accepted, not advertised
+
+
+def test_markdown_table_is_printed(capsys):
+    assert main(["--markdown-table"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| flag | demo | compare | search |") and "`--num-frames` → `--frames`" in out
+
+
+def test_steps_zero_is_an_argparse_error_everywhere(capsys):
+    import pytest
+
+    for cmd in (
+        ["demo"],
+        ["compare"],
+        ["search", "--prompts", "p.txt", "--density", "0.5", "--out", "p.json"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--steps", "0"])
+        assert e.value.code == 2
+        assert "--steps: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_and_plan_show_keep_existing_files(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "bench.md"
+    out.write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--shapes", "128:2:16", "--out", str(out)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "mine"

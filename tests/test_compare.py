@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from sparsediff import compare as cmp
+from sparsediff.compare import report as cmp_report
+from sparsediff.compare import run as cmp_run
 from sparsediff.embedded import EmbeddedModelConfig, tiny_random_pipeline
 from sparsediff.plan import HeadSpec, Plan
 
@@ -89,7 +91,9 @@ def test_all_dense_plan_equals_dense_and_every_output_is_written(pipe, tmp_path)
     data = json.loads(
         (out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}")
     )
-    assert data["variants"][1]["psnr"] == "inf" and data["command"] == "test"
+    # strict JSON: the infinite PSNR of the all-dense plan is written as null, and the file says so
+    assert data["variants"][1]["psnr"] is None and data["variants"][1]["ssim"] == pytest.approx(1.0)
+    assert "null" in data["json_notes"] and data["command"] == "test"
     assert {"sparsediff", "torch", "diffusers", "torchmetrics", "device"} <= set(data["environment"])
     page = (out / "report.html").read_text()
     srcs = re.findall(r'<img[^>]*src="([^"]*)"', page)
@@ -104,7 +108,7 @@ def test_existing_outputs_are_kept_without_overwrite(pipe, tmp_path, monkeypatch
     out = tmp_path / "cmp"
     (out / "videos").mkdir(parents=True)
     (out / "report.html").write_text("keep me")
-    monkeypatch.setattr(cmp, "_generate", _never_generate)
+    monkeypatch.setattr(cmp_run, "_generate", _never_generate)
     argv = ["--pipeline", "test_compare:small_pipeline", "--prompt", "a red circle moving left", "--out"]
     assert cmp.main(argv + [str(out)] + SIZE + FAST) == 2
     assert "already holds report.html" in capsys.readouterr().err
@@ -132,7 +136,7 @@ def test_overwrite_replaces_outputs(pipe, tmp_path):
 
 
 def _run_bad(argv, tmp_path, monkeypatch, capsys) -> str:
-    monkeypatch.setattr(cmp, "_generate", _never_generate)
+    monkeypatch.setattr(cmp_run, "_generate", _never_generate)
     base = ["--pipeline", "test_compare:small_pipeline", "--prompt", "a red circle moving left"]
     if "--out" not in argv:
         base += ["--out", str(tmp_path / "out")]
@@ -176,12 +180,12 @@ def test_unwritable_output(tmp_path, monkeypatch, capsys):
 def test_empty_prompts(tmp_path, monkeypatch, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("# only a comment\n\n   \n")
-    monkeypatch.setattr(cmp, "_generate", _never_generate)
+    monkeypatch.setattr(cmp_run, "_generate", _never_generate)
     argv = ["--pipeline", "test_compare:small_pipeline", "--prompts", str(f), "--out", str(tmp_path / "o")]
     assert cmp.main(argv + SIZE + FAST) == 2
     assert "holds no prompts" in capsys.readouterr().err
     assert cmp.main(["--prompts", str(tmp_path / "missing.txt")] + FAST) == 2
-    assert "prompt file not found" in capsys.readouterr().err
+    assert "prompts file not found" in capsys.readouterr().err
     with pytest.raises(cmp.CompareError, match="no prompts"):
         cmp.compare(object(), ["  "], out=None)
 
@@ -260,3 +264,79 @@ def test_two_processes_split_pairs_and_write_one_report(pipe, tmp_path):
     assert multi.keys() == one.keys() == {(0, 0), (0, 1), (1, 0), (1, 1)}
     for k in one:
         assert multi[k] == pytest.approx(one[k], rel=1e-6), k
+
+
+def test_steps_must_be_positive_and_old_flag_spellings_warn(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cmp_run, "_generate", _never_generate)
+    base = [
+        "--pipeline",
+        "test_compare:small_pipeline",
+        "--prompt",
+        "a red circle",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(SystemExit) as e:
+        cmp.main(base + ["--steps", "0"] + FAST)
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    args = cmp.build_parser().parse_args(["--guidance", "3.5", "--num-frames", "4", "--force", "--seed", "7"])
+    assert (args.guidance_scale, args.frames, args.overwrite, args.seeds) == (3.5, 4, True, [7])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all("deprecated" in ln for ln in err)
+    assert "use --guidance-scale" in err[0] and "use --frames" in err[1] and "use --overwrite" in err[2]
+
+
+def test_bad_pipeline_source_is_one_line(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cmp.main(["--pipeline", "nocolon", "--prompt", "x", "--out", str(out)] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected MODULE:FUNCTION" in err
+    assert cmp.main(["--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)] + FAST) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cmp.main(["--pipeline", "no_such_module_xyz:f", "--prompt", "x", "--out", str(out)] + FAST) == 2
+    assert "No module named" in capsys.readouterr().err
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def _fake_results(psnrs):
+    rows = [{"label": "dense", "psnr": math.inf, "speedup": 1.0, "mean_density": 1.0}]
+    for i, p in enumerate(psnrs):
+        rows.append({"label": f"v{i}", "psnr": p, "speedup": 1.0 + 0.1 * i, "mean_density": 0.5})
+    return {"variants": rows}
+
+
+def test_results_json_is_strict_and_scatter_clips_off_scale_points(tmp_path):
+    res = _fake_results([126.0, math.inf, 22.0, 25.0])
+    path = cmp_report.write_json(
+        tmp_path / "r.json", {**res, "nested": {"x": [math.inf, -math.inf, math.nan]}}
+    )
+
+    def refuse(c):
+        raise ValueError(f"non-strict JSON constant {c}")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["variants"][1]["psnr"] == 126.0 and data["variants"][2]["psnr"] is None
+    assert data["nested"]["x"] == [None, None, None]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        captured["ylim"] = fig.axes[0].get_ylim()
+        captured["texts"] = [t.get_text() for t in fig.texts] + [t.get_text() for t in fig.axes[0].texts]
+        return real_savefig(fig, *a, **k)
+
+    plt.Figure.savefig, saved = keep, plt.Figure.savefig
+    try:
+        cmp_report._plot_quality_speed(res, tmp_path / "qs.png")
+    finally:
+        plt.Figure.savefig = saved
+    lo, hi = captured["ylim"]
+    assert lo < 22.0 and 25.0 < hi < 40.0  # the 126 dB and inf points do not squash the scale
+    assert any("off scale" in t for t in captured["texts"])
+    assert (tmp_path / "qs.png").stat().st_size > 0

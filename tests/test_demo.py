@@ -74,19 +74,44 @@ def test_demo_on_the_shipped_embedded_model_runs_sparse(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_demo_rejects_bad_input_before_generating(tmp_path, capsys):
+def _never_generate(*a, **k):
+    raise AssertionError("generation started despite bad input")
+
+
+def test_demo_rejects_bad_input_before_generating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "_generate", _never_generate)
     out = tmp_path / "d"
     assert demo.main(["--out", str(out), "--plan", str(tmp_path / "missing.json"), "--no-progress"]) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # (above it: diffusers' loading bar)
-    assert err.startswith("sparsediff demo: --plan") and "missing.json" in err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, checked before the model is even loaded
+    assert err.startswith("sparsediff demo: error: --plan") and "missing.json" in err
     assert not out.exists()  # nothing written
-    assert demo.main(["--out", str(out), "--steps", "0"]) == 2
-    assert "--steps" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as e:  # argparse: --steps >= 1
+        demo.main(["--out", str(out), "--steps", "0"])
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "prompts file not found" in capsys.readouterr().err and not out.exists()
     # an existing demo is not touched by a bad --overwrite run
     out.mkdir()
     (out / "summary.txt").write_text("mine")
     assert demo.main(["--out", str(out), "--overwrite", "--plan", "no-such-pattern", "--no-progress"]) == 2
     assert (out / "summary.txt").read_text() == "mine"
+    assert demo.main(["--out", str(out), "--no-progress"]) == 2  # existing outputs need --overwrite
+    assert "--overwrite" in capsys.readouterr().err and (out / "summary.txt").read_text() == "mine"
+
+
+def test_demo_deprecated_aliases_warn(capsys):
+    args = demo.build_parser().parse_args(
+        ["--num-frames", "5", "--guidance", "2.0", "--seed", "3", "--force"]
+    )
+    assert (args.frames, args.guidance_scale, args.seeds, args.overwrite) == (5, 2.0, [3], True)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "sparsediff demo: warning: --num-frames is deprecated and will be removed; use --frames",
+        "sparsediff demo: warning: --guidance is deprecated and will be removed; use --guidance-scale",
+        "sparsediff demo: warning: --seed is deprecated and will be removed; use --seeds",
+        "sparsediff demo: warning: --force is deprecated and will be removed; use --overwrite",
+    ]
 
 
 def test_demo_random_wan_option_and_overwrite(tmp_path, capsys):

@@ -104,6 +104,13 @@ def test_wheel_installs_kernels_and_pipelines_inside_the_package(tmp_path):
     ):
         assert f in names, f"{f} missing from {whl.name}"
     assert not [n for n in names if n.split("/")[0] in ("kernels", "pipelines", "tests", "samples")], names
+    # every module of the source tree is in the wheel (a subpackage missing from pyproject's list is not)
+    modules = {
+        "sparsediff/" + p.relative_to(src / "sparsediff").as_posix()
+        for p in (src / "sparsediff").rglob("*.py")
+    }
+    assert not modules - set(names), f"missing from {whl.name}: {sorted(modules - set(names))}"
+    assert "sparsediff/embedded/weights/sparse_plan_lora/pytorch_lora_weights.safetensors" in names
     # Install it (without dependencies: they come from this environment) into a folder and import it from
     # elsewhere: the installed copy, not this source tree, must serve sparsediff.kernels / .pipelines.
     target = tmp_path / "site"

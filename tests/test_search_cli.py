@@ -104,12 +104,29 @@ def test_stats_merge_equals_one_run_and_resumes(tmp_path, prompts, capsys):
     assert SearchStats.load(st).meta["prompts"] == 2
     assert (
         _search(
-            "--prompts", prompts, "--target-error", "0.1", "--out", str(out), "--stats", str(st), "--force"
+            "--prompts",
+            prompts,
+            "--target-error",
+            "0.1",
+            "--out",
+            str(out),
+            "--stats",
+            str(st),
+            "--overwrite",
         )
         == 0
     )
     assert SearchStats.load(st).meta["prompts"] == 4
     capsys.readouterr()
+    # the deprecated spelling still works, with a one-line warning naming the new flag
+    rc = _search(
+        "--prompts", prompts, "--target-error", "0.1", "--out", str(out), "--stats", str(st), "--force"
+    )
+    assert rc == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "deprecated" in ln]
+    assert warnings == [
+        "sparsediff search: warning: --force is deprecated and will be removed; use --overwrite"
+    ]
 
 
 def _error(capsys, rc: int, *needles: str) -> None:
@@ -163,11 +180,14 @@ def test_not_a_supported_dit(tmp_path, prompts, capsys):
     assert not (tmp_path / "p.json").exists()
 
 
-def test_existing_output_without_force(tmp_path, prompts, capsys):
+def test_existing_output_without_overwrite(tmp_path, prompts, capsys):
     out = tmp_path / "p.json"
     out.write_text("{}", encoding="utf-8")
     _error(
-        capsys, _search("--prompts", prompts, "--target-error", "0.1", "--out", str(out)), "exists", "--force"
+        capsys,
+        _search("--prompts", prompts, "--target-error", "0.1", "--out", str(out)),
+        "exists",
+        "--overwrite",
     )
     assert out.read_text(encoding="utf-8") == "{}"
 
@@ -236,3 +256,31 @@ def test_profile_steps_out_of_range(tmp_path, prompts, capsys):
         ),
         "outside",
     )
+
+
+def test_steps_seeds_and_pipeline_are_checked_before_loading(tmp_path, prompts, capsys):
+    out = str(tmp_path / "p.json")
+    with pytest.raises(SystemExit) as e:  # argparse: --steps >= 1
+        _search("--prompts", prompts, "--target-error", "0.1", "--out", out, "--steps", "0")
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    _error(
+        capsys,
+        _search("--prompts", prompts, "--density", "0.5", "--out", out, "--seeds", "1", "2"),
+        "one seed",
+    )
+    for source, needle in (("nocolon", "MODULE:FUNCTION"), ("no_such_module_xyz:fn", "No module named")):
+        rc = sd_main(["search", "--pipeline", source, "--prompts", prompts, "--density", "0.5", "--out", out])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_show_png_is_not_overwritten(tmp_path, capsys):
+    from sparsediff.embedded import shipped_plan_path
+
+    png = tmp_path / "h.png"
+    png.write_bytes(b"mine")
+    _error(capsys, sd_main(["plan", "show", str(shipped_plan_path()), "--png", str(png)]), "--overwrite")
+    assert png.read_bytes() == b"mine"
+    assert sd_main(["plan", "show", str(shipped_plan_path()), "--png", str(png), "--overwrite"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"

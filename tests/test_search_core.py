@@ -198,7 +198,7 @@ def test_planted_heads_get_the_matching_family(planted_stats):
 def test_planted_searched_plan_beats_every_single_family_at_matched_density(planted_stats, density):
     """Pareto: at the searched plan's mean density, each single family (every head at its best parameters
     of that family, same density budget) has a higher mean error -- or cannot reach the density at all."""
-    from sparsediff.search.compare import compare_families
+    from sparsediff.search.family_table import compare_families
 
     for lay, _bs, _kinds, stats in planted_stats:
         rows = compare_families([stats], density)

@@ -3,14 +3,14 @@
 ::
 
     sparsediff search --pipeline mypkg.pipes:load_wan --prompts prompts.txt --steps 50 \\
-        --num-frames 81 --height 480 --width 832 --target-error 0.05 --out wan_plan.json
+        --frames 81 --height 480 --width 832 --target-error 0.05 --out wan_plan.json
     sparsediff search --model /models/Wan2.1-T2V-1.3B-Diffusers --prompts p.txt --density 0.25 --out plan.json
 
 ``--pipeline MODULE:FUNCTION`` calls ``FUNCTION()``, which returns a diffusers pipeline or a tuple
-``(pipeline, call kwargs)``; ``--model PATH`` loads ``DiffusionPipeline.from_pretrained(PATH)``; with
-neither, the embedded model when its trained weights are in the package. Every input is checked before
-the model is loaded: missing / empty prompts file, existing output without ``--force``, unwritable
-output. A budget that cannot be met still writes the closest plan, flagged in the output and in the
+``(pipeline, call kwargs)``; ``--model ID_OR_FOLDER`` loads ``DiffusionPipeline.from_pretrained``; with
+neither, the embedded model when its trained weights are in the package (:mod:`sparsediff.loading`). Every
+input is checked before the model is loaded: missing / empty prompts file, existing output without
+``--overwrite``, unwritable output, budgets, schedule, families. A budget that cannot be met still writes the closest plan, flagged in the output and in the
 plan's ``meta.search.budget_met``.
 
 Several processes (``accelerate launch --num_processes N -m sparsediff.search ...``, plus ``--multi_gpu``
@@ -24,38 +24,48 @@ and ``--out`` and prints the table.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import (
+    InputError,
+    add_output_args,
+    add_seeds_arg,
+    add_threads_arg,
+    add_video_args,
+    apply_threads,
+    fail,
+    positive_int,
+    read_prompts_file,
+)
+from ..loading import add_source_args, check_source, load_pipeline
+
 __all__ = ["main", "build_parser"]
 
+PROG = "sparsediff search"
 
-class SearchInputError(ValueError):
+
+class SearchInputError(InputError):
     """Bad command-line input (reported as ``sparsediff search: error: ...``, exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="sparsediff search",
+        prog=PROG,
         description="Search a per-head sparse-attention plan by profiling a pipeline on calibration prompts.",
     )
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument(
-        "--pipeline", metavar="MODULE:FUNCTION", help="function returning a pipeline (or (pipe, kwargs))"
+    add_source_args(ap)
+    ap.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="calibration prompts, one per line (# comments, blank lines skipped)",
     )
-    src.add_argument(
-        "--model", metavar="PATH", help="a diffusers pipeline folder (DiffusionPipeline.from_pretrained)"
-    )
-    ap.add_argument("--prompts", required=True, metavar="FILE", help="calibration prompts, one per line")
-    ap.add_argument("--num-frames", type=int)
-    ap.add_argument("--height", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--steps", type=int, help="denoising steps (default: the pipeline kwargs', else 50)")
-    ap.add_argument("--guidance-scale", type=float)
+    ap.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
+    add_video_args(ap, steps_default="the factory's call kwargs, else 50")
+    add_seeds_arg(ap, help="generation and row-sampling seed (one value; default: 0)")
     ap.add_argument(
         "--profile-steps", metavar="I,J,...", help="steps to measure (default: 4 after the warm-up)"
     )
@@ -69,12 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-error", type=float, metavar="E", help="mean relative error budget over all heads"
     )
     budget.add_argument("--density", type=float, metavar="D", help="mean density budget (minimise error)")
-    ap.add_argument("--out", required=True, metavar="PLAN.json")
-    ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_output_args(ap, out_help="the plan file to write", out_metavar="PLAN.json",
+                    overwrite_help="replace an existing --out")  # fmt: skip
     ap.add_argument("--stats", metavar="FILE", help="load (if present), add this run's statistics, save back")
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--num-rows", type=int, default=512, help="sampled query rows per head and call")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-size", type=positive_int, default=64, help="tokens per mask block (default 64)")
+    ap.add_argument(
+        "--num-rows",
+        type=positive_int,
+        default=512,
+        help="sampled query rows per head and call (default 512)",
+    )
     ap.add_argument(
         "--dense-steps",
         metavar="N|F",
@@ -94,29 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--device", default=None, help="device for the pipeline (default: cuda if available)")
     ap.add_argument("--calibrate", action="store_true", help="time the op on this device for the cost model")
-    ap.add_argument("--no-progress", action="store_true")
+    add_threads_arg(ap)
     return ap
 
 
-def _read_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise SearchInputError(f"prompts file not found: {p}")
-    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    prompts = [x for x in prompts if x and not x.startswith("#")]
+def _read_prompts(path: str | None, extra: list[str]) -> list[str]:
+    prompts = [q.strip() for q in extra if q.strip()]
+    if path is not None:
+        from_file = read_prompts_file(path)
+        if not from_file:
+            raise SearchInputError(
+                f"prompts file {path} has no prompts (one per line; blank and # lines are ignored)"
+            )
+        prompts += from_file
     if not prompts:
-        raise SearchInputError(
-            f"prompts file {p} has no prompts (one per line; blank and # lines are ignored)"
-        )
+        raise SearchInputError("no prompts: pass --prompts FILE and/or --prompt TEXT")
     return prompts
 
 
-def _check_out(path: str, force: bool) -> Path:
+def _check_out(path: str, overwrite: bool) -> Path:
     p = Path(path)
     if p.is_dir():
         raise SearchInputError(f"--out {p} is a directory; give a file name such as {p / 'plan.json'}")
-    if p.exists() and not force:
-        raise SearchInputError(f"--out {p} exists; pass --force to replace it")
+    if p.exists() and not overwrite:
+        raise SearchInputError(f"--out {p} exists; pass --overwrite to replace it")
     parent = p.parent if str(p.parent) else Path(".")
     probe = parent
     while not probe.exists() and probe != probe.parent:
@@ -137,44 +152,14 @@ def _parse_steps(s: str | None) -> list[int] | None:
         raise SearchInputError(f"--profile-steps must be comma-separated step indices, got {s!r}") from None
 
 
-def _load_pipeline(args) -> tuple[Any, dict[str, Any]]:
-    if args.pipeline:
-        mod, _, fn = args.pipeline.partition(":")
-        if not mod or not fn:
-            raise SearchInputError(f"--pipeline must be MODULE:FUNCTION, got {args.pipeline!r}")
-        try:
-            f = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise SearchInputError(f"--pipeline {args.pipeline}: {e}") from None
-        res = f()
-        return (res[0], dict(res[1])) if isinstance(res, tuple) else (res, {})
-    if args.model:
-        if not Path(args.model).exists():
-            raise SearchInputError(f"--model {args.model}: no such folder")
-        from diffusers import DiffusionPipeline
-
-        try:
-            return DiffusionPipeline.from_pretrained(args.model), {}
-        except (OSError, ValueError) as e:
-            raise SearchInputError(f"--model {args.model}: not a loadable diffusers pipeline: {e}") from None
-    from ..embedded import has_trained_weights, load_embedded_pipeline
-
-    if not has_trained_weights():
-        raise SearchInputError(
-            "give --pipeline MODULE:FUNCTION or --model PATH (the embedded model is the default, but its trained "
-            "weights are not in this installation)"
-        )
-    return load_embedded_pipeline(), {}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         return _run(args)
-    except SearchInputError as e:
-        print(f"sparsediff search: error: {e}", file=sys.stderr)
-        return 2
+    except InputError as e:
+        return fail(PROG, e)
 
 
 def _parse_schedule(
@@ -203,15 +188,18 @@ def _parse_schedule(
     return ds, dl
 
 
-def _run(args) -> int:
-    import torch
+_FAMILIES = ("dense", "radial", "tile", "reordered", "cluster", "topp", "lse_cache", "skip")
 
-    from ..pipelines.base import UnsupportedModelError, get_adapter
-    from .cost import CostCache
-    from .profile import SearchStats, plan_from_stats, profile_pipeline
 
-    prompts = _read_prompts(args.prompts)
-    out = _check_out(args.out, args.force)
+def _check_inputs(args) -> dict[str, Any]:
+    """Every input that can be checked without the model; raises :class:`SearchInputError`."""
+    from .profile import SearchStats
+
+    check_source(args.pipeline, args.model)
+    prompts = _read_prompts(args.prompts, args.prompt)
+    out = _check_out(args.out, args.overwrite)
+    if len(args.seeds) != 1:
+        raise SearchInputError(f"--seeds: the search profiles one seed, got {len(args.seeds)}")
     if args.target_error is not None and args.target_error < 0:
         raise SearchInputError(f"--target-error must be >= 0, got {args.target_error}")
     if args.density is not None and not 0 < args.density <= 1:
@@ -219,10 +207,9 @@ def _run(args) -> int:
     psteps = _parse_steps(args.profile_steps)
     args.dense_steps, args.dense_layers = _parse_schedule(args.dense_steps, args.dense_layers)
     fams = [x.strip() for x in args.candidates.split(",")] if args.candidates else None
-    known = ("dense", "radial", "tile", "reordered", "cluster", "topp", "lse_cache", "skip")
-    if fams and any(f not in known for f in fams):
+    if fams and any(f not in _FAMILIES for f in fams):
         raise SearchInputError(
-            f"--candidates: unknown famil(ies) {[f for f in fams if f not in known]}; known: {known}"
+            f"--candidates: unknown famil(ies) {[f for f in fams if f not in _FAMILIES]}; known: {_FAMILIES}"
         )
     prior = None
     if args.stats and Path(args.stats).exists():
@@ -230,11 +217,17 @@ def _run(args) -> int:
             prior = SearchStats.load(args.stats)
         except ValueError as e:
             raise SearchInputError(str(e)) from None
-    from ..compare import _distributed
+    return {"prompts": prompts, "out": out, "profile_steps": psteps, "families": fams, "prior": prior}
 
-    rank, world, state = _distributed()
 
-    pipe, kw = _load_pipeline(args)
+def _load(args, world: int, state) -> tuple[Any, dict[str, Any], Any, Any, str]:
+    """(pipeline, call kwargs, transformer, adapter, device), the pipeline on its device."""
+    import torch
+
+    from ..pipelines.base import UnsupportedModelError, get_adapter
+
+    loaded = load_pipeline(args.pipeline, args.model, fallback_random=False, command=PROG)
+    pipe, kw = loaded.pipe, loaded.call_kwargs
     comps = getattr(pipe, "components", None)
     transformer = comps.get("transformer") if isinstance(comps, dict) else None
     if not isinstance(transformer, torch.nn.Module):
@@ -248,7 +241,7 @@ def _run(args) -> int:
         device = str(state.device)  # one GPU per process
     pipe.to(device)
     for name, val in (
-        ("num_frames", args.num_frames),
+        ("num_frames", args.frames),
         ("height", args.height),
         ("width", args.width),
         ("guidance_scale", args.guidance_scale),
@@ -256,11 +249,15 @@ def _run(args) -> int:
         if val is not None:
             kw[name] = val
     kw.pop("prompt", None)
-    steps = args.steps or kw.get("num_inference_steps") or 50
-    n_layers = len(adapter.attention_modules(transformer))
-    from .profile import default_profile_steps
+    return pipe, kw, transformer, adapter, device
 
-    n_prof = len(psteps) if psteps else len(default_profile_steps(int(steps)))
+
+def _profile(args, inp: dict[str, Any], pipe, kw, steps: int, n_layers: int, rank: int, world: int, state):
+    """The statistics of every prompt (main process; ``None`` elsewhere)."""
+    from .profile import default_profile_steps, profile_pipeline
+
+    prompts, psteps = inp["prompts"], inp["profile_steps"]
+    n_prof = len(psteps) if psteps else len(default_profile_steps(steps))
     mine = list(range(len(prompts)))
     if state is not None:
         with state.split_between_processes(mine) as share:
@@ -273,33 +270,32 @@ def _run(args) -> int:
         bar = tqdm(total=len(mine) * n_prof * n_layers, desc=desc, unit="call", position=rank)
     measure = dict(
         call_kwargs=kw,
-        num_steps=int(steps),
+        num_steps=steps,
         profile_steps=psteps,
-        families=fams,
+        families=inp["families"],
         block_size=args.block_size,
         num_rows=args.num_rows,
-        seed=args.seed,
+        seed=args.seeds[0],
         progress=None if bar is None else bar.update,
     )
     try:
         if state is None:
-            stats = profile_pipeline(pipe, prompts, stats=prior, **measure)
-        else:
-            stats = _profile_share(state, pipe, prompts, mine, prior, measure)
+            return profile_pipeline(pipe, prompts, stats=inp["prior"], **measure)
+        return _profile_share(state, pipe, prompts, mine, inp["prior"], measure)
     except ValueError as e:
         raise SearchInputError(str(e)) from None
     finally:
         if bar is not None:
             bar.close()
-    if stats is None:
-        _finish_processes(state)  # not the main process: its statistics are in the main process's merge
-        return 0
-    if world > 1:
-        print(f"profiled {len(prompts)} prompts on {world} processes")
-    if args.stats:
-        stats.save(args.stats)
+
+
+def _make_plan(args, stats, transformer, adapter, device: str, steps: int):
+    """Search the plan from the statistics, price it on ``device``; returns (plan, report, price lines)."""
     from ..defaults import family_schedule
     from ..specs import DenseSchedule
+    from .cost import CostCache
+    from .price import price_searched_plan
+    from .profile import plan_from_stats
 
     fs = family_schedule(adapter)
     schedule = DenseSchedule(
@@ -308,32 +304,37 @@ def _run(args) -> int:
     )
     any_layer = next(iter(stats.layers.values()))
     cost = CostCache().get(
-        device,
-        head_dim=any_layer.head_dim,
-        block_size=args.block_size,
-        dtype=transformer.dtype,
+        device, head_dim=any_layer.head_dim, block_size=args.block_size, dtype=transformer.dtype,
         calibrate=args.calibrate,
-    )
+    )  # fmt: skip
     plan, report = plan_from_stats(
-        stats,
-        transformer,
-        target_error=args.target_error,
-        density=args.density,
-        cost_model=cost,
-        schedule=schedule,
-        min_tokens=int(fs["min_tokens"]),
-    )
-    from .price import price_searched_plan
-
+        stats, transformer, target_error=args.target_error, density=args.density, cost_model=cost,
+        schedule=schedule, min_tokens=int(fs["min_tokens"]),
+    )  # fmt: skip
     plan, _, lines = price_searched_plan(
-        plan,
-        stats,
-        transformer,
-        num_steps=int(steps),
-        device=device,
-        block_size=args.block_size,
+        plan, stats, transformer, num_steps=steps, device=device, block_size=args.block_size,
         guard=not args.keep_slow_layers,
-    )
+    )  # fmt: skip
+    return plan, report, lines
+
+
+def _run(args) -> int:
+    from ..loading import distributed
+
+    inp = _check_inputs(args)
+    rank, world, state = distributed()
+    pipe, kw, transformer, adapter, device = _load(args, world, state)
+    steps = int(args.steps or kw.get("num_inference_steps") or 50)
+    n_layers = len(adapter.attention_modules(transformer))
+    stats = _profile(args, inp, pipe, kw, steps, n_layers, rank, world, state)
+    if stats is None:
+        _finish_processes(state)  # not the main process: its statistics are in the main process's merge
+        return 0
+    if world > 1:
+        print(f"profiled {len(inp['prompts'])} prompts on {world} processes")
+    if args.stats:
+        stats.save(args.stats)
+    plan, report, lines = _make_plan(args, stats, transformer, adapter, device, steps)
     print(report.format())
     for line in lines:
         print(line)
@@ -343,8 +344,8 @@ def _run(args) -> int:
             "meta.search.budget_met = false",
             file=sys.stderr,
         )
-    plan.save(out, overwrite=args.force)
-    print(f"wrote {out} ({plan.summary()})")
+    plan.save(inp["out"], overwrite=args.overwrite)
+    print(f"wrote {inp['out']} ({plan.summary()})")
     _finish_processes(state)
     return 0
 

@@ -1,8 +1,9 @@
 """``sparsediff plan show PLAN [--png FILE]``: a plan's summary and a layer x head heatmap.
 
-The heatmap has one cell per (layer, head): the colour is the head's family, the shade its density
-(measured by the search when the plan carries ``stats``; pale = sparse, saturated = dense; cells
-without a measurement are drawn at full shade with a dot).
+The heatmap has one cell per (layer, head): the colour is the head's family only (a categorical palette,
+legend on the right); the density measured by the search (when the plan carries ``stats``) is printed in
+the cell when it fits, else shown as the area of a square outline in the cell (full cell = dense); cells
+without a measurement show "-" / no square.
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_args import deprecated_alias, fail
 from ..plan import Plan, PlanError
 from .candidates import family
 
-__all__ = ["main", "plan_rows", "save_heatmap", "FAMILY_COLORS"]
+__all__ = ["main", "build_parser", "plan_rows", "save_heatmap", "FAMILY_COLORS"]
 
-#: RGB in [0, 1] per family (colour-blind-friendly Okabe-Ito palette).
+#: RGB in [0, 1] per family (colour-blind-friendly Okabe-Ito palette; no two families share a hue).
 FAMILY_COLORS = {
     "dense": (0.0, 0.0, 0.0),
     "radial": (0.90, 0.62, 0.0),
     "tile": (0.34, 0.71, 0.91),
     "reordered": (0.0, 0.62, 0.45),
     "cluster": (0.80, 0.47, 0.65),
-    "topp": (0.0, 0.45, 0.70),
+    "topp": (0.94, 0.89, 0.26),
     "lse_cache": (0.84, 0.37, 0.0),
     "skip": (0.6, 0.6, 0.6),
 }
@@ -77,41 +79,67 @@ def plan_rows(plan: Plan) -> list[str]:
     return lines
 
 
+def _title(plan: Plan, width_in: float) -> str:
+    import textwrap
+
+    name = plan.model.transformer_class if plan.model is not None else "plan"
+    text = f"{name}: {plan.summary()}"
+    return "\n".join(textwrap.wrap(text, max(30, int(width_in * 11)))[:3])
+
+
+def _text_colour(rgb) -> str:
+    r, g, b = rgb
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
 def save_heatmap(plan: Plan, path: str | Path) -> Path:
-    """Write the layer x head heatmap as a PNG (matplotlib, imported lazily)."""
+    """Write the layer x head heatmap as a PNG (matplotlib, imported lazily): colour = family (legend),
+    density printed per cell (or, for many heads, a white square whose area is the density)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
+        from matplotlib.patches import Patch, Rectangle
     except ImportError as e:  # pragma: no cover - matplotlib is a dependency
         raise ImportError("plan show --png needs matplotlib: pip install matplotlib") from e
     import numpy as np
 
     grid = _grid(plan)
-    L = len(grid)
-    H = max(len(r) for r in grid)
+    L, H = len(grid), max(len(r) for r in grid)
     img = np.ones((L, H, 3))
-    dots = []
+    for li, row in enumerate(grid):
+        for hi, (fam, _) in enumerate(row):
+            img[li, hi] = FAMILY_COLORS.get(fam, (0.5, 0.5, 0.5))
+    width_in = max(5.5, 0.42 * H + 3.0)
+    fig, ax = plt.subplots(figsize=(width_in, max(3.2, 0.3 * L + 2.0)))
+    ax.imshow(img, aspect="auto", interpolation="nearest")
+    numbers = H <= 24 and L <= 48  # a printed number fits in the cell
     for li, row in enumerate(grid):
         for hi, (fam, d) in enumerate(row):
-            c = np.array(FAMILY_COLORS.get(fam, (0.5, 0.5, 0.5)))
-            s = 1.0 if d is None else 0.25 + 0.75 * min(1.0, max(0.0, d))
-            img[li, hi] = 1.0 - s * (1.0 - c)
-            if d is None:
-                dots.append((hi, li))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * H + 2.5), max(3.0, 0.25 * L + 1.5)))
-    ax.imshow(img, aspect="auto", interpolation="nearest")
-    for x, y in dots:
-        ax.plot(x, y, ".", color="white", markersize=3)
+            rgb = FAMILY_COLORS.get(fam, (0.5, 0.5, 0.5))
+            if numbers:
+                label = "-" if d is None else f"{d:.2f}".lstrip("0") if d < 1 else "1"
+                ax.text(hi, li, label, ha="center", va="center", fontsize=7, color=_text_colour(rgb))
+            elif d is not None:
+                side = 0.9 * float(np.sqrt(min(1.0, max(0.0, d))))
+                ax.add_patch(
+                    Rectangle((hi - side / 2, li - side / 2), side, side, fill=False, ec="white", lw=0.8)
+                )
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.tick_params(labelsize=7)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    title = plan.model.transformer_class if plan.model is not None else "plan"
-    ax.set_title(f"{title}: family (colour), density (shade: pale = sparse)")
+    ax.set_title(_title(plan, width_in), fontsize=9)
     used = sorted({f for row in grid for f, _ in row})
+    how = (
+        "number: density (fraction of blocks kept)" if numbers else "square area: density (full cell = dense)"
+    )
     ax.legend(
         handles=[Patch(color=FAMILY_COLORS.get(f, (0.5, 0.5, 0.5)), label=f) for f in used],
+        title=f"colour: family\n{how}",
+        title_fontsize=7,
         loc="upper left",
         bbox_to_anchor=(1.01, 1.0),
         fontsize=8,
@@ -119,28 +147,39 @@ def save_heatmap(plan: Plan, path: str | Path) -> Path:
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparsediff plan", description="Inspect sparsediff plans.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    show = sub.add_parser("show", help="summary and per-layer table; --png writes a layer x head heatmap")
-    show.add_argument("plan")
-    show.add_argument("--png", metavar="FILE")
-    args = ap.parse_args(argv)
+    show = sub.add_parser(
+        "show",
+        prog="sparsediff plan show",
+        help="summary and per-layer table; --png writes a layer x head heatmap",
+    )
+    show.add_argument("plan", help="a plan JSON file")
+    show.add_argument("--png", metavar="FILE", help="write the layer x head heatmap to FILE")
+    show.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
+    deprecated_alias(show, "--force", "--overwrite")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         plan = Plan.load(args.plan)
     except (FileNotFoundError, PlanError) as e:
-        print(f"sparsediff plan: error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(plan_rows(plan)))
+        return fail("sparsediff plan", e)
     if args.png:
         if plan.layers is None:
-            print("sparsediff plan: error: a uniform plan has no per-head heatmap", file=sys.stderr)
-            return 2
+            return fail("sparsediff plan", "a uniform plan has no per-head heatmap")
+        if Path(args.png).exists() and not args.overwrite:
+            return fail("sparsediff plan", f"--png {args.png} exists; pass --overwrite to replace it")
+    print("\n".join(plan_rows(plan)))
+    if args.png:
         print(f"wrote {save_heatmap(plan, args.png)}")
     return 0
 

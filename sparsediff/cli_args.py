@@ -1,0 +1,207 @@
+"""Argparse pieces every ``sparsediff`` command shares: one name and one meaning per flag.
+
+* :func:`add_video_args` -- ``--frames --height --width --steps --guidance-scale`` (``--steps`` >= 1, checked
+  by argparse: exit status 2);
+* :func:`add_seeds_arg` -- ``--seeds N [N ...]``;
+* :func:`add_output_args` -- ``--out``, ``--overwrite``, ``--no-progress``;
+* :func:`add_threads_arg` / :func:`apply_threads` -- ``--threads N`` (torch CPU threads);
+* :func:`deprecated_alias` -- an old spelling kept for one release: accepted, with a one-line warning on
+  stderr naming the new flag;
+* :class:`InputError` -- a bad input found before any generation; commands print it as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "InputError",
+    "positive_int",
+    "nonnegative_int",
+    "deprecated_alias",
+    "add_video_args",
+    "add_seeds_arg",
+    "add_output_args",
+    "add_threads_arg",
+    "apply_threads",
+    "fail",
+    "read_prompts_file",
+]
+
+
+class InputError(ValueError):
+    """A bad command-line input, found before anything is generated or written (exit status 2)."""
+
+
+def fail(prog: str, error: BaseException | str) -> int:
+    """Print ``prog: error: <one line>`` on stderr and return the exit status 2."""
+    text = " ".join(str(error).split("\n"))
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Prompts of a text file: one per line; blank lines and lines starting with ``#`` are skipped.
+    Raises :class:`InputError` for a missing or unreadable file (an empty list is the caller's to judge)."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"prompts file {p} is a directory")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"prompts file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read prompts file {p}: {e}") from None
+    return [q for q in (ln.strip() for ln in text.splitlines()) if q and not q.startswith("#")]
+
+
+def positive_int(text: str) -> int:
+    """Argparse type: an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def nonnegative_int(text: str) -> int:
+    """Argparse type: an int >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def positive_float(text: str) -> float:
+    """Argparse type: a finite float > 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x
+
+
+def _warning_action(new: str, base: type[argparse.Action]) -> type[argparse.Action]:
+    class _Deprecated(base):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(
+                f"{parser.prog}: warning: {option_string} is deprecated and will be removed; use {new}",
+                file=sys.stderr,
+            )
+            super().__call__(parser, namespace, values, option_string)
+
+    return _Deprecated
+
+
+def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` as a hidden spelling of the already-added flag ``new`` (same dest, type and nargs),
+    printing a one-line warning on stderr when it is used."""
+    target = next(a for a in parser._actions if new in a.option_strings)
+    kwargs: dict[str, Any] = {"dest": target.dest, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS}
+    if isinstance(target, argparse._StoreTrueAction):
+        kwargs["action"] = _warning_action(new, argparse._StoreTrueAction)
+    else:
+        kwargs["action"] = _warning_action(new, argparse._StoreAction)
+        kwargs.update(type=target.type, nargs=target.nargs, metavar=target.metavar)
+        if target.choices is not None:
+            kwargs["choices"] = target.choices
+    parser.add_argument(old, **kwargs)
+
+
+def add_video_args(
+    parser: argparse.ArgumentParser,
+    *,
+    steps_default: str = "the pipeline's",
+    size_default: str = "the pipeline's",
+    guidance_default: str = "the pipeline's",
+) -> None:
+    """``--frames --height --width --steps --guidance-scale`` (all default ``None``: the pipeline's own),
+    with the deprecated spellings ``--num-frames`` and ``--guidance``."""
+    parser.add_argument(
+        "--frames", type=positive_int, metavar="N", help=f"video frames (default: {size_default})"
+    )
+    parser.add_argument(
+        "--height", type=positive_int, metavar="PX", help=f"height in px (default: {size_default})"
+    )
+    parser.add_argument(
+        "--width", type=positive_int, metavar="PX", help=f"width in px (default: {size_default})"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, metavar="N", help=f"denoising steps, >= 1 (default: {steps_default})"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="G",
+        help=f"classifier-free guidance scale (default: {guidance_default})",
+    )
+    deprecated_alias(parser, "--num-frames", "--frames")
+    deprecated_alias(parser, "--guidance", "--guidance-scale")
+
+
+def add_seeds_arg(parser: argparse.ArgumentParser, *, help: str = "generation seeds (default: 0)") -> None:
+    """``--seeds N [N ...]`` (default ``[0]``), with the deprecated spelling ``--seed``."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="N", help=help)
+    deprecated_alias(parser, "--seed", "--seeds")
+
+
+def add_output_args(
+    parser: argparse.ArgumentParser,
+    *,
+    out_help: str,
+    out_default: str | None = None,
+    out_metavar: str = "DIR",
+    overwrite_help: str = "replace existing outputs in --out (never replaced without it)",
+    progress: bool = True,
+) -> None:
+    """``--out``, ``--overwrite`` (deprecated spelling ``--force``) and ``--no-progress``."""
+    parser.add_argument(
+        "--out", default=out_default, required=out_default is None, metavar=out_metavar, help=out_help
+    )
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    deprecated_alias(parser, "--force", "--overwrite")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch CPU threads."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)",
+    )
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads when ``--threads`` was given."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """``(flags, help)`` of every visible option of ``parser`` (for the README table)."""
+    rows = []
+    for a in parser._actions:
+        if not a.option_strings or a.help == argparse.SUPPRESS or isinstance(a, argparse._HelpAction):
+            continue
+        rows.append((", ".join(a.option_strings), a.help or ""))
+    return rows
+
+
+#: What a command's ``build_parser`` looks like.
+ParserFactory = Callable[[], argparse.ArgumentParser]
