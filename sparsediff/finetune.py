@@ -693,7 +693,7 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
         )
     lines += [
         "",
-        "Load with diffusers' API: `pipe.load_lora_weights(DIR)` (or `pipe.transformer.load_lora_adapter(DIR, weight_name="pytorch_lora_weights.safetensors")`),",
+        "Load with diffusers' API: `pipe.load_lora_weights(DIR)` (or `pipe.transformer.load_lora_adapter(DIR, weight_name='pytorch_lora_weights.safetensors')`),",
         "or let sparsediff load the adapter with its plan: `pipe.enable_sparse_attention(DIR)`.",
         "",
     ]
