@@ -937,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
             targets=args.targets,
         )
         apply_threads(args.threads)
-        loaded = load_pipeline(args.pipeline, args.model, fallback_random=False, command=prog)
+        loaded = load_pipeline(args.pipeline, args.model, allow_random=False, command=prog)
         pipe = loaded.pipe
         if getattr(pipe, "transformer", None) is None:
             raise InputError(f"{type(pipe).__name__} has no 'transformer' component to fine-tune")

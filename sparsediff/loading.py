@@ -135,7 +135,7 @@ def _from_model(model: str, dtype: torch.dtype | None) -> LoadedPipeline:
     return LoadedPipeline(pipe, {}, info)
 
 
-def _default(fallback_random: bool, command: str, dtype: torch.dtype | None) -> LoadedPipeline:
+def _default(allow_random: bool, command: str, dtype: torch.dtype | None) -> LoadedPipeline:
     from . import embedded
 
     if embedded.has_trained_weights():
@@ -143,7 +143,7 @@ def _default(fallback_random: bool, command: str, dtype: torch.dtype | None) -> 
         return LoadedPipeline(
             pipe, {}, {"source": "embedded trained model (sparsediff/embedded/weights)", "trained": True}
         )
-    if not fallback_random:
+    if not allow_random:
         raise PipelineSourceError(
             "give --pipeline MODULE:FUNCTION or --model ID_OR_FOLDER (the embedded model is the default, but "
             "its trained weights are not in this installation)"
@@ -164,7 +164,7 @@ def load_pipeline(
     *,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    fallback_random: bool = True,
+    allow_random: bool = True,
     command: str = "sparsediff",
 ) -> LoadedPipeline:
     """Load the pipeline named by ``--pipeline`` / ``--model`` (or the default, see the module docstring),
@@ -178,7 +178,7 @@ def load_pipeline(
     elif model:
         loaded = _from_model(model, dtype)
     else:
-        loaded = _default(fallback_random, command, dtype)
+        loaded = _default(allow_random, command, dtype)
     if device is not None:
         loaded.pipe = loaded.pipe.to(device)
     comps = getattr(loaded.pipe, "components", {}) or {}

@@ -216,7 +216,7 @@ def test_later_set_attention_backend_is_the_dense_fallback(restore_global_backen
     base = tiny()
     h = api.enable_sparse_attention(tiny.pipe, Plan.dense(), backend="reference")
     tiny.pipe.transformer.set_attention_backend("_native_math")
-    assert all(ctx.fallback.value == "_native_math" for ctx in h.states["transformer"].layers)
+    assert all(ctx.own_backend.value == "_native_math" for ctx in h.states["transformer"].layers)
     out = tiny()
     tiny.pipe.transformer.reset_attention_backend()
     h.disable()

@@ -36,7 +36,7 @@ def load_pipeline(
     embedded trained model by default, its random-init twin with a warning when the weights are
     missing). Call kwargs a ``--pipeline`` factory returns are not used. Raises :class:`CompareError`."""
     try:
-        loaded = _load(pipeline, model, device=device, dtype=dtype, fallback_random=True, command=PROG)
+        loaded = _load(pipeline, model, device=device, dtype=dtype, allow_random=True, command=PROG)
     except InputError as e:
         raise CompareError(str(e)) from None
     return loaded.pipe, loaded.info

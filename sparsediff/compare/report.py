@@ -117,7 +117,7 @@ def _variant_row(
         "mean_density": 1.0,
         "run_density": rec.get("run_density", 1.0),
         "s_per_step": _mean([r["s_per_step"] for r in smp]),
-        "s_per_step_sd": _sd([r["s_per_step"] for r in smp]),
+        "s_per_step_sd": _std([r["s_per_step"] for r in smp]),
         "total_s": _mean([r["total_s"] for r in smp]),
         "peak_memory_gb": rec.get("peak_memory_gb"),
         "predicted_speedup": rec.get("predicted_speedup"),
@@ -212,7 +212,7 @@ def _load_average() -> float | None:
         return None
 
 
-def _sd(xs: list[Any]) -> float | None:
+def _std(xs: list[Any]) -> float | None:
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return None

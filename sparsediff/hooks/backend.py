@@ -97,7 +97,7 @@ def backend_member() -> Any:
     return _BACKEND_MEMBER
 
 
-def _fallback_backend(name: Any) -> tuple[Any, Any]:
+def _dense_backend(name: Any) -> tuple[Any, Any]:
     """(enum member, function) of the dense backend ``name`` (None: the global active one; never us)."""
     reg = _ad._AttentionBackendRegistry
     if name is None:
@@ -110,7 +110,7 @@ def _fallback_backend(name: Any) -> tuple[Any, Any]:
 
 def call_backend(name: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     """Call a registered dense backend exactly like ``dispatch_attention_fn`` would."""
-    member, fn = _fallback_backend(name)
+    member, fn = _dense_backend(name)
     allowed = _ad._AttentionBackendRegistry._supported_arg_names[member]
     return fn(**{k: v for k, v in kwargs.items() if k in allowed})
 

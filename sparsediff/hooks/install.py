@@ -86,7 +86,7 @@ def _sparse_processor_class(base: type) -> type:
         def _set_backend(self, value):
             # set_attention_backend / reset_attention_backend land here: the new dense fallback
             if self._sd_ctx is not None:
-                self._sd_ctx.fallback = value
+                self._sd_ctx.own_backend = value
             else:
                 self.__dict__["_sd_backend"] = value
 
@@ -116,7 +116,7 @@ def _wrap_processor(orig: Any, base: type, ctx: LayerContext) -> Any:
     same way: the new object shares ``orig``'s parameter and submodule dicts, so it holds the same weights
     (``state_dict`` keys unchanged).
     """
-    ctx.fallback = getattr(orig, "_attention_backend", None)
+    ctx.own_backend = getattr(orig, "_attention_backend", None)
     new = object.__new__(_sparse_processor_class(base))
     d = dict(vars(orig))
     d.pop("_attention_backend", None)
@@ -239,7 +239,7 @@ def remove_sparse_attention(transformer: torch.nn.Module) -> bool:
         for k, v in vars(ours).items():
             if not k.startswith("_sd_"):
                 setattr(orig, k, v)
-        fb = ours._sd_ctx.fallback
+        fb = ours._sd_ctx.own_backend
         if fb is not None or "_attention_backend" in vars(orig):
             orig._attention_backend = fb
         if mod.processor is ours or _is_sparse_processor(mod.processor):

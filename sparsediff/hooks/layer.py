@@ -68,7 +68,7 @@ class LayerContext:
         self.id = register_layer(self)
         #: identifies the layer inside compiled graphs without specialising on it
         self.key = torch.tensor([self.id], dtype=torch.int64)
-        self.fallback: Any = None  # the processor's own backend (None: the global active backend)
+        self.own_backend: Any = None  # the processor's own backend (None: the global active backend)
         #: LayerState per (CFG branch = transformer call within a step, attention call of this layer
         #: within that transformer call). Mochi attends per sample and key-padding masks split a batch,
         #: so one layer can run several calls per forward; each keeps its own caches across steps.
@@ -104,7 +104,7 @@ class LayerContext:
         return self._ncalls - 1
 
     def dense(self, kwargs: dict[str, Any]) -> torch.Tensor:
-        return call_backend(self.fallback, kwargs)
+        return call_backend(self.own_backend, kwargs)
 
     # ------------------------------------------------------------------ the attention product
     def attention(self, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -226,7 +226,7 @@ def _load(args, world: int, state) -> tuple[Any, dict[str, Any], Any, Any, str]:
 
     from ..pipelines.base import UnsupportedModelError, get_adapter
 
-    loaded = load_pipeline(args.pipeline, args.model, fallback_random=False, command=PROG)
+    loaded = load_pipeline(args.pipeline, args.model, allow_random=False, command=PROG)
     pipe, kw = loaded.pipe, loaded.call_kwargs
     comps = getattr(pipe, "components", None)
     transformer = comps.get("transformer") if isinstance(comps, dict) else None
