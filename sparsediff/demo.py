@@ -144,9 +144,12 @@ def _check_plan(m: _Model, plan: str | None, handle_kwargs: dict[str, Any]) -> t
     """The plan to run and where it came from; a plan that does not fit the model fails here, in seconds,
     before anything is generated or written."""
     from .api import enable_sparse_attention
+    from .plan import ADAPTER_WEIGHTS_FILE
 
     if plan is not None:
         source = f"--plan {plan}"
+        if Path(plan).is_dir() and (Path(plan) / ADAPTER_WEIGHTS_FILE).is_file():
+            source += " with its LoRA adapter"
     elif m.shipped_plan is not None:
         plan, source = m.shipped_plan, "searched plan shipped with the model"
     else:
