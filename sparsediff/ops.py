@@ -10,7 +10,7 @@ is logged once per reason at WARNING: it runs, correctly, but far slower than th
 Gradients: the op is differentiable. The forward saves its output and LSE; the backward
 (``sparsediff::block_sparse_attn_bwd``, block-sparse FlashAttention-2) runs the Triton kernels on CUDA
 (``backend="auto"`` when the kernel takes the inputs, or ``"triton"``) and the PyTorch twin
-:func:`sparsediff.reference._backward` otherwise (CPU, ``"reference"``): both visit only the listed blocks
+:func:`sparsediff.reference.backward_blocks` otherwise (CPU, ``"reference"``): both visit only the listed blocks
 and never form an ``Nq x Nk`` matrix.
 """
 
@@ -95,7 +95,7 @@ def _run(q, k, v, kv_indices, kv_counts, block_q, block_kv, seq_q, seq_k, scale,
         return _kernels().block_sparse_attention_fwd(
             q, k, v, kv_indices, kv_counts, block_q=block_q, block_kv=block_kv, scale=scale
         )
-    return reference._forward(q, k, v, mask, scale)
+    return reference.forward_blocks(q, k, v, mask, scale)
 
 
 @torch.library.custom_op("sparsediff::block_sparse_attn", mutates_args=())
@@ -146,7 +146,7 @@ def _block_sparse_attn_bwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of the forward op from its saved ``out`` and ``lse`` (see :func:`_backward`)."""
+    """``(dq, dk, dv)`` of the forward op from its saved ``out`` and ``lse`` (see :func:`~sparsediff.reference.backward_blocks`)."""
     Nq, Nk = q.shape[2], k.shape[2]
     mask = BlockSparseMask(kv_indices, kv_counts, (block_q, block_kv), (Nq, Nk), validate=False)
     if _use_triton_backward(q, mask, backend):
@@ -155,7 +155,7 @@ def _block_sparse_attn_bwd_op(
             q, k, v, out, lse, grad_out, grad_lse, kv_indices, kv_counts, q_idx, q_cnt,
             block_q=block_q, block_kv=block_kv, scale=scale,
         )  # fmt: skip
-    return reference._backward(q, k, v, out, lse, grad_out, grad_lse, mask, scale)
+    return reference.backward_blocks(q, k, v, out, lse, grad_out, grad_lse, mask, scale)
 
 
 @_block_sparse_attn_bwd_op.register_fake
@@ -173,7 +173,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     """Gradients of q, k, v from the forward's saved ``out`` and ``lse`` (FlashAttention-2's backward on
     the listed blocks): the Triton kernels where the forward would run them on CUDA (or
-    ``backend="triton"``), else the PyTorch twin :func:`sparsediff.reference._backward` -- chunks of query
+    ``backend="triton"``), else the PyTorch twin :func:`sparsediff.reference.backward_blocks` -- chunks of query
     blocks over their gathered key blocks, no ``Nq x Nk`` matrix, O(N * D) memory beyond a few bounded
     chunk buffers. Both go through the ``sparsediff::block_sparse_attn_bwd`` op, so compiled training
     graphs see one opaque op with a fake impl."""

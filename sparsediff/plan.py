@@ -240,7 +240,7 @@ def _spec_from_dict(s: Any, where: str) -> HeadSpec:
 
 
 # ---------------------------------------------------------------------- layout (de)serialisation
-def _layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
+def layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
     return {
         "segments": [
             {"kind": s.kind, "length": s.length, "grid": list(s.grid) if s.grid else None}
@@ -249,7 +249,7 @@ def _layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
     }
 
 
-def _layout_from_dict(d: Mapping[str, Any]) -> TokenLayout:
+def layout_from_dict(d: Mapping[str, Any]) -> TokenLayout:
     _require(d, ("segments",), "layout")
     _reject_unknown(d, _LAYOUT_KEYS, "layout")
     for i, s in enumerate(d["segments"] if isinstance(d["segments"], Sequence) else ()):
@@ -518,7 +518,7 @@ class Plan:
             if self.layers is None
             else [[s.to_dict() for s in layer] for layer in self.layers],
             "stats": None if self.stats is None else [[dict(x) for x in layer] for layer in self.stats],
-            "layout": None if self.layout is None else _layout_to_dict(self.layout),
+            "layout": None if self.layout is None else layout_to_dict(self.layout),
             "meta": _jsonable(dict(self.meta)),
         }
 
@@ -578,7 +578,7 @@ class Plan:
             if stats is not None:
                 stats = tuple(tuple(dict(x) for x in layer) for layer in stats)
             model = None if d.get("model") is None else ModelIdentity.from_dict(d["model"])
-            layout = None if d.get("layout") is None else _layout_from_dict(d["layout"])
+            layout = None if d.get("layout") is None else layout_from_dict(d["layout"])
             min_tokens = d.get("min_tokens", 0)
             if isinstance(min_tokens, bool) or not isinstance(min_tokens, int):
                 raise PlanError(f"min_tokens must be a non-negative int, got {min_tokens!r}")

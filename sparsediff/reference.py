@@ -78,7 +78,7 @@ def block_sparse_attention(
     Rows that attend to no key give out = 0 and lse = -inf.
     """
     check_inputs(q, k, v, mask)
-    out, lse = _forward(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
+    out, lse = forward_blocks(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     return (out, lse) if return_lse else out
 
 
@@ -86,7 +86,7 @@ def _cpu_flash_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _forward(
+def forward_blocks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if (
@@ -424,7 +424,7 @@ def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return res
 
 
-def _backward(
+def backward_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -265,9 +265,9 @@ def test_triton_backward_matches_twin_and_explicit_tiles():
     mask = _mask(1, 2, 100, 90, 32, 0.5, empty_qblock=(0, 1, 0))
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend="reference")
     g_out, g_lse = torch.randn(q.shape), torch.randn(lse.shape)
-    from sparsediff.reference import _backward
+    from sparsediff.reference import backward_blocks
 
-    want = _backward(q, k, v, out, lse, g_out, g_lse, mask, 0.25)
+    want = backward_blocks(q, k, v, out, lse, g_out, g_lse, mask, 0.25)
     q_idx, q_cnt = transposed_block_lists(mask.kv_indices, mask.kv_counts, mask.num_kv_blocks)
     for cfg in (None, BwdLaunchConfig(LaunchConfig(4, 1, 16, 16), LaunchConfig(4, 1, 16, 16))):
         got = block_sparse_attention_bwd(

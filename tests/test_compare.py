@@ -203,7 +203,7 @@ def test_parse_variant():
     w = cmp.parse_variant("dense_steps=0,label=fast")
     assert (w.plan, w.label, w.overrides) == (None, "fast", {"dense_steps": 0})
     with pytest.raises(cmp.CompareError, match="share the name"):
-        cmp._unique_labels([cmp.parse_variant("radial"), cmp.parse_variant("radial")])
+        cmp.unique_labels([cmp.parse_variant("radial"), cmp.parse_variant("radial")])
     with pytest.raises(cmp.CompareError, match="not key=value"):
         cmp.parse_variant("radial,tile")
 

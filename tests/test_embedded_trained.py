@@ -106,7 +106,7 @@ def test_default_plan_is_sparse_and_close_to_dense(pipe):
 
 @pytest.mark.parametrize("broken", ["zeros", "heads_swapped"])
 def test_psnr_floor_catches_broken_attention(pipe, monkeypatch, broken):
-    real = reference._forward
+    real = reference.forward_blocks
 
     def bad(q, k, v, mask, scale):
         out, lse = real(q, k, v, mask, scale)
@@ -114,6 +114,6 @@ def test_psnr_floor_catches_broken_attention(pipe, monkeypatch, broken):
             return torch.zeros_like(out), lse
         return out.roll(1, dims=1), lse  # [B, H, N, D]: every head gets its neighbour's output
 
-    monkeypatch.setattr(reference, "_forward", bad)
+    monkeypatch.setattr(reference, "forward_blocks", bad)
     dense, sparse, _ = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11)
     assert video_metrics(sparse, dense).psnr < PSNR_FLOOR

@@ -59,7 +59,7 @@ def test_scattered_masks_take_the_grouped_path_and_match_oracle():
     nb = math.ceil(N / bs)
     blocks = torch.rand(1, H, nb, nb, generator=g) < 0.3
     mask = BlockSparseMask.from_dense(blocks, bs, (N, N))
-    out, lse = reference._forward(q, k, v, mask, D**-0.5)
+    out, lse = reference.forward_blocks(q, k, v, mask, D**-0.5)
     ref_out, ref_lse = _oracle(q, k, v, mask)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)

@@ -111,7 +111,7 @@ def test_search_guard_makes_layers_that_are_not_faster_dense(monkeypatch):
         return PlanPrice(sparse, dict.fromkeys(range(n), 1.0), 4, "cpu", (1, 64, h, 32))
 
     monkeypatch.setattr(price_mod, "price_plan", fake_price)
-    monkeypatch.setattr(profile_mod, "_attention_fraction", lambda stats, n: 0.8)
+    monkeypatch.setattr(profile_mod, "attention_fraction", lambda stats, n: 0.8)
     stats = profile_mod.SearchStats(
         {0: LayerStats.empty([HeadSpec("dense")], TokenLayout.video(2, 4, 8), h, 32)}
     )

@@ -43,10 +43,10 @@ from .variants import (
     OUTPUT_FILES,
     CompareError,
     Variant,
-    _unique_labels,  # noqa: F401  (tests and older callers)
     check_output_dir,
     parse_variant,
     read_prompts,
+    unique_labels,  # noqa: F401  (tests and older callers)
 )
 
 __all__ = [

@@ -24,7 +24,7 @@ from ..loading import add_source_args, check_source
 from ..loading import distributed as _distributed
 from ..loading import load_pipeline as _load
 from .run import compare
-from .variants import CompareError, _unique_labels, check_output_dir, parse_variant, read_prompts
+from .variants import CompareError, check_output_dir, parse_variant, read_prompts, unique_labels
 
 PROG = "sparsediff compare"
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         check_source(args.pipeline, args.model)
         prompts = _prompts(args)
         variants = [parse_variant(spec) for spec in args.plans]
-        _unique_labels(variants)
+        unique_labels(variants)
         out = Path(args.out)
         check_output_dir(out, args.overwrite, create=False)  # writes nothing
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

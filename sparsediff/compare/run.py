@@ -26,13 +26,13 @@ from .variants import (
     BASELINE,
     CompareError,
     Variant,
-    _preflight_plans,
-    _remove_outputs,
-    _slug,
-    _unique_labels,
-    _vocabulary_warnings,
     check_output_dir,
+    label_slug,
     parse_variant,
+    preflight_plans,
+    remove_outputs,
+    unique_labels,
+    vocabulary_warnings,
 )
 
 _PARTS_DIR = ".compare-parts"  # per-process results under accelerate, removed after the merge
@@ -239,7 +239,7 @@ def _check_inputs(
         raise CompareError("no seeds")
     if video_format not in ("mp4", "gif"):
         raise CompareError(f"video_format must be 'mp4' or 'gif', got {video_format!r}")
-    variants = _unique_labels([v if isinstance(v, Variant) else parse_variant(v) for v in plans])
+    variants = unique_labels([v if isinstance(v, Variant) else parse_variant(v) for v in plans])
     if not variants:
         raise CompareError("no plans to compare (pass --plans ...)")
     try:
@@ -263,7 +263,9 @@ def _one_sample(run: _Run, name: str, pi: int, seed: int) -> dict[str, Any]:
         m = run.meter(frames, run.dense_frames[(pi, seed)])
         rec["metrics"] = asdict(m)  # floats (inf for identical videos); results.json writes null
     if run.out_dir is not None:
-        path = write_video(frames, run.out_dir / "videos" / f"p{pi}_s{seed}_{_slug(name)}", run.video_format)
+        path = write_video(
+            frames, run.out_dir / "videos" / f"p{pi}_s{seed}_{label_slug(name)}", run.video_format
+        )
         rec["video"] = str(path.relative_to(run.out_dir))
     run.strip_rows.setdefault((pi, seed), {})[name] = frames
     run.strip_notes.setdefault((pi, seed), {})[name] = (
@@ -361,10 +363,10 @@ def _start(pipe: Any, out_dir: Path | None, overwrite: bool, variants: list[Vari
     """Output folder checks (main process), the plan preflight; returns (rank, world, state, summaries)."""
     rank, world, state = _distributed()
     if out_dir is not None and rank == 0:
-        _remove_outputs(check_output_dir(out_dir, overwrite))
+        remove_outputs(check_output_dir(out_dir, overwrite))
     if state is not None:
         state.wait_for_everyone()
-    summaries = _preflight_plans(pipe, variants, base_config)
+    summaries = preflight_plans(pipe, variants, base_config)
     if out_dir is not None:
         (out_dir / "videos").mkdir(exist_ok=True)
         (out_dir / "strips").mkdir(exist_ok=True)
@@ -441,7 +443,7 @@ def compare(
         extra_settings={"backend": backend, "block_size": block_size, "warmup": warmup, "processes": world,
                         "video_format": video_format},
         model_info=model_info or {"class": type(pipe).__name__},
-        notes=_vocabulary_warnings(pipe, prompts),
+        notes=vocabulary_warnings(pipe, prompts),
         lpips_reason=meter.lpips_reason if meter._lpips_net is None else None,
         command=command, wall_s=time.perf_counter() - t_start, load=(load_start, _report._load_average()),
     )  # fmt: skip

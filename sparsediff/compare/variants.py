@@ -78,7 +78,7 @@ def _value(text: str) -> Any:
         return text
 
 
-def _slug(text: str) -> str:
+def label_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")[:60] or "plan"
 
 
@@ -159,12 +159,12 @@ def parse_variant(spec: str) -> Variant:
     return Variant(label=label, plan=plan, overrides=overrides, spec=spec)
 
 
-def _unique_labels(variants: Sequence[Variant]) -> list[Variant]:
+def unique_labels(variants: Sequence[Variant]) -> list[Variant]:
     out, seen = [], {BASELINE}
     for v in variants:
         label = v.label if v.label != BASELINE else "dense-plan"
-        slug = _slug(label)
-        if slug in {_slug(s) for s in seen}:
+        slug = label_slug(label)
+        if slug in {label_slug(s) for s in seen}:
             raise CompareError(
                 f"two --plans entries share the name {label!r}; give one a label=NAME ({v.spec!r})"
             )
@@ -210,7 +210,7 @@ def check_output_dir(out: Path, overwrite: bool, *, create: bool = True) -> list
     return existing
 
 
-def _preflight_plans(pipe: Any, variants: Sequence[Variant], base_config: Any) -> dict[str, str]:
+def preflight_plans(pipe: Any, variants: Sequence[Variant], base_config: Any) -> dict[str, str]:
     """Enable and disable every variant once (validates plan vs model, overrides); returns summaries."""
     from ..api import enable_sparse_attention
     from ..pipelines.base import UnsupportedModelError
@@ -227,7 +227,7 @@ def _preflight_plans(pipe: Any, variants: Sequence[Variant], base_config: Any) -
     return summaries
 
 
-def _vocabulary_warnings(pipe: Any, prompts: Sequence[str]) -> list[str]:
+def vocabulary_warnings(pipe: Any, prompts: Sequence[str]) -> list[str]:
     tok = getattr(pipe, "tokenizer", None)
     vocab = getattr(tok, "token_to_id", None)
     if not isinstance(vocab, dict):
@@ -238,7 +238,7 @@ def _vocabulary_warnings(pipe: Any, prompts: Sequence[str]) -> list[str]:
     return [f"words outside the model's vocabulary (read as <unk>): {', '.join(unknown)}"]
 
 
-def _remove_outputs(paths: Sequence[Path]) -> None:
+def remove_outputs(paths: Sequence[Path]) -> None:
     for p in paths:
         if p.is_dir():
             for q in p.iterdir():

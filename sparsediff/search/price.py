@@ -245,7 +245,7 @@ def price_searched_plan(
     from dataclasses import replace
 
     from ..plan import ModelIdentity
-    from .profile import _attention_fraction
+    from .profile import attention_fraction
 
     ident = ModelIdentity.of(transformer)
     any_layer = next(iter(stats.layers.values()))
@@ -279,7 +279,7 @@ def price_searched_plan(
         )
         plan = plan.with_overrides(dense_layers=tuple(sorted({*plan.schedule.dense_layers, *slow})))
         pp = price_plan(plan, layout, **kw)
-    frac = _attention_fraction(stats, len(heads))
+    frac = attention_fraction(stats, len(heads))
     step = None if frac is None else pp.step_speedup(frac)
     meta = dict(plan.meta)
     search = dict(meta.get("search") or {})

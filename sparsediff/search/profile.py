@@ -30,7 +30,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..patterns.registry import get_family
-from ..plan import Plan, _layout_from_dict, _layout_to_dict
+from ..plan import Plan, layout_from_dict, layout_to_dict
 from ..specs import DenseSchedule, HeadSpec
 from .candidates import default_candidates, family
 from .core import LayerSearch, layer_search
@@ -83,7 +83,7 @@ class SearchStats:
         def layer(s: LayerStats) -> dict[str, Any]:
             return {
                 "candidates": [c.to_dict() for c in s.candidates],
-                "layout": _layout_to_dict(s.layout),
+                "layout": layout_to_dict(s.layout),
                 "head_dim": s.head_dim,
                 "err": s.err.tolist(),
                 "recall": s.recall.tolist(),
@@ -136,7 +136,7 @@ class SearchStats:
             t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
             layers[int(i)] = LayerStats(
                 tuple(HeadSpec.from_dict(c) for c in s["candidates"]),
-                _layout_from_dict(s["layout"]),
+                layout_from_dict(s["layout"]),
                 int(s["head_dim"]),
                 t(s["err"]),
                 t(s["recall"]),
@@ -468,7 +468,7 @@ def plan_from_stats(
     attn_speedup = (dense_total + n_dense_layers * per_layer_dense) / max(
         chosen_total + n_dense_layers * per_layer_dense, 1e-30
     )
-    frac = _attention_fraction(stats, len(ident.num_heads))
+    frac = attention_fraction(stats, len(ident.num_heads))
     step_speedup = None if frac is None else 1.0 / ((1.0 - frac) + frac / attn_speedup)
     steps = int(stats.meta.get("num_steps") or 0)
     psteps = list(stats.meta.get("profile_steps") or [])
@@ -511,7 +511,7 @@ def plan_from_stats(
     return plan, SearchReport(layers, g, attn_speedup, step_speedup, frac)
 
 
-def _attention_fraction(stats: SearchStats, num_layers: int) -> float | None:
+def attention_fraction(stats: SearchStats, num_layers: int) -> float | None:
     """Measured share of dense self-attention in a transformer call: (mean timed SDPA per layer x layers)
     / (generation time without the observer / transformer calls). Upper-bounded by 0.99."""
     timed = [s for s in stats.layers.values() if s.timed_calls]
