@@ -911,6 +911,10 @@ def main(argv: list[str] | None = None) -> int:
     prog = "sparsediff finetune"
     try:
         # everything checkable before loading or recording anything
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise InputError("sparsediff finetune needs peft: pip install 'sparsediff[finetune]'")
         prompts = read_prompts_file(args.prompts)
         if not prompts:
             raise InputError(f"no prompts in {args.prompts}")

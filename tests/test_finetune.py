@@ -345,3 +345,20 @@ def test_two_processes_train_the_adapter_of_one_process(tmp_path):
             d1, d2 = a[kb] @ a[k], b[kb] @ b[k]
             rel = ((d1 - d2).norm() / d1.norm()).item()
             assert d1.norm() > 0 and rel < 0.05, (k, rel)
+
+
+def test_cli_without_peft_says_how_to_install_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from sparsediff.cli import main as sd_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square moving left\n")
+    out = tmp_path / "out"
+    assert sd_main(["finetune", "--prompts", str(prompts), "--out", str(out), *SMALL]) == 2
+    assert "pip install 'sparsediff[finetune]'" in capsys.readouterr().err
+    assert not out.exists()
