@@ -59,26 +59,24 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return [q for q in (ln.strip() for ln in text.splitlines()) if q and not q.startswith("#")]
 
 
-def positive_int(text: str) -> int:
-    """Argparse type: an int >= 1."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
     return n
+
+
+def positive_int(text: str) -> int:
+    """Argparse type: an int >= 1."""
+    return _int_at_least(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """Argparse type: an int >= 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
