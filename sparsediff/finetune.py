@@ -71,6 +71,8 @@ META_NAME = "finetune.json"
 CARD_NAME = "README.md"
 #: the key prefix of the transformer's LoRA weights in a pipeline-level LoRA file
 PREFIX = "transformer"
+#: what ``--targets`` may name (see :class:`FinetuneConfig`)
+TARGETS = ("all", "qkv", "block")
 
 
 class FinetuneInputError(ValueError):
@@ -94,8 +96,10 @@ class FinetuneConfig:
             error; 0 skips the measurement.
         seed: base seed (noise of the recorded generations, batch order, adapter init).
         checkpoint_every: optimizer steps between checkpoints (and at the end).
-        targets: which linear layers of each self-attention module get the LoRA: ``"all"`` (every
-            ``nn.Linear`` inside it), or ``"qkv"`` (only the query/key/value projections).
+        targets: which linear layers get the LoRA: ``"all"`` (every ``nn.Linear`` inside each sparse
+            self-attention module), ``"qkv"`` (only their query/key/value projections), or ``"block"``
+            (every ``nn.Linear`` of the transformer blocks that hold them: self- and cross-attention and the
+            feed-forward -- more capacity to absorb what a sparse plan drops).
     """
 
     steps: int = 200
@@ -124,8 +128,8 @@ class FinetuneConfig:
             raise FinetuneInputError(f"heldout must be >= 0, got {self.heldout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneInputError(f"lr must be a positive number, got {self.lr}")
-        if self.targets not in ("all", "qkv"):
-            raise FinetuneInputError(f"targets must be 'all' or 'qkv', got {self.targets!r}")
+        if self.targets not in TARGETS:
+            raise FinetuneInputError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         for name in ("frames", "height", "width"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -375,12 +379,23 @@ def _sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def self_attention_linears(transformer: torch.nn.Module, targets: str = "all") -> list[str]:
-    """Full module names of the linear layers inside the model's self-attention modules (what the LoRA
-    adapts), from the model's sparsediff adapter (the same modules that run sparse)."""
+    """Full module names of the linear layers the LoRA adapts, from the model's sparsediff adapter (the
+    self-attention modules that run sparse): every linear inside them (``"all"``), their q/k/v projections
+    (``"qkv"``), or every linear of the transformer blocks that hold them (``"block"``: the module one level
+    above each self-attention module, e.g. ``blocks.3`` for ``blocks.3.attn1``)."""
     from .pipelines.base import get_adapter
 
-    names = []
+    if targets not in TARGETS:
+        raise FinetuneInputError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    roots: list[tuple[str, torch.nn.Module]] = []
     for prefix, module in get_adapter(transformer).attention_modules(transformer):
+        if targets == "block" and "." in prefix:
+            parent = prefix.rsplit(".", 1)[0]
+            prefix, module = parent, transformer.get_submodule(parent)
+        if all(prefix != p for p, _ in roots):
+            roots.append((prefix, module))
+    names = []
+    for prefix, module in roots:
         for sub, child in module.named_modules():
             # a linear layer, or one peft has wrapped (its base_layer); never peft's own inner layers
             linear = isinstance(child, torch.nn.Linear) or isinstance(
@@ -876,7 +891,11 @@ def build_parser():
         "--heldout-prompts", metavar="FILE", help="held-out prompts (default: the training prompts)"
     )
     p.add_argument(
-        "--targets", choices=("all", "qkv"), default="all", help="LoRA on all self-attention linears or q/k/v"
+        "--targets",
+        choices=TARGETS,
+        default="all",
+        help="LoRA on every linear of the sparse self-attention modules (all), their q/k/v only (qkv), or "
+        "every linear of the blocks holding them: self/cross-attention and feed-forward (block)",
     )
     p.add_argument("--resume", action="store_true", help="continue a run in --out (recording and checkpoint)")
     add_threads_arg(p)

@@ -127,6 +127,12 @@ def test_lora_targets_are_the_self_attention_linears(pipe):
         "to_k",
         "to_v",
     }
+    block = self_attention_linears(pipe.transformer, "block")
+    assert set(names) < set(block)  # a superset: the blocks' cross-attention and feed-forward too
+    assert any(".attn2." in n for n in block) and any(".ffn." in n for n in block), block
+    assert {n.split(".")[1] for n in block} == {n.split(".")[1] for n in names}  # the same blocks
+    with pytest.raises(FinetuneInputError, match="targets"):
+        self_attention_linears(pipe.transformer, "mlp")
 
 
 def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, recorded, tmp_path, monkeypatch):
