@@ -5,6 +5,8 @@
 * :func:`add_seeds_arg` -- ``--seeds N [N ...]``;
 * :func:`add_output_args` -- ``--out``, ``--overwrite``, ``--no-progress``;
 * :func:`add_threads_arg` / :func:`apply_threads` -- ``--threads N`` (torch CPU threads);
+* :func:`add_cp_arg` -- ``--cp ulysses=U,ring=R``: diffusers context parallelism over the processes of
+  ``accelerate launch`` (:func:`sparsediff.loading.enable_context_parallel` turns it on);
 * :func:`deprecated_alias` -- an old spelling kept for one release: accepted, with a one-line warning on
   stderr naming the new flag;
 * :class:`InputError` -- a bad input found before any generation; commands print it as one line and exit 2.
@@ -28,6 +30,8 @@ __all__ = [
     "add_output_args",
     "add_threads_arg",
     "apply_threads",
+    "add_cp_arg",
+    "context_parallel_degrees",
     "fail",
     "read_prompts_file",
 ]
@@ -180,6 +184,38 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)",
+    )
+
+
+def context_parallel_degrees(text: str) -> tuple[int, int]:
+    """Argparse type of ``--cp``: ``ulysses=U,ring=R`` (either part may be left out: degree 1), e.g.
+    ``ulysses=2``, ``ring=4``, ``ulysses=2,ring=2`` -> ``(ulysses, ring)``; at least one degree > 1."""
+    degrees = {"ulysses": 1, "ring": 1}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or name.strip() not in degrees:
+            raise argparse.ArgumentTypeError(
+                f"expected ulysses=U,ring=R (e.g. ulysses=2,ring=2), got {text!r}"
+            )
+        try:
+            degrees[name.strip()] = _int_at_least(value.strip(), 1)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{name.strip()}: {e}") from None
+    if degrees["ulysses"] * degrees["ring"] == 1:
+        raise argparse.ArgumentTypeError(f"at least one of ulysses / ring must be > 1, got {text!r}")
+    return degrees["ulysses"], degrees["ring"]
+
+
+def add_cp_arg(parser: argparse.ArgumentParser) -> None:
+    """``--cp ulysses=U,ring=R``: context parallelism (default: none)."""
+    parser.add_argument(
+        "--cp",
+        type=context_parallel_degrees,
+        metavar="ulysses=U,ring=R",
+        default=None,
+        help="split every generation over the processes of `accelerate launch --num_processes U*R` with "
+        "diffusers context parallelism (Ulysses x ring), for models too large for one GPU; sparse "
+        "attention runs on each rank's share (default: none -- processes split the prompts instead)",
     )
 
 

@@ -13,7 +13,8 @@ One loader, one set of error messages, for ``sparsediff compare`` and ``sparsedi
 local ``--model`` folder exists); :func:`load_pipeline` raises :class:`PipelineSourceError` (an
 :class:`~sparsediff.cli_args.InputError`) with the messages below.
 
-Also :func:`random_wan_pipeline`, the tiny random-init ``WanPipeline`` of ``sparsediff demo --model random-wan``.
+Also :func:`random_wan_pipeline`, the tiny random-init ``WanPipeline`` of ``sparsediff demo --model random-wan``,
+:func:`distributed` (the processes of ``accelerate launch``) and :func:`enable_context_parallel` (``--cp``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "load_pipeline",
     "random_wan_pipeline",
     "distributed",
+    "enable_context_parallel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,3 +248,49 @@ def distributed() -> tuple[int, int, Any]:
     # process alone. The state is a singleton: every caller in the process shares it.
     state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, state
+
+
+def enable_context_parallel(pipe: Any, degrees: tuple[int, int] | None, world: int) -> dict[str, int] | None:
+    """``--cp``: ``transformer.enable_parallelism(ContextParallelConfig(ulysses_degree=U, ring_degree=R))``
+    on every transformer of ``pipe`` (call it before sparse attention is enabled, after the pipeline is on
+    its device). ``degrees``: ``(U, R)`` or None (nothing to do). ``U * R`` must equal the number of
+    processes. Returns ``{"ulysses": U, "ring": R}`` for the report, or None. Raises :class:`InputError`.
+
+    On a machine without an accelerator (CPU processes on gloo) diffusers 0.42.1 divides by
+    ``torch.accelerator.device_count() == 0`` while resolving the parallel config; only when that exact
+    error is raised, the call is repeated with the count read as 1 (the device becomes ``cpu:0``).
+    """
+    if degrees is None:
+        return None
+    u, r = degrees
+    if u * r != world:
+        raise InputError(
+            f"--cp ulysses={u},ring={r} needs {u * r} processes (accelerate launch --num_processes {u * r}), "
+            f"got {world}"
+        )
+    try:
+        from diffusers import ContextParallelConfig
+    except ImportError:
+        raise InputError("--cp needs a diffusers with ContextParallelConfig (>= 0.36)") from None
+    comps = getattr(pipe, "components", {}) or {}
+    transformers = [
+        m for n, m in comps.items() if n.startswith("transformer") and isinstance(m, torch.nn.Module)
+    ]
+    if not transformers or not all(hasattr(t, "enable_parallelism") for t in transformers):
+        raise InputError(f"--cp: {type(pipe).__name__} has no diffusers transformer with enable_parallelism")
+    for t in transformers:
+        if getattr(t, "_cp_plan", None) is None:
+            raise InputError(
+                f"--cp: {type(t).__name__} declares no context-parallel plan (_cp_plan) in diffusers"
+            )
+        cfg = ContextParallelConfig(ulysses_degree=u if u > 1 else None, ring_degree=r if r > 1 else None)
+        try:
+            t.enable_parallelism(config=cfg)
+        except ZeroDivisionError:
+            if torch.accelerator.device_count() != 0:
+                raise
+            from unittest import mock
+
+            with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+                t.enable_parallelism(config=cfg)
+    return {"ulysses": u, "ring": r}

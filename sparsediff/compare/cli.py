@@ -11,6 +11,7 @@ from typing import Any
 
 from ..cli_args import (
     InputError,
+    add_cp_arg,
     add_output_args,
     add_seeds_arg,
     add_threads_arg,
@@ -20,7 +21,7 @@ from ..cli_args import (
     nonnegative_int,
     positive_int,
 )
-from ..loading import add_source_args, check_source
+from ..loading import add_source_args, check_source, enable_context_parallel
 from ..loading import distributed as _distributed
 from ..loading import load_pipeline as _load
 from .run import compare
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for the pipeline (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="pipeline dtype")
     add_threads_arg(p)
+    add_cp_arg(p)
     return p
 
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             device = str(state.device)  # one GPU per process
         dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         pipe, info = load_pipeline(args.pipeline, args.model, device=device, dtype=dtype[args.dtype])
+        cp = enable_context_parallel(pipe, args.cp, world)
         results = compare(
             pipe, prompts, seeds=args.seeds, plans=variants, out=out, num_frames=args.frames,
             height=args.height, width=args.width, num_inference_steps=args.steps,
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             lpips={"auto": "auto", "on": True, "off": False}[args.lpips], video_format=args.format,
             strip_frames=args.strip_frames, overwrite=args.overwrite, progress=not args.no_progress,
             model_info=info, command="sparsediff compare " + " ".join(shlex.quote(a) for a in argv),
+            context_parallel=cp,
         )  # fmt: skip
     except InputError as e:
         return fail(PROG, e)

@@ -120,6 +120,7 @@ def _variant_row(
         "s_per_step_sd": _std([r["s_per_step"] for r in smp]),
         "total_s": _mean([r["total_s"] for r in smp]),
         "peak_memory_gb": rec.get("peak_memory_gb"),
+        "peak_memory_gb_per_rank": rec.get("peak_memory_gb_per_rank"),  # --cp: every rank's peak
         "predicted_speedup": rec.get("predicted_speedup"),
         "search_predicted_speedup": rec.get("search_predicted_speedup"),
         "attention_share": _mean([r["self_attention_s"] / r["denoise_s"] for r in smp if r.get("denoise_s")]),
@@ -390,6 +391,15 @@ def _cell(row: dict[str, Any], key: str, nd: int | None) -> str:
     return _fmt(v, nd)
 
 
+def _cp_note(cp: dict[str, int] | None) -> str:
+    """`` (context parallel: Ulysses U x ring R; ...)`` under ``--cp``, else empty."""
+    if not cp:
+        return ""
+    return (
+        f" (context parallel: Ulysses {cp['ulysses']} x ring {cp['ring']}; peak mem GB is the largest rank's)"
+    )
+
+
 def _conditions(results: dict[str, Any]) -> list[str]:
     st, env, mdl = results["settings"], results["environment"], results["model"]
     shape = results.get("video_shape")
@@ -402,7 +412,7 @@ def _conditions(results: dict[str, Any]) -> list[str]:
         f"Device: {dev}; sparsediff {env['sparsediff']}, torch {env['torch']}, diffusers {env['diffusers']}, "
         f"torchmetrics {env.get('torchmetrics')}; backend {st['backend']}; block size "
         f"{st['block_size'] or 'default (64)'}; warm-up calls per variant {st['warmup']}; processes "
-        f"{st['processes']}",
+        f"{st['processes']}" + _cp_note(st.get("context_parallel")),
         f"Command: {results.get('command') or '(library call)'}",
         f"Date: {results['date']}; wall time {results['wall_s']:.1f} s",
     ]

@@ -359,6 +359,23 @@ def _gather(state: Any, rank: int, world: int, out_dir: Path | None, records: di
     return merged
 
 
+def _per_rank_memory(rank: int, records: dict) -> dict | None:
+    """Context parallelism: every rank generated the same samples; the main process keeps its records and
+    adds every rank's peak GPU memory per variant (``peak_memory_gb_per_rank``; ``peak_memory_gb`` is the
+    largest); the others get ``None``."""
+    from accelerate.utils import gather_object
+
+    mem = gather_object([{k: r.get("peak_memory_gb") for k, r in records.items()}])
+    if rank != 0:
+        return None
+    for k, r in records.items():
+        per_rank = [m[k] for m in mem]
+        if all(x is not None for x in per_rank):
+            r["peak_memory_gb_per_rank"] = per_rank
+            r["peak_memory_gb"] = max(per_rank)
+    return records
+
+
 def _start(pipe: Any, out_dir: Path | None, overwrite: bool, variants: list[Variant], base_config: Any):
     """Output folder checks (main process), the plan preflight; returns (rank, world, state, summaries)."""
     rank, world, state = _distributed()
@@ -396,6 +413,7 @@ def compare(
     progress: bool = True,
     model_info: dict[str, Any] | None = None,
     command: str | None = None,
+    context_parallel: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) densely and with every plan on ``pipe``; measure; report.
 
@@ -405,6 +423,10 @@ def compare(
     ``num_frames`` ... ``negative_prompt`` go to the pipeline when given; ``backend`` / ``block_size``
     form the base :class:`~sparsediff.SparseAttentionConfig`; ``warmup`` untimed calls per variant;
     ``lpips`` ``"auto"`` / ``True`` / ``False``; ``video_format`` ``"mp4"`` (GIF fallback) or ``"gif"``.
+
+    ``context_parallel`` (``--cp``: ``{"ulysses": U, "ring": R}``, parallelism already enabled on the
+    transformers): every process runs every (prompt, seed) together; the main process writes the outputs
+    and the report (peak GPU memory of every rank: ``peak_memory_gb_per_rank``).
 
     Returns the ``results.json`` content (in memory, PSNR of identical videos is ``math.inf``; the file
     writes null). Raises :class:`CompareError` on bad input, before anything is generated.
@@ -422,26 +444,31 @@ def compare(
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     pairs = [(pi, seed) for pi in range(len(prompts)) for seed in seeds]
-    mine = pairs[rank::world]
+    mine = pairs if context_parallel else pairs[rank::world]  # context parallel: all ranks, every pair
     names = [BASELINE] + [v.label for v in variants]
     bar = _progress(len(mine) * len(names) + warmup * len(names) * bool(mine), progress, rank)
     meter = VideoQuality(lpips=lpips, device=device if device.startswith("cuda") else "cpu")
-    run = _Run(pipe, prompts, s, _call_params(pipe), meter, out_dir, video_format, warmup, base_config,
+    writes = out_dir if rank == 0 or not context_parallel else None
+    run = _Run(pipe, prompts, s, _call_params(pipe), meter, writes, video_format, warmup, base_config,
                world, mine, bar)  # fmt: skip
     records: dict[str, dict[str, Any]] = {BASELINE: _run_variant(run, None, None)}
     for v in variants:
         records[v.label] = _run_variant(run, v, records[BASELINE])
     bar.close()
-    if out_dir is not None:
+    if run.out_dir is not None:
         _write_strips(run, strip_frames)
-    if state is not None:
+    if state is not None and context_parallel:
+        records = _per_rank_memory(rank, records)
+        if records is None:
+            return {}
+    elif state is not None:
         records = _gather(state, rank, world, out_dir, records)
         if records is None:
             return {}
     results = _report.summarise(
         records, names, variants, summaries, prompts=prompts, seeds=seeds, settings=s,
         extra_settings={"backend": backend, "block_size": block_size, "warmup": warmup, "processes": world,
-                        "video_format": video_format},
+                        "video_format": video_format, "context_parallel": context_parallel},
         model_info=model_info or {"class": type(pipe).__name__},
         notes=vocabulary_warnings(pipe, prompts),
         lpips_reason=meter.lpips_reason if meter._lpips_net is None else None,

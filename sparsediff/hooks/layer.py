@@ -6,10 +6,12 @@ tensors. It decides per call: dense plan,
 token threshold, warm-up, unsupported arguments (fallbacks: :meth:`TransformerState.note_fallback`),
 key-padding masks (:meth:`LayerContext._masked_run`: padded text dropped, sparse path on the kept
 tokens), Ulysses context parallelism (:meth:`LayerContext._context_parallel`: the plan sliced by global
-head index) -- then :func:`sparsediff.attention.sparse_attention`. The search's observer tap
+head index), ring and Ulysses x ring (:meth:`LayerContext._ring`: each visiting K/V chunk against the
+layer's whole-sequence mask, :mod:`.ring`) -- then :func:`sparsediff.attention.sparse_attention`. The search's observer tap
 (:attr:`SparseAttentionConfig.observer`, :class:`AttentionCall`) is called before attention is computed.
 
-Imports :mod:`.state`, :mod:`.backend` and :mod:`.compiled` among the hook modules (all below it).
+Imports :mod:`.state`, :mod:`.backend`, :mod:`.compiled` and :mod:`.ring` among the hook modules (all
+below it).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class LayerContext:
         #: LayerState per (CFG branch = transformer call within a step, attention call of this layer
         #: within that transformer call). Mochi attends per sample and key-padding masks split a batch,
         #: so one layer can run several calls per forward; each keeps its own caches across steps.
-        self.states: dict[tuple[int, int], Any] = {}
+        self.states: dict[tuple[Any, int, int], Any] = {}  # (branch, call index, batch)
         self._serial = -1  # root.call_serial of the transformer call the counter below belongs to
         self._ncalls = 0
         self._specs: dict[tuple[int, int], tuple[HeadSpec, ...]] = {}
@@ -87,13 +89,27 @@ class LayerContext:
             s = self._specs[k] = self.root.plan.head_specs(self.index, num_heads, head_offset)
         return s
 
-    def state(self, key: tuple[int, int]) -> Any:
+    def state(self, key: tuple) -> Any:
         st = self.states.get(key)
         if st is None:
             from ..attention import LayerState
 
             st = self.states[key] = LayerState()
         return st
+
+    def _refresh_due(self, key: tuple, step: int | None) -> bool:
+        """Whether this call must be the exact pass that refreshes cross-step state (LSE, skip outputs): a
+        step listed in ``refresh_steps``, or the first call of this (branch, call, batch) stream after a
+        listed step it did not run -- a cache (FirstBlockCache, MagCache, ...) skipped the layer there, and
+        the state must not stay as old as the refresh before."""
+        if step is None:
+            return False
+        refresh = self.root.plan.refresh_steps
+        if step in refresh:
+            return True
+        st = self.states.get(key)
+        last = None if st is None else st.last_step
+        return last is not None and last < step and any(last < r < step for r in refresh)
 
     def _next_call_index(self) -> int:
         """Index of this attention call within the current transformer call (0, 1, ...)."""
@@ -199,7 +215,8 @@ class LayerContext:
         if force_dense and not cross_step:
             root.note_dense("warm-up (dense_steps / dense_layers)")
             return self.dense(kwargs)
-        if cross_step and step is not None and step in root.plan.refresh_steps:
+        state_key = (root.branch_key, call_index, q.shape[0])
+        if cross_step and self._refresh_due(state_key, step):
             force_dense = True  # refresh step: exact pass that refreshes LSE / skip caches
         if kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
             return self._fallback(
@@ -216,7 +233,7 @@ class LayerContext:
         from ..attention import sparse_attention
 
         cfg = root.config
-        state = self.state((root.branch_key, call_index))
+        state = self.state(state_key)
         try:
             out = sparse_attention(
                 q.transpose(1, 2),
@@ -312,11 +329,7 @@ class LayerContext:
     def _context_parallel(self, kwargs: dict[str, Any], pc: Any) -> torch.Tensor:
         cp = pc.context_parallel_config
         if getattr(cp, "ring_degree", 1) > 1:
-            return self._fallback(
-                kwargs,
-                "ring attention context parallelism",
-                "use Ulysses (ContextParallelConfig(ulysses_degree=...)) for sparse attention",
-            )
+            return self._ring(kwargs, pc, cp)
         layer = self
 
         def forward_op(
@@ -383,6 +396,255 @@ class LayerContext:
             backward_op=backward_op,
             _parallel_config=pc,
         )
+
+    def _ring(self, kwargs: dict[str, Any], pc: Any, cp: Any) -> torch.Tensor:
+        """Ring / Ulysses x ring context parallelism (:mod:`.ring`): diffusers' ring template calls our
+        forward op once per visiting K/V chunk; each call attends this rank's queries over the chunk's
+        listed key blocks of the layer's whole-sequence mask and returns ``(out, lse)`` for diffusers'
+        LSE merge. The same decisions as :meth:`_run` (dense plan, token threshold, warm-up), taken
+        before the template: a dense layer runs the model's own backend under the same ring."""
+        from ..attention import DEFAULT_BLOCK_SIZE, group_heads
+        from ..mask import BlockSparseMask
+        from .ring import (
+            RingGeometry,
+            chunk_attention,
+            chunk_backward,
+            chunk_pieces,
+            gather_chunks,
+            merge_partials,
+            ring_block_mask,
+            ring_dense_hooks,
+            ring_unsupported,
+            to_natural,
+        )
+
+        root = self.root
+        q = kwargs["query"]
+        call_index = self._next_call_index()
+        hint = "use Ulysses (ContextParallelConfig(ulysses_degree=...)) for these heads"
+        if getattr(cp, "ring_anything", False):
+            return self._fallback(kwargs, "ring attention with ring_anything (uneven chunks)", hint)
+        R = int(cp.ring_degree)
+        U = int(getattr(cp, "ulysses_degree", 1) or 1)
+        world = R * U
+        B, n_local, H, D = q.shape
+        layout = root.fit_layout(n_local * world)
+        perm = None if layout is None else root.cp_permutation(world, layout, q.device)
+        if perm is None:
+            return self._fallback(
+                kwargs,
+                f"the context-parallel sequence ({n_local} x {world} tokens) does not match the layout "
+                f"{root.layout} -- enable context parallelism *before* sparse attention, so that the sparsediff "
+                "root hook sees the unsplit inputs",
+            )
+        if H % U:
+            return self._fallback(kwargs, f"{H} heads do not split over ulysses_degree={U}")
+        h_local = H // U
+        head_offset = (cp._ulysses_local_rank if U > 1 else 0) * h_local
+        if root.config.observer is not None:
+            return self._fallback(
+                kwargs,
+                "the search's observer under ring attention (it needs every query of the layer)",
+                "profile on one process or under Ulysses",
+            )
+        specs = self.specs(h_local, head_offset)
+        if all(s.pattern == "dense" for s in specs):
+            root.note_dense("dense plan")
+            return self.dense(kwargs)
+        root.note_tokens(layout.num_tokens)
+        if layout.num_tokens < root.plan.min_tokens:
+            root.note_dense("below min_tokens")
+            return self.dense(kwargs)
+        if kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa"):
+            return self._fallback(
+                kwargs,
+                "dropout / causal / GQA attention",
+                "sparse attention serves plain self-attention only",
+            )
+        mask = kwargs.get("attn_mask")
+        if mask is not None and root.nontrivial_mask(mask) is not None:
+            return self._fallback(kwargs, "an attention mask under ring attention", hint)
+        cfg = root.config
+        bs = int(cfg.block_size or DEFAULT_BLOCK_SIZE)
+        cache = root.mask_cache()
+        reason = ring_unsupported(layout, specs, q, block_size=bs, cache=cache)
+        if reason is not None:
+            return self._fallback(kwargs, reason, hint)
+        step, num_steps = root.step_info()
+        cross_step = any(s.is_cross_step for s in specs)  # lse_cache (the one served under ring)
+        force_dense = self._force_dense(step, num_steps)
+        if force_dense and not cross_step:
+            root.note_dense("warm-up (dense_steps / dense_layers)")
+            return self.dense(kwargs)
+        state_key = (root.branch_key, call_index, q.shape[0])
+        if cross_step and self._refresh_due(state_key, step):
+            force_dense = True  # refresh step: exact pass that refreshes the LSE cache
+
+        groups = tuple(group_heads(specs).items())
+        static = all(s.is_static for s in specs) and not force_dense
+        # lse_cache's selection need not keep a query block's own chunk: a row could see no key in the
+        # first chunk of the ring, which diffusers' LSE merge cannot represent (-inf - -inf). Such layers
+        # ("eager") gather the whole K/V and compute every chunk at the first call; later calls add nothing.
+        eager = cross_step  # (also the only layers with hooks fed the whole LSE: lse_cache's)
+        natural = None if perm is False else perm  # position of every natural token in the chunk order
+        geom = cache.get_or_build(
+            ("ring_geometry", layout, R, world, str(q.device)),
+            lambda: RingGeometry.of(
+                layout.num_tokens, R, None if natural is None else torch.argsort(natural)
+            ),
+        )
+        rank = int(cp._ring_local_rank)
+        group = cp._ring_mesh.get_group()
+        scale = kwargs.get("scale")
+        scale_f = float(D**-0.5 if scale is None else scale)
+        state = self.state(state_key)
+        _bind_state(state, (layout, B, h_local, q.device), step)
+        run: dict[str, Any] = {"i": -1, "bi": -1, "pieces": {}}
+
+        def pieces(j: int):
+            p = run["pieces"].get(j)
+            if p is None:
+
+                def build():
+                    if "bool" not in run:
+                        run["bool"] = run["mask"].to_dense()
+                    return chunk_pieces(run["bool"], geom, rank, j, bs)
+
+                if static:  # the pieces of a static layer are built once (per layout, plan, ring geometry)
+                    p = cache.get_or_build(
+                        ("ring_pieces", layout, groups, bs, R, world, rank, j, str(q.device)), build
+                    )
+                else:
+                    p = build()
+                run["pieces"][j] = p
+            return p
+
+        def first_call(query, key, value):
+            """The layer's mask (and, for eager layers, the whole attention of this rank's queries)."""
+            qf = kf = kv = None
+            if not static and not force_dense:  # chosen from the whole sequence: the same mask on every rank
+                qf = to_natural(gather_chunks(query, group, R), natural)
+                kparts = gather_chunks(key, group, R)
+                kf = to_natural(kparts, natural)
+            if eager:
+                kparts = kparts if kf is not None else gather_chunks(key, group, R)
+                kv = (kparts, gather_chunks(value, group, R))
+            if force_dense:
+                m = BlockSparseMask.full(1, h_local, bs, (layout.num_tokens,) * 2, query.device)
+                hooks = [(h, True) for h in ring_dense_hooks(specs, layout, query, state=state, step=step)]
+            else:
+                m, afters = ring_block_mask(
+                    qf, kf, layout, specs, query,
+                    batch=query.shape[0], scale=scale_f, block_size=bs, cache=cache, step=step,
+                    backend=cfg.backend, state=state,
+                )  # fmt: skip
+                hooks = [(a, False) for a in afters]
+            run["mask"] = state.last_mask = m
+            run["hooks"] = hooks
+            if kv is None:
+                return None
+            acc = None
+            for jj in range(R):
+                o, lse = chunk_attention(
+                    query, kv[0][jj], kv[1][jj], geom, rank, pieces(jj), scale=scale_f, backend=cfg.backend
+                )
+                acc = merge_partials(acc, o, lse)
+            run["lse"] = acc[1]
+            return acc
+
+        def finish(lse_local):
+            """Every pass of the layer done: the hooks (lse_cache's LSE) get the whole sequence's LSE."""
+            if not run["hooks"]:
+                return
+            lse_full = to_natural(gather_chunks(lse_local.unsqueeze(-1), group, R), natural)[..., 0]
+            for hook, dense_hook in run["hooks"]:
+                if dense_hook:  # a family's on_dense
+                    hook(lse_full)
+                else:  # a group's after(out, lse): lse_cache reads the LSE only
+                    hook(None, lse_full)
+
+        def forward_op(
+            ctx,
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=None,
+            enable_gqa=False,
+            return_lse=False,
+            _save_ctx=True,
+            _parallel_config=None,
+        ):
+            query, key, value = (_wait(x) for x in (query, key, value))
+            run["i"] = 0 if _save_ctx else run["i"] + 1
+            if _save_ctx:  # the rank's own chunk comes first
+                ctx.save_for_backward(query, key, value)
+                whole = first_call(query, key, value)
+                if whole is not None:  # eager: everything now, the later calls add nothing
+                    finish(whole[1])
+                    return whole if return_lse else whole[0]
+            if eager:
+                B_, n_, H_, D_ = query.shape
+                out = query.new_zeros(B_, n_, H_, D_, dtype=torch.float32)
+                lse = torch.full((B_, n_, H_), -torch.inf, dtype=torch.float32, device=query.device)
+                return (out, lse) if return_lse else out
+            j = (rank + run["i"]) % R
+            out, lse = chunk_attention(
+                query, key, value, geom, rank, pieces(j), scale=scale_f, backend=cfg.backend
+            )
+            return (out, lse) if return_lse else out
+
+        def backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, **kwargs):
+            if query is None:
+                raise NotImplementedError("sparsediff ring attention: backward without the ring's inputs")
+            run["bi"] += 1
+            j = (rank + run["bi"] % R) % R
+            return chunk_backward(
+                query,
+                key,
+                value,
+                out,
+                run.get("lse", lse),  # our own merge where we keep it (eager layers: exact, never NaN)
+                grad_out,
+                geom,
+                rank,
+                pieces(j),
+                scale=scale_f,
+                backend=cfg.backend,
+            )
+
+        # no fallback from here on: the ranks are inside the template's collectives together
+        out = _ad._templated_context_parallel_attention(
+            kwargs["query"],
+            kwargs["key"],
+            kwargs["value"],
+            None,
+            0.0,
+            False,
+            scale,
+            False,
+            False,
+            forward_op=forward_op,
+            backward_op=backward_op,
+            _parallel_config=pc,
+        )
+        if force_dense:
+            root.note_dense("warm-up (dense_steps / dense_layers)")
+        else:
+            root.record_density(self.index, state)
+        return out
+
+
+def _bind_state(state: Any, key: tuple, step: int | None) -> None:
+    """What :func:`sparsediff.sparse_attention` does to a layer state before a call, for the ring path
+    (which builds its masks without it): another layout / batch / heads / device, or an earlier step (a
+    new generation), resets it."""
+    if state.key != key or (step is not None and state.last_step is not None and step < state.last_step):
+        state.reset()
+        state.key = key
+    state.last_step = step
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ through :class:`StateLayer`, and the installer's processor take-over runs throug
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -381,4 +382,36 @@ class SparseRootHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module):
         self.state.reset()
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        """On removal (diffusers' ``HookRegistry.remove_hook`` calls this after relinking the chain): keep
+        the hook registered after this one working when it has a ``new_forward``.
+
+        diffusers 0.42 relinks by setting the next hook's ``forward`` to the forward before the removed
+        hook; for a hook with a ``new_forward`` (FasterCache's denoiser hook, TextKVCache's transformer
+        hook) that replaces its ``new_forward`` itself, so the cache enabled after sparse
+        attention stops running once sparse attention is disabled. The forward before this hook belongs
+        in the next hook's ``original_forward`` instead (what ``new_forward`` calls); nothing is changed
+        when the chain is already intact (a diffusers that relinks correctly).
+        """
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            return module
+        names = [n for n in registry._hook_order if registry.hooks.get(n) is self]
+        if not names:
+            return module
+        i = registry._hook_order.index(names[0])
+        if i + 1 >= len(registry._fn_refs):
+            return module
+        nxt_hook = registry.hooks[registry._hook_order[i + 1]]
+        nxt_ref = registry._fn_refs[i + 1]
+        new_forward = getattr(nxt_hook, "new_forward", None)
+        if new_forward is None or nxt_ref.original_forward is None:
+            return module
+        current = nxt_ref.forward
+        if isinstance(current, functools.partial) and current.func == new_forward:
+            return module  # intact
+        nxt_ref.original_forward = current  # the forward before this hook
+        nxt_ref.forward = functools.update_wrapper(functools.partial(new_forward, module), new_forward)
         return module

@@ -19,6 +19,12 @@ shares (``PartialState.split_between_processes``), each process profiles its sha
 and the main process merges the per-prompt statistics in prompt order -- the same sums, added in the
 same order, as one process on all prompts, so the same plan. Only the main process writes ``--stats``
 and ``--out`` and prints the table.
+
+``--cp ulysses=U`` (models too large for one GPU; ``--num_processes U``): the processes profile every
+prompt together under diffusers' Ulysses context parallelism -- each holds the whole sequence for ``H / U``
+heads, so each measures its heads -- and the main process joins the heads in Ulysses-rank order (the
+sampled query rows depend on the layout and seed only: the same statistics as one process). Ring
+degrees are refused: under ring a rank holds a chunk of the queries, and the profile measures whole rows.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 from ..cli_args import (
     InputError,
+    add_cp_arg,
     add_output_args,
     add_seeds_arg,
     add_threads_arg,
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="device for the pipeline (default: cuda if available)")
     ap.add_argument("--calibrate", action="store_true", help="time the op on this device for the cost model")
     add_threads_arg(ap)
+    add_cp_arg(ap)
     return ap
 
 
@@ -259,7 +267,7 @@ def _profile(args, inp: dict[str, Any], pipe, kw, steps: int, n_layers: int, ran
     prompts, psteps = inp["prompts"], inp["profile_steps"]
     n_prof = len(psteps) if psteps else len(default_profile_steps(steps))
     mine = list(range(len(prompts)))
-    if state is not None:
+    if state is not None and args.cp is None:
         with state.split_between_processes(mine) as share:
             mine = list(share)
     bar = None
@@ -281,6 +289,8 @@ def _profile(args, inp: dict[str, Any], pipe, kw, steps: int, n_layers: int, ran
     try:
         if state is None:
             return profile_pipeline(pipe, prompts, stats=inp["prior"], **measure)
+        if args.cp is not None:  # Ulysses: every process profiles every prompt, for its heads
+            return _join_heads(state, profile_pipeline(pipe, prompts, **measure), inp["prior"])
         return _profile_share(state, pipe, prompts, mine, inp["prior"], measure)
     except ValueError as e:
         raise SearchInputError(str(e)) from None
@@ -322,8 +332,16 @@ def _run(args) -> int:
     from ..loading import distributed
 
     inp = _check_inputs(args)
+    if args.cp is not None and args.cp[1] > 1:
+        raise SearchInputError(
+            "--cp: the search profiles whole query rows, which a ring rank does not hold; use --cp ulysses=U"
+        )
     rank, world, state = distributed()
     pipe, kw, transformer, adapter, device = _load(args, world, state)
+    if args.cp is not None:
+        from ..loading import enable_context_parallel
+
+        enable_context_parallel(pipe, args.cp, world)
     steps = int(args.steps or kw.get("num_inference_steps") or 50)
     n_layers = len(adapter.attention_modules(transformer))
     stats = _profile(args, inp, pipe, kw, steps, n_layers, rank, world, state)
@@ -361,6 +379,32 @@ def _finish_processes(state) -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _join_heads(state, stats, prior):
+    """``--cp ulysses=U``: every process measured every prompt for its ``H / U`` heads; the main process
+    returns one statistics object with every head (processes in Ulysses-rank order), merged onto
+    ``prior``; the others ``None``."""
+    import dataclasses
+
+    import torch
+    from accelerate.utils import gather_object
+
+    from .profile import SearchStats
+
+    shares = gather_object([stats.to_dict()])
+    if not state.is_main_process:
+        return None
+    parts = [SearchStats.from_dict(d) for d in shares]
+    layers = {}
+    for i, first in parts[0].layers.items():
+        ls = [p.layers[i] for p in parts]
+        layers[i] = dataclasses.replace(
+            first,
+            **{n: torch.cat([getattr(x, n) for x in ls]) for n in ("err", "recall", "density", "count")},
+        )
+    joined = SearchStats(layers, dict(parts[0].meta))
+    return joined if prior is None else prior.merge(joined)
 
 
 def _profile_share(state, pipe, prompts: list[str], mine: list[int], prior, measure: dict[str, Any]):
