@@ -27,7 +27,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -616,27 +615,3 @@ def test_lora_load_fuse_unfuse_unload_with_sparse_attention(lora_dir, order):
     _assert_ran_sparse(h, "LoRA unloaded")
     pipe.disable_sparse_attention()
     torch.testing.assert_close(tiny(), plain, **close)
-
-
-def test_cache_combo_sample_runs(tmp_path, capsys):
-    """samples/cache_combo.py (the combined number of docs/works_with.md) runs: four variants, the cache
-    variants compute fewer tail blocks with the threshold forcing skips, PSNR of sparse variants finite."""
-    from _samples import load_sample
-
-    from sparsediff.embedded import has_trained_weights
-
-    if not has_trained_weights():
-        pytest.skip("the embedded model's trained weights are not in this checkout")
-    out = tmp_path / "rows.json"
-    argv = ["--steps", "3", "--frames", "4", "--height", "16", "--width", "16", "--repeats", "1"]
-    assert (
-        load_sample("cache_combo").main(
-            [*argv, "--prompts", "a red circle moving right", "--threshold", "1e9", "--json", str(out)]
-        )
-        == 0
-    )
-    rows = {r["variant"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"dense", "sparse", "fbc", "fbc+sparse"}
-    assert rows["dense"]["tail_block_calls"] == rows["dense"]["transformer_calls"] == 6
-    assert rows["fbc"]["tail_block_calls"] == rows["fbc+sparse"]["tail_block_calls"] == 2  # step 0 only
-    assert "| fbc+sparse |" in capsys.readouterr().out

@@ -27,13 +27,17 @@ Outputs in ``--out`` (existing ones are never replaced without ``--overwrite``):
 ``report.html`` (self-contained), ``report.md``, ``results.json`` (strict JSON: non-finite numbers as
 null), ``quality_speed.png``, ``density.png``.
 
-The package: :mod:`.variants` (which variants, input checks), :mod:`.run` (generation and timing),
+``--cache NAME[:field=value,...]`` (:mod:`.cache`) adds one of diffusers' caches: the rows become dense,
+``dense + CACHE``, then each plan and ``PLAN + CACHE``, all against plain dense.
+
+The package: :mod:`.variants` (which variants, input checks), :mod:`.cache` (the ``--cache`` spec), :mod:`.run` (generation and timing),
 :mod:`.report` (tables, plots, JSON, reports), :mod:`.cli` (the command line).
 """
 
 from __future__ import annotations
 
 from ..media import save_strip
+from .cache import CACHE_CONFIGS, CacheSpec, parse_cache
 from .cli import build_parser, load_pipeline, main
 from .report import strict_json
 from .run import compare
@@ -50,6 +54,9 @@ from .variants import (
 )
 
 __all__ = [
+    "CACHE_CONFIGS",
+    "CacheSpec",
+    "parse_cache",
     "CompareError",
     "Variant",
     "parse_variant",

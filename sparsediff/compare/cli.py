@@ -24,6 +24,7 @@ from ..cli_args import (
 from ..loading import add_source_args, check_source, enable_context_parallel
 from ..loading import distributed as _distributed
 from ..loading import load_pipeline as _load
+from .cache import CACHE_CONFIGS, check_cache, parse_cache
 from .run import compare
 from .variants import CompareError, check_output_dir, parse_variant, read_prompts, unique_labels
 
@@ -49,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dense vs sparse attention on the same prompts and seeds: metrics, timings, videos, report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Plans: default | PATTERN | plan.json | dense, each optionally followed by "
-        ",key=value SparseAttentionConfig overrides (PATTERN.PARAM=value, label=NAME).",
+        ",key=value SparseAttentionConfig overrides (PATTERN.PARAM=value, label=NAME).\n"
+        "Cache: NAME[:field=value,...], NAME one of "
+        + " | ".join(f"{k} ({v})" for k, v in CACHE_CONFIGS.items())
+        + ", the fields of that diffusers config, values Python literals; e.g. first_block:threshold=0.15, "
+        "mag:mag_ratios=[...] (calibrated). The rows become dense, dense + cache, PLAN, PLAN + cache, ...; "
+        "every speedup and metric is against plain dense.",
     )
     add_source_args(p, default="the embedded trained model")
     p.add_argument(
@@ -63,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_seeds_arg(p, help="one video per (prompt, seed) and variant (default: 0)")
     p.add_argument(
         "--plans", nargs="+", default=["default", "tile", "topp"], help="variants to compare (see below)"
+    )
+    p.add_argument(
+        "--cache",
+        metavar="SPEC",
+        default=None,
+        help="also run dense and every plan with one of diffusers' caches: NAME[:field=value,...], NAME one of "
+        + " | ".join(CACHE_CONFIGS)
+        + " (e.g. first_block:threshold=0.15)",
     )
     add_video_args(p)
     p.add_argument(
@@ -123,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = _prompts(args)
         variants = [parse_variant(spec) for spec in args.plans]
         unique_labels(variants)
+        cache = parse_cache(args.cache) if args.cache else None
+        if cache is not None:
+            check_cache(cache, args.steps)
         out = Path(args.out)
         check_output_dir(out, args.overwrite, create=False)  # writes nothing
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             lpips={"auto": "auto", "on": True, "off": False}[args.lpips], video_format=args.format,
             strip_frames=args.strip_frames, overwrite=args.overwrite, progress=not args.no_progress,
             model_info=info, command="sparsediff compare " + " ".join(shlex.quote(a) for a in argv),
-            context_parallel=cp,
+            context_parallel=cp, cache=cache,
         )  # fmt: skip
     except InputError as e:
         return fail(PROG, e)

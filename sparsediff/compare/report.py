@@ -100,19 +100,31 @@ def _environment(device: str) -> dict[str, Any]:
     return env
 
 
+_DENSE_PLAN = "dense attention (the model's own processors)"
+
+
 def _variant_row(
     name: str,
     rec: dict[str, Any],
     variants: Sequence[Variant],
     summaries: dict[str, str],
     base_step: float | None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One summary row: plan, densities, timings and (sparse variants) metrics pooled over the samples."""
+    """One summary row: plan, densities, timings and (every row but plain dense) metrics pooled over the
+    samples. ``info``: ``{"base": plan label or "dense", "cache": cache label or None}`` (``--cache``)."""
     smp = rec["samples"]
+    info = info or {"base": name, "cache": None}
+    base = info["base"]
+    plan = _DENSE_PLAN if base == BASELINE else summaries[base]
+    if info["cache"] is not None:
+        plan += f"; then the cache {info['cache']} (diffusers)"
     row: dict[str, Any] = {
         "label": name,
-        "spec": None if name == BASELINE else next(v.spec for v in variants if v.label == name),
-        "plan": "dense attention (the model's own processors)" if name == BASELINE else summaries[name],
+        "spec": None if base == BASELINE else next(v.spec for v in variants if v.label == base),
+        "plan_label": base,
+        "cache": info["cache"],
+        "plan": plan,
         "density_per_layer": rec.get("density_per_layer", {}),
         "mean_density": 1.0,
         "run_density": rec.get("run_density", 1.0),
@@ -126,7 +138,7 @@ def _variant_row(
         "attention_share": _mean([r["self_attention_s"] / r["denoise_s"] for r in smp if r.get("denoise_s")]),
     }
     dens = [d for comp in row["density_per_layer"].values() for d in comp.values()]
-    if name != BASELINE:
+    if base != BASELINE:
         row["mean_density"] = _mean(dens) if dens else 1.0
     row["speedup"] = base_step / row["s_per_step"] if base_step and row["s_per_step"] else None
     if name == BASELINE:
@@ -159,10 +171,21 @@ def summarise(
     command: str | None,
     wall_s: float,
     load: tuple[float | None, float | None] = (None, None),
+    rows: dict[str, dict[str, Any]] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``results.json`` content from the per-variant records (dense first)."""
+    """The ``results.json`` content from the per-variant records (dense first). ``rows``: each name's
+    plan and cache (``--cache``; default: every row its own plan, no cache); ``cache``: the cache's spec,
+    label, config class and configs (written as ``results.json``'s ``cache``; ``None`` without one)."""
     base_step = _mean([r["s_per_step"] for r in records[BASELINE]["samples"]])
-    rows = [_variant_row(n, records[n], variants, summaries, base_step) for n in names]
+    info = rows or {}
+    rows = [_variant_row(n, records[n], variants, summaries, base_step, info.get(n)) for n in names]
+    if cache is not None:  # what the cache skipped: attention operator calls per generation vs dense
+        base_calls = _mean([smp.get("attention_calls") for smp in rows[0]["samples"]])
+        for r in rows:
+            calls = _mean([smp.get("attention_calls") for smp in r["samples"]])
+            r["attention_calls"] = calls
+            r["attention_calls_vs_dense"] = calls / base_calls if calls is not None and base_calls else None
     skipped: dict[str, str] = {}
     for r in rows[1:]:
         for smp in r["samples"]:
@@ -171,6 +194,8 @@ def summarise(
         skipped["lpips"] = lpips_reason
     notes = list(notes) + _timing_notes(rows, settings.device, load)
     for r in rows[1:]:
+        if r["plan_label"] == BASELINE:  # dense + cache
+            continue
         if r["mean_density"] >= 0.999 and "all heads HeadSpec(dense)" not in r["plan"]:
             notes.append(
                 f"{r['label']!r} kept every block at this size (density {r['mean_density']:.2f}): it ran dense "
@@ -202,6 +227,7 @@ def summarise(
         "metrics_skipped": skipped,
         "notes": notes,
         "wall_s": wall_s,
+        "cache": cache,
         "variants": rows,
     }
 
@@ -321,7 +347,7 @@ def _plot_density(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    rows = [r for r in results["variants"] if r["label"] != BASELINE]
+    rows = [r for r in results["variants"] if r.get("plan_label", r["label"]) != BASELINE]  # sparse rows
     colours = [f"C{j % 10}" for j in range(len(rows))]
     comps = sorted({c for r in rows for c in r["density_per_layer"]}) or ["transformer"]
     fig, axes = plt.subplots(len(comps), 1, figsize=(7.0, 2.8 * len(comps) + 0.6), dpi=110, squeeze=False)
@@ -368,6 +394,7 @@ _COLUMNS = (
     ("run density", "run_density", 3),
     ("s / step", "s_per_step", 3),
     ("speedup", "speedup", 2),
+    ("attention calls vs dense", "attention_calls_vs_dense", 2),
     ("predicted speedup", "predicted_speedup", 2),
     ("search's prediction", "search_predicted_speedup", 2),
     ("total s", "total_s", 2),
@@ -431,6 +458,18 @@ _EXPLAIN = [
 ]
 
 
+def _explain(results: dict[str, Any]) -> list[str]:
+    if not results.get("cache"):
+        return _EXPLAIN
+    return _EXPLAIN + [
+        f"Cache: {results['cache']['config_class']} ({results['cache']['spec']}), diffusers' enable_cache, "
+        "reset before every generation. 'X + cache' rows run X with the cache on top; every row's speedup and "
+        "metrics are against plain dense (no cache). Attention calls vs dense: attention operator calls "
+        "(self and cross) per generation relative to plain dense -- what the cache skipped. No predicted "
+        "speedup for cache rows (the price model knows nothing of the cache)."
+    ]
+
+
 def _columns(results: dict[str, Any]) -> list[tuple[str, str, int | None]]:
     """The table columns, without those that no variant has a value for (their reason is listed)."""
     rows = results["variants"]
@@ -462,7 +501,7 @@ def _markdown(results: dict[str, Any], qs: Path, dp: Path, strips: list[str]) ->
         md.append("| " + " | ".join(_cell(r, k, nd) for _, k, nd in cols) + " |")
     if results["notes"]:
         md += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
-    md += [""] + _EXPLAIN + [""]
+    md += [""] + _explain(results) + [""]
     md += [f"- `{r['label']}`: {r['plan']}" for r in results["variants"]]
     if results["metrics_skipped"]:
         md += ["", "Not computed:"] + [f"- {k}: {v}" for k, v in results["metrics_skipped"].items()]
@@ -530,7 +569,7 @@ def _html(out: Path, results: dict[str, Any], qs: Path, dp: Path, strips: list[s
 <p class="small">{"<br>".join(e(c) for c in _conditions(results))}</p>
 <h2>Summary (mean over {len(results["settings"]["prompts"])} prompt(s) x {len(results["settings"]["seeds"])} seed(s))</h2>
 <table><tr>{head}</tr>{body}</table>
-<p class="small">{"<br>".join(e(x) for x in _EXPLAIN)}</p>
+<p class="small">{"<br>".join(e(x) for x in _explain(results))}</p>
 {"<h3>Notes</h3><ul class='small'>" + notes + "</ul>" if notes else ""}
 <div class="plots">{_img(qs, "quality vs speed")}{_img(dp, "density per layer")}</div>
 <h2>Plans</h2><ul class="small">{plans}</ul>

@@ -22,6 +22,7 @@ import torch
 from ..loading import distributed as _distributed
 from ..media import save_strip, write_video
 from . import report as _report
+from .cache import CacheRunError, CacheSpec, EnabledCache, check_cache, config_dict, parse_cache
 from .variants import (
     BASELINE,
     CompareError,
@@ -109,6 +110,7 @@ def _generate(pipe: Any, prompt: str, seed: int, s: _Settings, params: set[str])
         "attention_s": clock.attention.seconds,
         "self_attention_s": clock.attention.self_seconds,
         "denoise_s": clock.denoise_seconds,
+        "attention_calls": clock.attention.calls,
     }
 
 
@@ -219,6 +221,8 @@ class _Run:
     world: int
     mine: list[tuple[int, int]]
     bar: Any
+    cache: CacheSpec | None = None
+    enabled_cache: EnabledCache | None = None  # while a "+ cache" row runs
     dense_frames: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     strip_rows: dict[tuple[int, int], dict[str, np.ndarray]] = field(default_factory=dict)
     strip_notes: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
@@ -226,8 +230,8 @@ class _Run:
 
 def _check_inputs(
     prompts: Sequence[str], seeds: Sequence[int], plans: Sequence[str | Variant], video_format: str,
-    backend: str, block_size: int | None,
-) -> tuple[list[str], list[int], list[Variant], Any]:  # fmt: skip
+    backend: str, block_size: int | None, cache: str | CacheSpec | None = None, steps: int | None = None,
+) -> tuple[list[str], list[int], list[Variant], Any, CacheSpec | None]:  # fmt: skip
     """Everything that can be checked without generating; raises :class:`CompareError`."""
     from ..config import SparseAttentionConfig
 
@@ -246,18 +250,41 @@ def _check_inputs(
         base_config = SparseAttentionConfig(backend=backend, block_size=block_size, log_density=False)
     except (TypeError, ValueError) as e:
         raise CompareError(str(e)) from None
-    return prompts, seeds, variants, base_config
+    if isinstance(cache, str):
+        cache = parse_cache(cache)
+    if cache is not None:
+        check_cache(cache, steps)
+        slugs: dict[str, str] = {}
+        for name in _names(variants, cache):
+            other = slugs.setdefault(label_slug(name), name)
+            if other != name:
+                raise CompareError(
+                    f"two rows would share the file name of {name!r}; give the plan a label=NAME"
+                )
+    return prompts, seeds, variants, base_config, cache
+
+
+def _names(variants: Sequence[Variant], cache: CacheSpec | None) -> list[str]:
+    """Row labels in run order: dense, (dense + cache), then each plan (and plan + cache)."""
+    names = []
+    for label in [BASELINE] + [v.label for v in variants]:
+        names.append(label)
+        if cache is not None:
+            names.append(f"{label} + {cache.label}")
+    return names
 
 
 def _one_sample(run: _Run, name: str, pi: int, seed: int) -> dict[str, Any]:
     """Generate (prompt ``pi``, ``seed``) with what is enabled now; metrics vs dense, video, strip row."""
     run.bar.set_description(f"{name} p{pi} s{seed}")
+    if run.enabled_cache is not None:
+        run.enabled_cache.reset()  # every generation starts with an empty cache
     g = _generate(run.pipe, run.prompts[pi], seed, run.settings, run.params)
     run.bar.update()
     frames = g.pop("frames")
     rec: dict[str, Any] = {"prompt_index": pi, "prompt": run.prompts[pi], "seed": seed, **g}
     m = None
-    if name == BASELINE:
+    if name == BASELINE:  # plain dense: the reference of every row, "dense + cache" included
         run.dense_frames[(pi, seed)] = frames
     else:
         m = run.meter(frames, run.dense_frames[(pi, seed)])
@@ -294,11 +321,16 @@ def _sparse_record(run: _Run, handle: Any, samples: list, seen: dict, cfg: Any, 
     return rec
 
 
-def _run_variant(run: _Run, variant: Variant | None, dense: dict | None) -> dict[str, Any]:
-    """Warm-up calls, then every (prompt, seed) of this process with ``variant`` enabled (``None``: dense)."""
+def _run_variant(
+    run: _Run, variant: Variant | None, dense: dict | None, cached: bool = False
+) -> dict[str, Any]:
+    """Warm-up calls, then every (prompt, seed) of this process with ``variant`` enabled (``None``: dense)
+    and, with ``cached``, ``run.cache`` enabled after it (removed again before returning)."""
     from ..api import enable_sparse_attention
 
     name = BASELINE if variant is None else variant.label
+    if cached:
+        name = f"{name} + {run.cache.label}"
     handle, cfg, seen = None, None, {}
 
     def observe(call: Any) -> None:  # the run's layout and shapes, for the predicted price
@@ -312,20 +344,34 @@ def _run_variant(run: _Run, variant: Variant | None, dense: dict | None) -> dict
         handle = enable_sparse_attention(run.pipe, variant.plan, config=cfg)
     cuda = run.settings.device.startswith("cuda")
     try:
+        if cached:
+            run.enabled_cache = EnabledCache(run.pipe, run.cache, run.settings.num_inference_steps)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(run.warmup if run.mine else 0):
-            run.bar.set_description(f"{name} warm-up")
-            _generate(run.pipe, run.prompts[run.mine[0][0]], run.mine[0][1], run.settings, run.params)
-            run.bar.update()
-        samples = [_one_sample(run, name, pi, seed) for pi, seed in run.mine]
+        try:
+            for _ in range(run.warmup if run.mine else 0):
+                run.bar.set_description(f"{name} warm-up")
+                if run.enabled_cache is not None:
+                    run.enabled_cache.reset()
+                _generate(run.pipe, run.prompts[run.mine[0][0]], run.mine[0][1], run.settings, run.params)
+                run.bar.update()
+            samples = [_one_sample(run, name, pi, seed) for pi, seed in run.mine]
+        except (RuntimeError, IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+            if not cached or isinstance(e, CompareError):
+                raise
+            raise CacheRunError(run.cache, name, run.pipe, e) from e
         rec: dict[str, Any] = {"label": name, "samples": samples}
         if cuda:
             rec["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if handle is not None:
             rec.update(_sparse_record(run, handle, samples, seen, cfg, dense))
+            if cached:  # the prices know nothing of the cache: no prediction for "+ cache" rows
+                rec.update(predicted_speedup=None, search_predicted_speedup=None)
         return rec
     finally:
+        if run.enabled_cache is not None:
+            run.enabled_cache.disable()
+            run.enabled_cache = None
         if handle is not None:
             handle.disable()
 
@@ -376,18 +422,41 @@ def _per_rank_memory(rank: int, records: dict) -> dict | None:
     return records
 
 
-def _start(pipe: Any, out_dir: Path | None, overwrite: bool, variants: list[Variant], base_config: Any):
-    """Output folder checks (main process), the plan preflight; returns (rank, world, state, summaries)."""
+def _preflight_cache(
+    pipe: Any, variants: list[Variant], base_config: Any, cache: CacheSpec, steps: int | None
+) -> dict[str, Any]:
+    """The cache enabled and removed once alone and once on top of every plan (sparse attention enabled
+    first, as in the run); returns the configs of the first time (``results.json``)."""
+    from ..api import enable_sparse_attention
+
+    with EnabledCache(pipe, cache, steps) as first:
+        configs = {n: config_dict(c) for n, c in first.configs.items()}
+    for v in variants:
+        h = enable_sparse_attention(pipe, v.plan, config=base_config.updated(**v.overrides))
+        try:
+            EnabledCache(pipe, cache, steps).disable()
+        finally:
+            h.disable()
+    return configs
+
+
+def _start(
+    pipe: Any, out_dir: Path | None, overwrite: bool, variants: list[Variant], base_config: Any,
+    cache: CacheSpec | None = None, steps: int | None = None,
+):  # fmt: skip
+    """Output folder checks (main process), the plan (and cache) preflight; returns (rank, world, state,
+    summaries, cache configs)."""
     rank, world, state = _distributed()
     if out_dir is not None and rank == 0:
         remove_outputs(check_output_dir(out_dir, overwrite))
     if state is not None:
         state.wait_for_everyone()
     summaries = preflight_plans(pipe, variants, base_config)
+    configs = _preflight_cache(pipe, variants, base_config, cache, steps) if cache is not None else None
     if out_dir is not None:
         (out_dir / "videos").mkdir(exist_ok=True)
         (out_dir / "strips").mkdir(exist_ok=True)
-    return rank, world, state, summaries
+    return rank, world, state, summaries, configs
 
 
 def compare(
@@ -414,6 +483,7 @@ def compare(
     model_info: dict[str, Any] | None = None,
     command: str | None = None,
     context_parallel: dict[str, int] | None = None,
+    cache: str | CacheSpec | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) densely and with every plan on ``pipe``; measure; report.
 
@@ -428,32 +498,47 @@ def compare(
     transformers): every process runs every (prompt, seed) together; the main process writes the outputs
     and the report (peak GPU memory of every rank: ``peak_memory_gb_per_rank``).
 
+    ``cache`` (``--cache``: a spec such as ``"first_block:threshold=0.15"``, see
+    :mod:`sparsediff.compare.cache`, or a :class:`~sparsediff.compare.cache.CacheSpec`): one of diffusers'
+    caches; the rows are then dense, ``dense + CACHE``, and each plan followed by ``PLAN + CACHE`` (the
+    plan's sparse attention, then the cache, enabled with diffusers' ``enable_cache``), every row against
+    plain dense (speedup and metrics), the cache reset before each generation and removed after its rows.
+
     Returns the ``results.json`` content (in memory, PSNR of identical videos is ``math.inf``; the file
     writes null). Raises :class:`CompareError` on bad input, before anything is generated.
     """
     from ..metrics import VideoQuality
 
     t_start, load_start = time.perf_counter(), _report._load_average()
-    prompts, seeds, variants, base_config = _check_inputs(
-        prompts, seeds, plans, video_format, backend, block_size
+    prompts, seeds, variants, base_config, cache = _check_inputs(
+        prompts, seeds, plans, video_format, backend, block_size, cache, num_inference_steps
     )
     out_dir = Path(out) if out is not None else None
-    rank, world, state, summaries = _start(pipe, out_dir, overwrite, variants, base_config)
+    rank, world, state, summaries, cache_configs = _start(
+        pipe, out_dir, overwrite, variants, base_config, cache, num_inference_steps
+    )
     device = str(getattr(pipe, "device", "cpu"))
     s = _Settings(num_frames, height, width, num_inference_steps, guidance_scale, negative_prompt, device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     pairs = [(pi, seed) for pi in range(len(prompts)) for seed in seeds]
     mine = pairs if context_parallel else pairs[rank::world]  # context parallel: all ranks, every pair
-    names = [BASELINE] + [v.label for v in variants]
+    names = _names(variants, cache)
     bar = _progress(len(mine) * len(names) + warmup * len(names) * bool(mine), progress, rank)
     meter = VideoQuality(lpips=lpips, device=device if device.startswith("cuda") else "cpu")
     writes = out_dir if rank == 0 or not context_parallel else None
     run = _Run(pipe, prompts, s, _call_params(pipe), meter, writes, video_format, warmup, base_config,
-               world, mine, bar)  # fmt: skip
+               world, mine, bar, cache)  # fmt: skip
     records: dict[str, dict[str, Any]] = {BASELINE: _run_variant(run, None, None)}
-    for v in variants:
-        records[v.label] = _run_variant(run, v, records[BASELINE])
+    rows: dict[str, dict[str, Any]] = {BASELINE: {"base": BASELINE, "cache": None}}
+    for v in [None, *variants]:
+        if v is not None:
+            records[v.label] = _run_variant(run, v, records[BASELINE])
+            rows[v.label] = {"base": v.label, "cache": None}
+        if cache is not None:
+            rec = _run_variant(run, v, records[BASELINE], cached=True)
+            records[rec["label"]] = rec
+            rows[rec["label"]] = {"base": BASELINE if v is None else v.label, "cache": cache.label}
     bar.close()
     if run.out_dir is not None:
         _write_strips(run, strip_frames)
@@ -468,7 +553,11 @@ def compare(
     results = _report.summarise(
         records, names, variants, summaries, prompts=prompts, seeds=seeds, settings=s,
         extra_settings={"backend": backend, "block_size": block_size, "warmup": warmup, "processes": world,
-                        "video_format": video_format, "context_parallel": context_parallel},
+                        "video_format": video_format, "context_parallel": context_parallel,
+                        "cache": None if cache is None else cache.spec},
+        rows=rows,
+        cache=None if cache is None else {"spec": cache.spec, "name": cache.name, "label": cache.label,
+                                          "config_class": cache.config_class, "config": cache_configs},
         model_info=model_info or {"class": type(pipe).__name__},
         notes=vocabulary_warnings(pipe, prompts),
         lpips_reason=meter.lpips_reason if meter._lpips_net is None else None,

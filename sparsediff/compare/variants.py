@@ -45,7 +45,7 @@ class Variant:
     spec: str = ""
 
 
-def _split_top(text: str) -> list[str]:
+def split_top(text: str) -> list[str]:
     """Split on commas outside brackets / braces / parentheses / quotes."""
     parts, depth, cur, quote = [], 0, [], ""
     for ch in text:
@@ -96,7 +96,7 @@ def parse_variant(spec: str) -> Variant:
     from ..plan import Plan, PlanError
     from ..specs import PATTERN_PARAMS
 
-    tokens = _split_top(spec)
+    tokens = split_top(spec)
     if not tokens:
         raise CompareError("empty --plans entry")
     plan: str | None
