@@ -10,6 +10,10 @@ head index), ring and Ulysses x ring (:meth:`LayerContext._ring`: each visiting 
 layer's whole-sequence mask, :mod:`.ring`) -- then :func:`sparsediff.attention.sparse_attention`. The search's observer tap
 (:attr:`SparseAttentionConfig.observer`, :class:`AttentionCall`) is called before attention is computed.
 
+Every path is differentiable (training): one process and key-padding masks through the op's autograd;
+Ulysses through the graph its forward op keeps for diffusers' backward op (:meth:`LayerContext._context_parallel`);
+ring and Ulysses x ring through :func:`.ring.chunk_backward`.
+
 Imports :mod:`.state`, :mod:`.backend`, :mod:`.compiled` and :mod:`.ring` among the hook modules (all
 below it).
 """
@@ -60,7 +64,11 @@ class AttentionCall:
 
 
 class LayerContext:
-    """One self-attention layer while sparse attention is enabled (owned by its processor)."""
+    """One self-attention layer while sparse attention is enabled (owned by its processor).
+
+    Its calls are differentiable on every path -- one process, key-padding masks, Ulysses, ring and
+    Ulysses x ring context parallelism -- with the gradients of what the forward computed (the same
+    masks, dense fallbacks and token orders)."""
 
     def __init__(self, root: TransformerState, index: int, name: str, num_heads: int) -> None:
         self.root = root
@@ -327,29 +335,35 @@ class LayerContext:
 
     # ------------------------------------------------------------------ context parallelism
     def _context_parallel(self, kwargs: dict[str, Any], pc: Any) -> torch.Tensor:
+        """Ulysses context parallelism (ring and Ulysses x ring: :meth:`_ring`).
+
+        diffusers' ``TemplatedUlyssesAttention`` all-to-alls the ``[B, N / U, H, D]`` inputs into the whole
+        sequence for ``H / U`` heads (``[B, N, H / U, D]``, this rank's heads ``rank * H / U ...``) and
+        calls our forward op, which runs :meth:`_run` on them -- the plan sliced by global head index,
+        tokens put into the layout's order first where the adapter splits by segment
+        (``cp_permutation``; the output goes back into the template's order) -- or a dense fallback.
+
+        Backward (training): when the call needs gradients (grad mode on and q, k or v requiring grad),
+        the forward op runs that same computation with autograd on, on detached leaves of the gathered
+        q/k/v, and keeps its graph in ``ctx.save_for_backward`` (so the graph lives exactly as long as the
+        template's saved state: freed after a backward, kept by ``retain_graph=True``). The backward op
+        back-propagates the template's all-to-all'ed ``grad_out [B, N, H / U, D]`` through it -- the
+        op's own backward for the sparse heads, the model's dense backend for dense and fallback
+        layers, the token permutation's inverse -- and returns ``(dq, dk, dv)`` in the template's
+        order, which all-to-alls them back to ``[B, N / U, H, D]``. Nothing runs twice: the layer's
+        decisions, masks, cross-step state (lse_cache, skip) and reports are those of the forward.
+        Memory: what one process's training of the layer keeps (the op saves q, k, v, out, LSE).
+        """
         cp = pc.context_parallel_config
         if getattr(cp, "ring_degree", 1) > 1:
             return self._ring(kwargs, pc, cp)
         layer = self
+        # diffusers runs the forward op inside its autograd.Function (grad mode off there): decide here
+        train = torch.is_grad_enabled() and any(kwargs[n].requires_grad for n in ("query", "key", "value"))
 
-        def forward_op(
-            ctx,
-            query,
-            key,
-            value,
-            attn_mask=None,
-            dropout_p=0.0,
-            is_causal=False,
-            scale=None,
-            enable_gqa=False,
-            return_lse=False,
-            _save_ctx=True,
-            _parallel_config=None,
-        ):
-            if return_lse:
-                raise ValueError("sparsediff context-parallel attention does not return the LSE")
+        def attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+            """The layer's attention of the gathered ``[B, N, H / U, D]`` tensors (template order)."""
             world, rank = cp.ulysses_degree, cp._ulysses_local_rank
-            query, key, value = (_wait(x) for x in (query, key, value))
             h_local = query.shape[2]
             full = {
                 "query": query,
@@ -379,8 +393,39 @@ class LayerContext:
                 return out.index_select(1, inv)
             return layer._run(full, layout, head_offset=rank * h_local)
 
-        def backward_op(*args, **kwargs):
-            raise NotImplementedError("sparsediff attention is inference-only (no backward)")
+        def forward_op(
+            ctx,
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=None,
+            enable_gqa=False,
+            return_lse=False,
+            _save_ctx=True,
+            _parallel_config=None,
+        ):
+            if return_lse:
+                raise ValueError("sparsediff context-parallel attention does not return the LSE")
+            query, key, value = (_wait(x) for x in (query, key, value))
+            args = (attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            if not (train and _save_ctx):
+                return attend(query, key, value, *args)
+            with torch.enable_grad():
+                leaves = tuple(x.detach().requires_grad_(True) for x in (query, key, value))
+                out = attend(*leaves, *args)
+            ctx.save_for_backward(out, *leaves)
+            return out.detach()
+
+        def backward_op(ctx, grad_out, *args, **kwargs):
+            out, *leaves = ctx.saved_tensors
+            if not out.requires_grad:  # the output does not depend on q, k, v
+                return tuple(torch.zeros_like(x) for x in leaves)
+            # retain_graph: the outer backward may be retained; the graph goes with the saved tensors
+            grads = torch.autograd.grad(out, leaves, grad_out, retain_graph=True, allow_unused=True)
+            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
 
         return _ad._templated_context_parallel_attention(
             kwargs["query"],
