@@ -145,13 +145,16 @@ class LayerState:
         """Deprecated name of :attr:`family_states`."""
         return self.family_states
 
-    def _bind(self, layout: TokenLayout, q: torch.Tensor, step: int | None) -> None:
-        key = (layout, q.shape[0], q.shape[1], q.device)
+    def bind(self, key: tuple, step: int | None) -> None:
+        """Before a call with state key ``key`` (``(layout, B, H, device)``) at ``step``: another key (resolution,
+        batch, heads, device) or an earlier step (a new pipeline call that did not reset) starts over."""
         if self.key != key or (step is not None and self.last_step is not None and step < self.last_step):
-            # another resolution / batch, or a new pipeline call that did not reset: start over
             self.reset()
             self.key = key
         self.last_step = step
+
+    def _bind(self, layout: TokenLayout, q: torch.Tensor, step: int | None) -> None:
+        self.bind((layout, q.shape[0], q.shape[1], q.device), step)
 
     # ------------------------------------------------------------------ compatibility views (read-only)
     def _view(self, family: str, attr: str | None, empty: Any) -> Any:

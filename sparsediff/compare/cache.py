@@ -25,7 +25,6 @@ with ``disable_cache()``.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 import types
@@ -34,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .variants import CompareError, split_top
+from .variants import CompareError, literal_value, split_top
 
 #: Short name -> config class name in ``diffusers.hooks`` (diffusers 0.42).
 CACHE_CONFIGS = {
@@ -183,18 +182,6 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        low = text.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        if low in ("none", "null"):
-            return None
-        raise
-
-
 def _fields(cls: type) -> dict[str, Any]:
     """Settable fields of a config dataclass and their types (private ones left out)."""
     hints = typing.get_type_hints(cls)
@@ -234,7 +221,7 @@ def parse_cache(spec: str) -> CacheSpec:
             raise CompareError(f"--cache {spec!r}: {key} is set by compare (the pipeline's current_timestep)")
         hint = known[key]
         try:
-            value = _literal(val)
+            value = literal_value(val, keep_text=False)
         except (ValueError, SyntaxError):
             value = val  # unquoted text: only where the field takes a string (or a dtype name)
         try:

@@ -66,7 +66,9 @@ def split_top(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _value(text: str) -> Any:
+def literal_value(text: str, *, keep_text: bool = True) -> Any:
+    """A command-line value: a Python literal, ``true``/``false``/``none``/``null`` in any case, else the
+    text itself (``keep_text``) or the literal parser's error."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -75,7 +77,9 @@ def _value(text: str) -> Any:
             return low == "true"
         if low in ("none", "null"):
             return None
-        return text
+        if keep_text:
+            return text
+        raise
 
 
 def label_slug(text: str) -> str:
@@ -117,9 +121,9 @@ def parse_variant(spec: str) -> Variant:
             label = val
         elif "." in key:
             pat, param = key.split(".", 1)
-            pattern_params.setdefault(pat, {})[param] = _value(val)
+            pattern_params.setdefault(pat, {})[param] = literal_value(val)
         else:
-            overrides[key] = _value(val)
+            overrides[key] = literal_value(val)
     if pattern_params:
         overrides["pattern_params"] = pattern_params
     try:

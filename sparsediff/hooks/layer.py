@@ -543,7 +543,7 @@ class LayerContext:
         scale = kwargs.get("scale")
         scale_f = float(D**-0.5 if scale is None else scale)
         state = self.state(state_key)
-        _bind_state(state, (layout, B, h_local, q.device), step)
+        state.bind((layout, B, h_local, q.device), step)
         run: dict[str, Any] = {"i": -1, "bi": -1, "pieces": {}}
 
         def pieces(j: int):
@@ -680,16 +680,6 @@ class LayerContext:
         else:
             root.record_density(self.index, state)
         return out
-
-
-def _bind_state(state: Any, key: tuple, step: int | None) -> None:
-    """What :func:`sparsediff.sparse_attention` does to a layer state before a call, for the ring path
-    (which builds its masks without it): another layout / batch / heads / device, or an earlier step (a
-    new generation), resets it."""
-    if state.key != key or (step is not None and state.last_step is not None and step < state.last_step):
-        state.reset()
-        state.key = key
-    state.last_step = step
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:
