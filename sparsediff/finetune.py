@@ -992,6 +992,9 @@ def main(argv: list[str] | None = None) -> int:
             line += f"; held-out sparse-vs-dense MSE {before:.4g} -> {after:.4g}"
         print(line)
         print(f"wrote {out} (load: pipe.enable_sparse_attention({str(out)!r}))")
+    from .loading import distributed, finish_processes
+
+    finish_processes(distributed()[2])
     return 0
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "random_wan_pipeline",
     "distributed",
     "enable_context_parallel",
+    "finish_processes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,17 @@ def distributed() -> tuple[int, int, Any]:
     # process alone. The state is a singleton: every caller in the process shares it.
     state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, state
+
+
+def finish_processes(state: Any) -> None:
+    """Several processes (``state`` from :func:`distributed`; ``None`` or one process: nothing to do): wait
+    until every process is done, then tear the process group down -- a process that exits while gloo's
+    threads still serve the group aborts ("terminate called without an active exception")."""
+    if state is None or getattr(state, "num_processes", 1) <= 1:
+        return
+    state.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def enable_context_parallel(pipe: Any, degrees: tuple[int, int] | None, world: int) -> dict[str, int] | None:

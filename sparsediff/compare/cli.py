@@ -21,7 +21,7 @@ from ..cli_args import (
     nonnegative_int,
     positive_int,
 )
-from ..loading import add_source_args, check_source, enable_context_parallel
+from ..loading import add_source_args, check_source, enable_context_parallel, finish_processes
 from ..loading import distributed as _distributed
 from ..loading import load_pipeline as _load
 from .cache import CACHE_CONFIGS, check_cache, parse_cache
@@ -164,4 +164,5 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         print((out / "report.md").read_text().split("\n\nAll metrics")[0])
         print(f"\nreport: {(out / 'report.html').resolve()}")
+    finish_processes(state)
     return 0

@@ -48,7 +48,7 @@ from ..cli_args import (
     positive_int,
     read_prompts_file,
 )
-from ..loading import add_source_args, check_source, load_pipeline
+from ..loading import add_source_args, check_source, finish_processes, load_pipeline
 
 __all__ = ["main", "build_parser"]
 
@@ -346,7 +346,7 @@ def _run(args) -> int:
     n_layers = len(adapter.attention_modules(transformer))
     stats = _profile(args, inp, pipe, kw, steps, n_layers, rank, world, state)
     if stats is None:
-        _finish_processes(state)  # not the main process: its statistics are in the main process's merge
+        finish_processes(state)  # not the main process: its statistics are in the main process's merge
         return 0
     if world > 1:
         print(f"profiled {len(inp['prompts'])} prompts on {world} processes")
@@ -364,21 +364,8 @@ def _run(args) -> int:
         )
     plan.save(inp["out"], overwrite=args.overwrite)
     print(f"wrote {inp['out']} ({plan.summary()})")
-    _finish_processes(state)
+    finish_processes(state)
     return 0
-
-
-def _finish_processes(state) -> None:
-    """Several processes: wait until the main one has written the plan (it prices it after the others are
-    done profiling), then tear the process group down -- a process that exits while gloo's threads still
-    serve the group aborts ("terminate called without an active exception")."""
-    if state is None:
-        return
-    state.wait_for_everyone()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _join_heads(state, stats, prior):
