@@ -88,23 +88,11 @@ GRAD_HEADS = 4  # the backward's models: two heads per Ulysses rank
 
 def _grad_model(model_name: str) -> torch.nn.Module:
     """The tiny transformer of :func:`_model` with :data:`GRAD_HEADS` heads (same seed)."""
-    import diffusers
     import tiny_pipelines as tp
 
-    torch.manual_seed(tp.SEED)
     if model_name == "wan":
-        model = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=GRAD_HEADS, attention_head_dim=tp.HEAD_DIM,
-            in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        )  # fmt: skip
-    else:
-        model = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=tp.HEAD_DIM,
-            num_attention_heads=GRAD_HEADS, joint_attention_dim=32, pooled_projection_dim=32,
-            guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-        )  # fmt: skip
-    return model.eval()
+        return tp._wan_transformer(heads=GRAD_HEADS).eval()
+    return tp._flux_transformer(heads=GRAD_HEADS).eval()
 
 
 def _grad_plan(model: torch.nn.Module):

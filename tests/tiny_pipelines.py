@@ -210,13 +210,13 @@ def _wan_vae():
     )
 
 
-def _wan_transformer(cls_name: str = "WanTransformer3DModel", **extra):
+def _wan_transformer(cls_name: str = "WanTransformer3DModel", heads: int = HEADS, **extra):
     import diffusers
 
     torch.manual_seed(SEED)
     return getattr(diffusers, cls_name)(
         patch_size=(1, 2, 2),
-        num_attention_heads=HEADS,
+        num_attention_heads=heads,
         attention_head_dim=HEAD_DIM,
         in_channels=16,
         out_channels=16,
@@ -704,7 +704,7 @@ def _sd_vae(latent_channels: int, blocks: int = 4):
     )
 
 
-def _flux_transformer():
+def _flux_transformer(heads: int = HEADS):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(SEED)
@@ -714,7 +714,7 @@ def _flux_transformer():
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=HEAD_DIM,
-        num_attention_heads=HEADS,
+        num_attention_heads=heads,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         guidance_embeds=True,
