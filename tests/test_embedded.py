@@ -267,15 +267,101 @@ def test_training_with_sparse_batches_runs_them_sparse_with_the_consistency_term
     cfg.steps = 2
     cfg.sparse_heads = [{"pattern": "tile", "params": {"window": [1, 3, 3]}}] * cfg.model.num_heads
     cfg.sparse_prob, cfg.sparse_max_sigma, cfg.sparse_consistency = 1.0, 1.0, 1.0
+    cfg.sparse_recall = 0.1
+    cfg.resolutions = [(4, 32, 32)]  # 4 x 8 x 8 tokens = four 4x4x4 tiles, each head keeps its own tile
+    cfg.sparse_heads = [{"pattern": "tile", "params": {"window": [1, 1, 1]}}] * cfg.model.num_heads
     metrics = train(cfg, str(tmp_path), evaluate=False)
     assert math.isfinite(metrics["train"]["final_loss"])
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["sparse_batches"] == 2
+    assert lines[-1]["outside_mask"] > 0  # the locality term was computed on the sparse batches' calls
     # one sparse call per layer per batch (the dense teacher's calls never reach sparse_attention)
     assert len(calls) == 2 * cfg.model.num_layers and all(s[0].pattern == "tile" for s in calls)
     cfg.sparse_heads = cfg.sparse_heads[:1]
     with pytest.raises(ValueError, match="sparse_heads"):
         train(cfg, str(tmp_path / "bad"), evaluate=False)
+
+
+def _recall_specs():
+    from sparsediff.specs import HeadSpec
+
+    return [
+        HeadSpec.make("tile", window=(1, 3, 3), tile=(2, 4, 4)),  # permuted (tile order)
+        HeadSpec.make("radial", decay=0.2),  # natural order, rows of different lengths
+        HeadSpec.make("reordered"),  # its own (frame) order
+    ]
+
+
+def test_plan_recall_masks_are_the_ops_masks_and_the_term_is_minus_log_mass_inside():
+    """The locality term's token masks are exactly what the op computes (with uniform logits the op's output
+    is the mean of the values its mask keeps), on a ragged layout with text, for permuted and natural
+    heads; the term is -log(mass inside) of the sampled rows."""
+    from types import SimpleNamespace
+
+    from sparsediff import TokenLayout, sparse_attention
+    from sparsediff.embedded.train import PlanRecall
+
+    layout = TokenLayout.video(4, 8, 8, text_len=5)
+    N, H, D = layout.num_tokens, 3, 8
+    specs = _recall_specs()
+    assert all(s.is_static for s in specs)
+    rec = PlanRecall(specs, rows=64, seed=3, block_size=16)
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, H, N, D)
+    k, v = torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g)
+    masks = rec.token_masks(layout, q, k)
+    assert masks.shape == (H, N, N)
+    density = masks.float().mean((1, 2))
+    assert (density < 0.9).all() and (density > 0.05).all()
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    out = sparse_attention(q, k, v, layout, specs, block_size=16, backend="reference")
+    expect = (masks.float() @ v[0]) / masks.sum(-1, keepdim=True)
+    torch.testing.assert_close(out[0], expect, atol=1e-5, rtol=1e-5)
+
+    rec(SimpleNamespace(query=q, key=k, layout=layout, scale=None))
+    rows = torch.randint(N, (64,), generator=torch.Generator().manual_seed(3))
+    want = -(masks[:, rows].float().sum(-1) / N).log().mean()
+    torch.testing.assert_close(rec.take(), want)
+    assert rec.take() is None  # taken
+
+
+def test_plan_recall_term_is_zero_for_attention_inside_and_its_gradient_moves_mass_inside():
+    from types import SimpleNamespace
+
+    from sparsediff import TokenLayout
+    from sparsediff.embedded.train import PlanRecall
+
+    layout = TokenLayout.video(4, 8, 8)
+    N, H = layout.num_tokens, 3
+    rec = PlanRecall(_recall_specs(), rows=128, seed=0, block_size=16)
+    # every query attends only itself (one-hot q = k, large logit): always inside -> term ~ 0
+    eye = torch.eye(N)[None, None].expand(1, H, N, N) * 40.0
+    rec(SimpleNamespace(query=eye, key=eye / 40.0, layout=layout, scale=1.0))
+    assert float(rec.take()) < 1e-6
+    # random attention: positive; one gradient step on q/k lowers it
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, H, N, 16, generator=g).requires_grad_()
+    k = torch.randn(1, H, N, 16, generator=g).requires_grad_()
+    terms = []
+    for _ in range(2):
+        rec.gen.manual_seed(0)  # the same rows both times
+        rec(SimpleNamespace(query=q, key=k, layout=layout, scale=None))
+        t = rec.take()
+        terms.append(float(t.detach()))
+        q.grad = k.grad = None
+        t.backward()
+        with torch.no_grad():
+            q -= 0.2 * q.norm() * q.grad / q.grad.norm()
+            k -= 0.2 * k.norm() * k.grad / k.grad.norm()
+    assert terms[0] > 0.1 and terms[1] < terms[0] - 0.01, terms
+    # per-sample weights: a zero-weight sample does not count; all zero adds nothing
+    rec.sample_weight = torch.zeros(1)
+    rec(SimpleNamespace(query=q.detach(), key=k.detach(), layout=layout, scale=None))
+    assert rec.take() is None
+    with pytest.raises(ValueError, match="static"):
+        from sparsediff.specs import HeadSpec
+
+        PlanRecall([HeadSpec.make("topp")], rows=4, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------- probe

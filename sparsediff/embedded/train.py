@@ -100,6 +100,13 @@ class TrainConfig:
     #: prediction and the same weights' dense prediction (no gradient through the dense one). The demo's
     #: quality is sparse vs dense output of the same model, which the data loss alone does not ask for.
     sparse_consistency: float = 0.0
+    #: Weight of an attention-locality term on every batch: per self-attention layer and head, the attention
+    #: mass that ``recall_rows`` random query rows of the *dense* attention put outside that head's
+    #: ``sparse_heads`` mask, as ``-log(mass inside)`` (0 when all of it is inside). It teaches the dense
+    #: model the locality its sparse plan assumes -- what makes the plan near-lossless -- rather than only
+    #: asking the sparse model to follow the dense one.
+    sparse_recall: float = 0.0
+    recall_rows: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -380,6 +387,76 @@ def _set_logging(out: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- train
+class PlanRecall:
+    """The attention-locality term of :attr:`TrainConfig.sparse_recall` (an observer of dense or sparse calls).
+
+    For every self-attention call it sees (q/k still in the autograd graph) it samples ``rows`` query rows,
+    computes their exact attention logits over all keys, and adds ``logsumexp(all) - logsumexp(inside the
+    head's mask)`` -- minus the log of the attention mass the head's mask keeps -- averaged over rows, heads
+    and samples. Masks are the heads' block masks (static families only) in natural token order, built once
+    per layout by the search's own structures (so they are the masks the op computes).
+    """
+
+    def __init__(self, specs, rows: int, seed: int, block_size: int = 64) -> None:
+        self.specs = tuple(specs)
+        if not all(s.is_static for s in self.specs):
+            raise ValueError("the locality term needs static patterns (their masks do not depend on q/k)")
+        self.rows = int(rows)
+        self.block_size = int(block_size)
+        self.gen = torch.Generator().manual_seed(seed)
+        self._masks: dict[Any, torch.Tensor] = {}
+        self.terms: list[torch.Tensor] = []
+        #: float ``[B]`` weight of each sample of the next calls (None: all 1), e.g. 0 above the noise level
+        #: where inference keeps attention dense
+        self.sample_weight: torch.Tensor | None = None
+
+    def token_masks(self, layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """bool ``[H, N, N]`` (natural order): key ``j`` is inside head ``h``'s mask for query ``i``."""
+        key = (layout, str(q.device))
+        if key not in self._masks:
+            from ..search.candidates import build_structures
+
+            distinct = list(dict.fromkeys(self.specs))
+            structs = build_structures(distinct, q[:1, :1], k[:1, :1], layout, self.block_size, 1.0)
+            n, bs = layout.num_tokens, self.block_size
+            by_spec = {}
+            for spec, st in zip(distinct, structs):
+                q_pos, k_perm, blocks = st.head(0, 0)
+                nat = torch.arange(n, device=q.device)
+                qb = (nat if q_pos is None else q_pos) // bs
+                kb = (nat if k_perm is None else torch.argsort(k_perm)) // bs
+                by_spec[spec] = blocks[qb][:, kb]
+            self._masks[key] = torch.stack([by_spec[s] for s in self.specs])
+        return self._masks[key]
+
+    def __call__(self, call) -> None:
+        q, k = call.query, call.key  # [B, H, N, D]
+        if q.shape[1] != len(self.specs):
+            raise ValueError(f"{len(self.specs)} head specs for a call with {q.shape[1]} heads")
+        masks = self.token_masks(call.layout, q.detach(), k.detach())
+        n = q.shape[2]
+        rows = torch.randint(n, (min(self.rows, n),), generator=self.gen).to(q.device)
+        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+        logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, R, N]
+        inside = masks[:, rows].unsqueeze(0)
+        lse_all = torch.logsumexp(logits, -1)
+        lse_in = torch.logsumexp(logits.masked_fill(~inside, float("-inf")), -1)
+        per_sample = (lse_all - lse_in).mean((1, 2))  # [B]
+        w = self.sample_weight
+        if w is None:
+            self.terms.append(per_sample.mean())
+        elif float(w.sum()) > 0:
+            self.terms.append((per_sample * w.to(per_sample)).sum() / w.sum())
+
+    def take(self) -> torch.Tensor | None:
+        """The mean term over the calls seen since the last ``take`` (None if there were none)."""
+        if not self.terms:
+            return None
+        t = torch.stack(self.terms).mean()
+        self.terms.clear()
+        return t
+
+
 def train(
     cfg: TrainConfig,
     out: str,
@@ -529,6 +606,10 @@ def train(
         os.replace(ckpt_path + ".tmp", ckpt_path)
 
     sparse_plan = None
+    recall: PlanRecall | None = None
+    recall_log: list[torch.Tensor] = []
+    if cfg.sparse_recall > 0 and not cfg.sparse_heads:
+        raise ValueError("sparse_recall needs sparse_heads (the masks whose locality it teaches)")
     if cfg.sparse_heads:
         from ..plan import Plan
         from ..specs import DenseSchedule, HeadSpec
@@ -545,6 +626,10 @@ def train(
             for h in cfg.sparse_heads
         ]
         sparse_plan = Plan.per_head(transformer, [row] * cfg.model.num_layers, schedule=DenseSchedule(0, ()))
+        if cfg.sparse_recall > 0:
+            recall = PlanRecall(row, cfg.recall_rows, cfg.seed + 11)
+            dense_plan = Plan.dense()
+            logger.info("locality term: weight %g, %d query rows per call", cfg.sparse_recall, cfg.recall_rows)
         logger.info(
             "sparse batches: %s (p=%.2f at sigma <= %.2f)",
             sparse_plan.summary(),
@@ -577,10 +662,14 @@ def train(
             and float(torch.rand((), generator=gen)) < cfg.sparse_prob
         )
         pred_dense = None
+        if recall is not None:
+            recall.sample_weight = (sigma <= cfg.sparse_max_sigma).float()
         if sparse:
             from ..api import sparse_attention_enabled
 
-            attn_ctx = sparse_attention_enabled(transformer, sparse_plan)
+            attn_ctx = sparse_attention_enabled(
+                transformer, sparse_plan, **({"observer": recall} if recall is not None else {})
+            )
             if cfg.sparse_consistency > 0:
                 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                     emb0 = text_encoder(toks["input_ids"].to(dev), toks["attention_mask"].to(dev))
@@ -590,6 +679,10 @@ def train(
                         encoder_hidden_states=emb0,
                         return_dict=False,
                     )[0].float()
+        elif recall is not None:
+            from ..api import sparse_attention_enabled
+
+            attn_ctx = sparse_attention_enabled(transformer, dense_plan, observer=recall)
         else:
             attn_ctx = contextlib.nullcontext()
         with attn_ctx, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -602,6 +695,12 @@ def train(
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         if pred_dense is not None:
             loss = loss + cfg.sparse_consistency * torch.nn.functional.mse_loss(pred.float(), pred_dense)
+        if recall is not None:
+            recall.sample_weight = None  # set before the forward below; cleared here for the next batch
+            term = recall.take()
+            if term is not None:
+                loss = loss + cfg.sparse_recall * term
+                recall_log.append(term.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model_params, cfg.grad_clip)
@@ -651,9 +750,13 @@ def train(
                 "s_per_step": (now - last_log) / n,
                 "res": [F, H, W],
                 "sparse_batches": n_sparse,
+                "outside_mask": float(torch.stack(recall_log).mean()) if recall_log else None,
                 "elapsed_min": (now - t0) / 60,
             }
             last_log, last_log_step = now, step
+            if recall_log:
+                logger.info("  locality: -log(attention mass inside the masks) %.4f", rec["outside_mask"])
+                recall_log.clear()
             logger.info(
                 "step %d/%d loss %.4f lr %.2e gnorm %.2f %.3f s/step (%.1f min)",
                 step,
@@ -874,6 +977,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not train: re-run the checks/probe/timing on OUT/pipeline and rewrite its card (and --install)",
     )
+    ap.add_argument(
+        "--sparse-recall",
+        type=float,
+        help="weight of the attention-locality term (TrainConfig.sparse_recall; needs a preset with sparse_heads)",
+    )
     ap.add_argument("--history", help="a line on the run's history for the model card")
     ap.add_argument("--no-eval", action="store_true", help="skip checks/probe/timing after training")
     ap.add_argument("--no-cpu-timing", action="store_true", help="skip the CPU sampling-time measurement")
@@ -884,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _preset(args.preset)
-    for name in ("steps", "batch_size", "lr", "seed"):
+    for name in ("steps", "batch_size", "lr", "seed", "sparse_recall"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_minutes is not None:
