@@ -629,7 +629,9 @@ def train(
         if cfg.sparse_recall > 0:
             recall = PlanRecall(row, cfg.recall_rows, cfg.seed + 11)
             dense_plan = Plan.dense()
-            logger.info("locality term: weight %g, %d query rows per call", cfg.sparse_recall, cfg.recall_rows)
+            logger.info(
+                "locality term: weight %g, %d query rows per call", cfg.sparse_recall, cfg.recall_rows
+            )
         logger.info(
             "sparse batches: %s (p=%.2f at sigma <= %.2f)",
             sparse_plan.summary(),
