@@ -19,6 +19,7 @@ Every transformer component of a pipeline is handled (Wan 2.2 A14B: ``transforme
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -30,7 +31,7 @@ import torch
 from .config import SparseAttentionConfig
 from .defaults import default_plan
 from .hooks import TransformerState, apply_sparse_attention, get_state, remove_sparse_attention
-from .plan import ADAPTER_NAME, Plan, plan_folder_files
+from .plan import ADAPTER_META_FILE, ADAPTER_NAME, Plan, base_weights_differences, plan_folder_files
 from .specs import PATTERN_PARAMS, HeadSpec
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,31 @@ def _folder_adapter(name: str, transformer: torch.nn.Module, plan: Any) -> Path 
         raise TypeError(
             f"{type(transformer).__name__} cannot load LoRA adapters (no diffusers PeftAdapterMixin)"
         )
+    _warn_other_base(transformer, Path(plan))
     return weights
+
+
+def _warn_other_base(transformer: torch.nn.Module, folder: Path) -> None:
+    """Warn when the folder's adapter was trained on other weights of this architecture (the plan's config
+    hash cannot tell): it still loads -- a fine-tuned base may be on purpose -- but its card's numbers do
+    not apply."""
+    meta_file = folder / ADAPTER_META_FILE
+    try:
+        recorded = json.loads(meta_file.read_text())["model"]["base_weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no card, or one written before base weights were recorded
+    diffs = base_weights_differences(recorded, transformer)
+    if diffs:
+        logger.warning(
+            "sparsediff: the adapter in %s was trained on other base weights than this %s's (%d of %d adapted "
+            "layers differ, e.g. %s); it loads, but the quality it was trained for does not apply -- retrain "
+            "it with `sparsediff finetune` for these weights",
+            folder,
+            type(transformer).__name__,
+            len(diffs),
+            len(recorded),
+            diffs[0],
+        )
 
 
 def _load_folder_adapter(transformer: torch.nn.Module, weights: Path) -> None:

@@ -46,7 +46,15 @@ from typing import Any
 
 import torch
 
-from .plan import ADAPTER_NAME, ADAPTER_WEIGHTS_FILE, PLAN_FILE, Plan, plan_folder_files
+from .plan import (
+    ADAPTER_META_FILE,
+    ADAPTER_NAME,
+    ADAPTER_WEIGHTS_FILE,
+    PLAN_FILE,
+    Plan,
+    base_weights_fingerprint,
+    plan_folder_files,
+)
 
 logger = logging.getLogger("sparsediff.finetune")
 
@@ -67,7 +75,7 @@ __all__ = [
 
 WEIGHT_NAME = ADAPTER_WEIGHTS_FILE
 PLAN_NAME = PLAN_FILE
-META_NAME = "finetune.json"
+META_NAME = ADAPTER_META_FILE
 CARD_NAME = "README.md"
 #: the key prefix of the transformer's LoRA weights in a pipeline-level LoRA file
 PREFIX = "transformer"
@@ -792,7 +800,12 @@ def finetune(
             after = heldout_error(transformer, (load_recording(p) for p in held), transformer.device)
     meta = {
         "format": "sparsediff-finetune/1",
-        "model": plan_model_identity(transformer),
+        "model": {
+            **plan_model_identity(transformer),
+            "base_weights": base_weights_fingerprint(
+                transformer, self_attention_linears(transformer, cfg.targets)
+            ),
+        },
         "plan_summary": plan.summary(),
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra_call_kwargs"},
         "prompts": list(prompts),

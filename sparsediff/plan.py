@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -164,6 +165,57 @@ PLAN_FILE = "sparse_plan.json"
 ADAPTER_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 #: the name the folder's adapter gets inside the transformer (diffusers / peft adapter name)
 ADAPTER_NAME = "sparsediff"
+
+
+#: the card of a plan folder's adapter (``sparsediff finetune``): base model, base weights, metrics
+ADAPTER_META_FILE = "finetune.json"
+
+
+def _linear_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module = model.get_submodule(name)
+    module = getattr(module, "base_layer", module)  # peft-wrapped: the base weight, never the adapter's
+    return module.weight.detach()
+
+
+def _weight_summary(w: torch.Tensor, name: str) -> list[float]:
+    """``[mean, std, probe]`` of a weight; ``probe`` is a signed sum over up to 4096 positions drawn from the
+    layer's name (normalised to the weights' scale): any change of a few % of the weights moves it."""
+    w = w.float().flatten()
+    n = w.numel()
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    pos = torch.randint(n, (min(n, 4096),), generator=g)
+    sign = torch.randint(2, (pos.numel(),), generator=g).float() * 2 - 1
+    probe = float((w[pos.to(w.device)].cpu() * sign).sum()) / pos.numel() ** 0.5
+    return [float(w.mean()), float(w.std()), probe]
+
+
+def base_weights_fingerprint(model: torch.nn.Module, module_names: Sequence[str]) -> dict[str, list[float]]:
+    """``{name: [mean, std, probe]}`` of the weights of the named linear layers (the ones an adapter adapts):
+    enough to tell the base weights an adapter was trained on from other weights of the same architecture
+    (a config hash cannot) -- a change of ~5 % of the weights' spread shows -- while the storage dtype
+    (fp16/bf16/fp32) does not."""
+    return {name: _weight_summary(_linear_weight(model, name), name) for name in module_names}
+
+
+def base_weights_differences(
+    recorded: Mapping[str, Sequence[float]], model: torch.nn.Module, rtol: float = 1e-2
+) -> list[str]:
+    """Layers whose weights differ from a :func:`base_weights_fingerprint` (mean, std or probe off by more
+    than ``rtol`` times the weights' RMS), as readable lines; empty when they match."""
+    diffs = []
+    for name, rec in recorded.items():
+        try:
+            have = _weight_summary(_linear_weight(model, name), name)
+        except AttributeError:  # get_submodule: no such module (or no weight)
+            diffs.append(f"{name}: missing")
+            continue
+        mean, std = float(rec[0]), float(rec[1])
+        tol = rtol * max((mean * mean + std * std) ** 0.5, 1e-12)
+        if any(abs(a - float(b)) > tol for a, b in zip(have, rec)):
+            diffs.append(
+                f"{name}: std {have[1]:.6g} (trained on {std:.6g}), mean {have[0]:.3g} (trained on {mean:.3g})"
+            )
+    return diffs
 
 
 def plan_folder_files(folder: str | os.PathLike) -> tuple[Path, Path | None]:

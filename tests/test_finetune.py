@@ -135,6 +135,36 @@ def test_lora_targets_are_the_self_attention_linears(pipe):
         self_attention_linears(pipe.transformer, "mlp")
 
 
+def test_folder_adapter_warns_on_other_base_weights_only(pipe, plan, tmp_path, caplog):
+    """The card records the adapted layers' base weights; enabling the folder on other weights of the same
+    architecture (same config hash) warns, on the same weights (also stored in another dtype) it does not."""
+    import json
+    import logging
+
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=1, heldout=0, **CFG)
+    finetune(load_embedded_pipeline(), plan, PROMPTS[:1], out, cfg, progress=False, sparse_options=SPARSE)
+    recorded = json.loads((out / "finetune.json").read_text())["model"]["base_weights"]
+    assert sorted(recorded) == sorted(self_attention_linears(pipe.transformer))
+    for t, warns in (
+        (_fresh(pipe), False),
+        (_fresh(pipe).to(torch.bfloat16).float(), False),
+        (_fresh(pipe), True),
+    ):
+        if warns:  # one adapted layer fine-tuned a little (5 % of its weights' spread)
+            w = t.get_submodule(sorted(recorded)[3]).weight
+            with torch.no_grad():
+                w += 0.05 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sparsediff"):
+            h = enable_sparse_attention(t, str(out), **SPARSE)
+        h.disable()
+        hits = [r for r in caplog.records if "other base weights" in r.getMessage()]
+        assert len(hits) == int(warns), [r.getMessage() for r in caplog.records]
+        if warns:
+            assert sorted(recorded)[3] in hits[0].getMessage() and hits[0].levelno == logging.WARNING
+
+
 def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, recorded, tmp_path, monkeypatch):
     out = tmp_path / "ft"
     cfg = FinetuneConfig(steps=3, heldout=1, **CFG)
