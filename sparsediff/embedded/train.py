@@ -414,18 +414,19 @@ class PlanRecall:
         """bool ``[H, N, N]`` (natural order): key ``j`` is inside head ``h``'s mask for query ``i``."""
         key = (layout, str(q.device))
         if key not in self._masks:
-            from ..search.candidates import build_structures
+            from ..patterns.registry import GroupCall, get_family
 
-            distinct = list(dict.fromkeys(self.specs))
-            structs = build_structures(distinct, q[:1, :1], k[:1, :1], layout, self.block_size, 1.0)
             n, bs = layout.num_tokens, self.block_size
+            nat = torch.arange(n, device=q.device)
+            # the family's own group work, as the op builds it (static: no cache needed, built once here)
+            call = GroupCall(q[:1, :1], k[:1, :1], k[:1, :1], layout, bs, 1.0, None, None, None, "auto")
             by_spec = {}
-            for spec, st in zip(distinct, structs):
-                q_pos, k_perm, blocks = st.head(0, 0)
-                nat = torch.arange(n, device=q.device)
-                qb = (nat if q_pos is None else q_pos) // bs
-                kb = (nat if k_perm is None else torch.argsort(k_perm)) // bs
-                by_spec[spec] = blocks[qb][:, kb]
+            for spec in dict.fromkeys(self.specs):
+                work = get_family(spec.pattern).group_work(call, spec, (0,))
+                perm_k = work.perm_k if work.perm_k is not None else work.perm_q
+                qb = (nat if work.perm_q is None else work.perm_q.inv) // bs  # query block of each token
+                kb = (nat if perm_k is None else perm_k.inv) // bs  # key block of each token
+                by_spec[spec] = work.mask.to_dense()[0, 0][qb][:, kb]
             self._masks[key] = torch.stack([by_spec[s] for s in self.specs])
         return self._masks[key]
 
