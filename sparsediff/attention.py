@@ -29,6 +29,7 @@ from .layout import TokenLayout
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
 from .patterns.registry import GroupCall, get_family
+from .patterns.remainder import merge_lse, pooled_remainder
 from .permute import Permutation
 from .specs import DenseSchedule, HeadSpec
 
@@ -282,6 +283,13 @@ def sparse_attention(
     Semantics per pattern: see :mod:`sparsediff.specs`. Rows/cols of non-grid tokens (text) are dense in
     every sparse pattern. One op launch serves all heads; permuted heads are gathered into their order
     before and scattered back after.
+
+    Heads with ``remainder="pooled"`` (``radial``, ``tile``, ``reordered``, ``topp`` and user families
+    registered with ``remainder=True``): after the op, in each such head's own order, every key block its
+    query block does not keep is added as one pooled key (mean key, logit ``+ log(tokens in the block)``,
+    mean value) and merged with the op's output by log-sum-exp (:mod:`sparsediff.patterns.remainder`;
+    plain torch, differentiable, any backend; ``[B, Hp, N, Kb]`` float32 scores for the ``Hp`` pooled heads).
+    Other heads are untouched (bit-identical); ``after`` callbacks get the op's LSE of the kept blocks.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, N, D], got shape {tuple(q.shape)}")
@@ -329,7 +337,9 @@ def sparse_attention(
         perms_q: list[tuple[tuple[int, ...], Permutation]] = []
         perms_k: list[tuple[tuple[int, ...], Permutation]] = []
         for spec, heads in group_items:  # each group's work, from the spec's family
-            work = get_family(spec.pattern).group_work(call, spec, heads)
+            # the remainder does not change the mask or the order: a pooled group's work is its spec's without it
+            base = spec.without_remainder() if spec.remainder == "pooled" else spec
+            work = get_family(spec.pattern).group_work(call, base, heads)
             group_masks.append((heads, _expand_heads(work.mask, len(heads))))
             if work.perm_q is not None:
                 perms_q.append((heads, work.perm_q))
@@ -360,6 +370,9 @@ def sparse_attention(
     kk = k if ki is None else ki.apply(k)
     vv = v if ki is None else ki.apply(v)
     out_p, lse_p = block_sparse_attention(qq, kk, vv, mask, scale=scale, return_lse=True, backend=backend)
+    pooled = _pooled_heads(group_items)
+    if pooled:
+        out_p = _add_pooled_remainder(qq, kk, vv, out_p, lse_p, mask, pooled, bs, scale)
     if qi is None and not writes:
         out = out_p
     elif qi is None:
@@ -373,6 +386,38 @@ def sparse_attention(
         state.last_mask = mask
     for after in afters:
         after(out, lse_p)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _pooled_heads(group_items: tuple) -> tuple[int, ...]:
+    """Sorted heads whose spec has ``remainder="pooled"`` (memoised on the layer's groups)."""
+    return tuple(sorted(h for spec, heads in group_items if spec.remainder == "pooled" for h in heads))
+
+
+def _add_pooled_remainder(
+    qq: torch.Tensor,
+    kk: torch.Tensor,
+    vv: torch.Tensor,
+    out_p: torch.Tensor,
+    lse_p: torch.Tensor,
+    mask: BlockSparseMask,
+    heads: tuple[int, ...],
+    bs: int,
+    scale: float,
+) -> torch.Tensor:
+    """``out_p`` with the pooled remainder (:mod:`sparsediff.patterns.remainder`) merged into ``heads``, all in
+    the op's (permuted) order; the other heads are copied bit for bit. Plain torch ops: differentiable
+    through the op's ``out`` and ``lse``. ``lse_p`` is left as the op returned it."""
+    idx = torch.tensor(heads, device=qq.device)
+    sub = mask if len(heads) == mask.heads else mask[:, list(heads)]
+    kept = sub.to_dense()  # [B|1, Hp, Qb, Kb]
+    out_r, lse_r = pooled_remainder(
+        qq.index_select(1, idx), kk.index_select(1, idx), vv.index_select(1, idx), kept, bs, scale
+    )
+    merged, _ = merge_lse(out_p.index_select(1, idx), lse_p.index_select(1, idx), out_r, lse_r)
+    out = out_p.clone()  # keeps out_p's memory layout
+    out[:, list(heads)] = merged.to(out_p.dtype)
     return out
 
 

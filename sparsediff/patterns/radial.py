@@ -205,4 +205,5 @@ FAMILY = builtin_family(
     candidates=_candidates,
     planted=lambda kind, spec, layout, block_size: kind == "local",
     needs_grid=True,
+    remainder=True,
 )

@@ -63,6 +63,12 @@ reset with the state) and the mask cache -- and returns a :class:`GroupWork`; cr
 give ``on_dense(call, spec, heads, out, lse)``, run on dense (warm-up / refresh) passes to fill their state.
 (``plan_group=`` is the deprecated name of ``build_group=``.)
 
+Single-step families (static / dynamic) may be declared with ``remainder=True`` (the built-in ``radial``,
+``tile``, ``reordered`` and ``topp`` are): they get the head-level parameter ``remainder`` -- ``"none"``
+(default; a spec or plan without it means this) or ``"pooled"``: :func:`sparsediff.sparse_attention` adds
+the key blocks a query block does not keep as pooled keys (:mod:`sparsediff.patterns.remainder`), the
+search measures and prices the pooled variant of every candidate of such a family.
+
 Rows and columns of non-grid tokens (text) are not made dense for you: a family decides (the helpers of
 :mod:`sparsediff.patterns.common` do it for the built-in families). Built-in families cannot be replaced.
 
@@ -102,6 +108,8 @@ __all__ = [
     "register_builtin",
     "static_group",
     "check_params",
+    "REMAINDER_PARAM",
+    "REMAINDERS",
 ]
 
 #: The cross-step kind: state carried across denoising steps (see the module docstring).
@@ -122,6 +130,14 @@ def _current_kind(kind: Any, name: str) -> Any:
         return new
     return kind
 
+
+#: The head-level parameter of the families declared with ``remainder=True`` (see :data:`REMAINDERS`).
+REMAINDER_PARAM = "remainder"
+#: Its values: ``"none"`` (default: softmax over the kept key blocks only, as before the parameter existed)
+#: or ``"pooled"`` (every key block *not* kept for a query block is added as one pooled key -- the block's
+#: mean key, logit ``+ log(tokens in the block)`` -- carrying the block's mean value, merged with the
+#: sparse part by log-sum-exp; :mod:`sparsediff.patterns.remainder`).
+REMAINDERS = ("none", "pooled")
 
 #: The kinds of pattern (see the module docstring).
 KINDS = ("static", "dynamic", CROSS_STEP)
@@ -228,8 +244,9 @@ class PatternFamily:
     """A pattern family (see the module docstring). ``kind`` is one of :data:`KINDS` or ``kind(spec)``.
 
     Runtime: ``params``, ``checks``, ``kind``, ``static_mask`` / ``select`` / ``permutation`` (simple form) or
-    ``build_group`` (full form), ``on_dense``, ``check``, ``doc``. Search (all optional): ``candidates``,
-    ``cost``, ``label``, ``planted``, ``needs_grid``, ``cross_step_measure``, ``refresh_param``.
+    ``build_group`` (full form), ``on_dense``, ``check``, ``doc``, ``remainder`` (the family has the
+    :data:`REMAINDER_PARAM` parameter). Search (all optional): ``candidates``, ``cost``, ``label``,
+    ``planted``, ``needs_grid``, ``cross_step_measure``, ``refresh_param``.
     """
 
     name: str
@@ -251,6 +268,7 @@ class PatternFamily:
     needs_grid: bool = False
     cross_step_measure: str | None = None
     refresh_param: str | None = None
+    remainder: bool = False
 
     def kind_of(self, spec: Any) -> str:
         k = _current_kind(self.kind(spec) if callable(self.kind) else self.kind, self.name)
@@ -440,6 +458,24 @@ def _check_search_fields(name: str, fam: PatternFamily) -> None:
         )
 
 
+def _remainder_params(
+    name: str, params: Mapping[str, Any], checks: Mapping[str, Any], kind: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``params`` / ``checks`` with the :data:`REMAINDER_PARAM` parameter (default ``"none"``) added, for a
+    family declared with ``remainder=True`` (single-step kinds only: a cross-step family's output is not
+    the op's block-sparse output of this call)."""
+    if REMAINDER_PARAM in params:
+        raise ValueError(
+            f"pattern {name!r}: {REMAINDER_PARAM!r} is added by remainder=True; do not declare it"
+        )
+    if not callable(kind) and _current_kind(kind, name) == CROSS_STEP:
+        raise ValueError(f"pattern {name!r}: remainder=True is for single-step (static / dynamic) families")
+    return (
+        {**params, REMAINDER_PARAM: "none"},
+        {**checks, REMAINDER_PARAM: (lambda v: v in REMAINDERS, f"one of {REMAINDERS}")},
+    )
+
+
 def builtin_family(
     name: str,
     *,
@@ -458,11 +494,15 @@ def builtin_family(
     needs_grid: bool = False,
     cross_step_measure: str | None = None,
     refresh_param: str | None = None,
+    remainder: bool = False,
 ) -> PatternFamily:
     """A built-in family, declared in its own module (``FAMILY = builtin_family(...)``) and registered by
-    :mod:`sparsediff.patterns` (:func:`register_builtin`)."""
+    :mod:`sparsediff.patterns` (:func:`register_builtin`). ``remainder=True`` gives it the head-level
+    parameter :data:`REMAINDER_PARAM` (values :data:`REMAINDERS`, default ``"none"``)."""
     if set(checks) != set(params):
         raise ValueError(f"built-in pattern {name!r}: every parameter needs a check")
+    if remainder:
+        params, checks = _remainder_params(name, params, checks, kind)
     fam = PatternFamily(
         name,
         dict(params),
@@ -481,6 +521,7 @@ def builtin_family(
         needs_grid=needs_grid,
         cross_step_measure=cross_step_measure,
         refresh_param=refresh_param,
+        remainder=bool(remainder),
     )
     _check_search_fields(name, fam)
     return fam
@@ -517,6 +558,7 @@ def register_pattern(
     needs_grid: bool = False,
     cross_step_measure: str | None = None,
     refresh_param: str | None = None,
+    remainder: bool = False,
     replace: bool = False,
     plan_group: Callable[..., GroupWork] | None = None,
 ) -> PatternFamily:
@@ -537,6 +579,10 @@ def register_pattern(
         candidates, cost, label, planted, needs_grid, cross_step_measure, refresh_param: what the search
             needs to enumerate and price the family (all optional; see the module docstring). Without
             ``candidates`` the family is not in the default search grid.
+        remainder: give the family the head-level parameter ``remainder`` (:data:`REMAINDERS`, default
+            ``"none"``; static / dynamic families only): with ``remainder="pooled"`` the op adds the key
+            blocks the mask leaves out as pooled keys (:mod:`sparsediff.patterns.remainder`), and the
+            search measures the pooled variant of each of its candidates.
         replace: allow registering ``name`` again (e.g. in a notebook); built-in names never.
         plan_group: deprecated name of ``build_group`` (FutureWarning).
 
@@ -593,10 +639,13 @@ def register_pattern(
             f"pattern {name!r}: cross_step_measure= is for cross-step (kind={CROSS_STEP!r}) families"
         )
     params = dict(params or {})
+    full_checks = _full_checks(name, params, dict(checks or {}))
+    if remainder:
+        params, full_checks = _remainder_params(name, params, full_checks, kind)
     fam = PatternFamily(
         name,
         params,
-        _full_checks(name, params, dict(checks or {})),
+        full_checks,
         kind,
         static_mask=static_mask,
         select=select,
@@ -612,6 +661,7 @@ def register_pattern(
         needs_grid=bool(needs_grid),
         cross_step_measure=cross_step_measure,
         refresh_param=refresh_param,
+        remainder=bool(remainder),
     )
     _check_search_fields(name, fam)
     for k, v in params.items():  # the defaults must pass the checks

@@ -370,4 +370,5 @@ FAMILY = builtin_family(
     label=_label,
     planted=_planted,
     needs_grid=True,
+    remainder=True,
 )

@@ -27,6 +27,7 @@ from .registry import (
     CROSS_STEP,
     PARAM_CHECKS,
     PATTERN_PARAMS,
+    REMAINDER_PARAM,
     builtin_patterns,
     check_params,
     get_family,
@@ -122,6 +123,31 @@ class HeadSpec:
         """True when the head keeps state across denoising steps (the family's kind for this spec is
         :data:`~sparsediff.patterns.registry.CROSS_STEP`: ``skip``, ``lse_cache``, ...)."""
         return self.kind == CROSS_STEP
+
+    @property
+    def remainder(self) -> str:
+        """``"pooled"`` when the head adds its unselected key blocks as pooled keys (the ``remainder``
+        parameter of the families that have it, :data:`~sparsediff.patterns.registry.REMAINDERS`), else
+        ``"none"`` (also for every family without the parameter)."""
+        if not get_family(self.pattern).remainder:
+            return "none"
+        return str(self.get(REMAINDER_PARAM))
+
+    def with_remainder(self, remainder: str) -> HeadSpec:
+        """The same spec with ``remainder`` set (``"none"`` removes the parameter: the spec a plan written
+        before the parameter existed holds). ``ValueError`` for a family without the parameter."""
+        if not get_family(self.pattern).remainder:
+            raise ValueError(f"pattern {self.pattern!r} has no {REMAINDER_PARAM!r} parameter")
+        items = tuple((k, v) for k, v in self.params if k != REMAINDER_PARAM)
+        if remainder != "none":
+            items += ((REMAINDER_PARAM, remainder),)
+        return HeadSpec(self.pattern, items)
+
+    def without_remainder(self) -> HeadSpec:
+        """The spec without its ``remainder`` parameter (its mask, permutation and cache keys)."""
+        if not get_family(self.pattern).remainder or not any(k == REMAINDER_PARAM for k, _ in self.params):
+            return self
+        return HeadSpec(self.pattern, tuple((k, v) for k, v in self.params if k != REMAINDER_PARAM))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict ``{"pattern": ..., "params": {...}}`` (tuples become lists)."""

@@ -179,4 +179,5 @@ FAMILY = builtin_family(
     cost=_cost,
     planted=_planted,
     needs_grid=True,
+    remainder=True,
 )

@@ -83,4 +83,5 @@ FAMILY = builtin_family(
     candidates=_candidates,
     cost=_cost,
     planted=lambda kind, spec, layout, block_size: kind == "stripe",  # finds sink columns
+    remainder=True,
 )

@@ -50,13 +50,20 @@ def family(spec: HeadSpec) -> str:
 
 
 def default_candidates(
-    layout: TokenLayout, block_size: int = 64, *, cross_step: bool = True
+    layout: TokenLayout, block_size: int = 64, *, cross_step: bool = True, remainder: bool = False
 ) -> list[HeadSpec]:
     """The default candidate grid for ``layout``: every registered family's own grid, in registration order
     (built-ins: dense, radial, tile, reordered, topp, lse_cache, skip; see each family's module), each
     sized from the layout and block size. Families without a grid are not searched; families that need a
     grid give nothing for a layout without one. ``cross_step=False`` leaves out the cross-step families
     (they need two profiled steps, :class:`~sparsediff.search.LayerAccumulator`).
+
+    ``remainder=True`` (opt-in; ``sparsediff search --remainder pooled``): for the families with the
+    ``remainder`` parameter (``radial``, ``tile``, ``reordered``, ``topp``; :mod:`sparsediff.patterns.remainder`)
+    each grid spec is followed by its ``remainder="pooled"`` variant (same mask, the unselected key blocks
+    added as pooled keys): the search measures both and charges the pooled part (its cost, and under a
+    density budget its cost as an equivalent density), so it is chosen where it pays. Off by default until
+    its end-to-end gain is measured on real models.
     """
     out: list[HeadSpec] = []
     for fam in families():
@@ -69,8 +76,12 @@ def default_candidates(
                 )
             if not cross_step and spec.is_cross_step:
                 continue
-            if spec not in out:
-                out.append(spec)
+            variants = [spec]
+            if remainder and fam.remainder and not spec.is_cross_step and spec.remainder == "none":
+                variants.append(spec.with_remainder("pooled"))
+            for s in variants:
+                if s not in out:
+                    out.append(s)
     return out
 
 
@@ -170,13 +181,20 @@ def build_structures(
     heads = tuple(range(q.shape[1]))
     call = GroupCall(q, k, k, layout, int(block_size), float(scale), None, None, _CallCache(), "auto")
     out = []
+    built: dict[HeadSpec, Structure] = {}  # by the spec without its remainder (the same mask and orders)
     for spec in candidates:
         if spec.is_cross_step:
             continue
-        work = get_family(spec.pattern).group_work(call, spec, heads)
-        perm_k = work.perm_k if work.perm_k is not None else work.perm_q
-        q_pos = None if work.perm_q is None else work.perm_q.inv
-        k_perm = None if perm_k is None else perm_k.perm
-        group = ("natural",) if k_perm is None else ("order", id(k_perm))  # alive as long as the structure
-        out.append(Structure(spec, group, q_pos, k_perm, work.mask.to_dense()))
+        base = spec.without_remainder()
+        st = built.get(base)
+        if st is None:
+            work = get_family(spec.pattern).group_work(call, base, heads)
+            perm_k = work.perm_k if work.perm_k is not None else work.perm_q
+            q_pos = None if work.perm_q is None else work.perm_q.inv
+            k_perm = None if perm_k is None else perm_k.perm
+            group = (
+                ("natural",) if k_perm is None else ("order", id(k_perm))
+            )  # alive as long as the structure
+            st = built[base] = Structure(base, group, q_pos, k_perm, work.mask.to_dense())
+        out.append(Structure(spec, st.group, st.q_pos, st.k_perm, st.blocks))
     return out

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FAMILY,...",
         help="restrict to these families (radial,tile,reordered,cluster,topp,lse_cache,skip)",
     )
+    ap.add_argument(
+        "--remainder",
+        choices=("none", "pooled"),
+        default="none",
+        help="pooled: also try every sparse candidate with its unselected key blocks added back as one pooled "
+        "key each (for near-uniform heads; priced, chosen per head where it pays). Default none",
+    )
     budget = ap.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--target-error", type=float, metavar="E", help="mean relative error budget over all heads"
@@ -281,6 +288,7 @@ def _profile(args, inp: dict[str, Any], pipe, kw, steps: int, n_layers: int, ran
         num_steps=steps,
         profile_steps=psteps,
         families=inp["families"],
+        remainder=args.remainder == "pooled",
         block_size=args.block_size,
         num_rows=args.num_rows,
         seed=args.seeds[0],

@@ -15,7 +15,9 @@ module defines on :class:`CostModel`; a family without cost terms is priced by i
   (reordered ``order="cluster"``, with the final assignment and the init as two more iterations);
 * :meth:`CostModel.block_mass_cost` -- one QK^T pass over all blocks (``mass_factor`` of a block each)
   every ``refresh`` steps, amortised (``lse_cache``);
-* :meth:`CostModel.copy_cost` -- one copy of a head's output, ``N x D`` elements (``skip``).
+* :meth:`CostModel.copy_cost` -- one copy of a head's output, ``N x D`` elements (``skip``);
+* :meth:`CostModel.pooled_remainder_cost` -- added by :meth:`CostModel.cost` itself for every
+  ``remainder="pooled"`` head (``2 x N x Kb x D`` multiply-adds and :data:`POOLED_PASSES` passes over ``N x Kb``).
 
 Constants come from a :class:`CostModel`. :meth:`CostModel.default` returns documented constants for
 a device kind (CPU: the PyTorch reference path of a few-core machine; CUDA: an H100-class GPU with the
@@ -51,6 +53,13 @@ def device_name(device: torch.device | str) -> str:
     if d.type == "cuda":
         return "cuda:" + torch.cuda.get_device_name(d)
     return d.type
+
+
+#: Element passes over the ``N x Kb`` pooled scores of a ``remainder="pooled"`` head (masking, log-sum-exp,
+#: softmax, merge). Measured, not counted: on the 2-core CPU machine (one thread, N = 4096, Kb = 64, D = 32,
+#: 2026-12-05) six pooled tile heads added 27 ms to a 32 ms sparse call, ~17 ns per score, which the CPU
+#: constants give at ~20 passes (a first count of 4 predicted 10x too little).
+POOLED_PASSES = 20
 
 
 @dataclass(frozen=True)
@@ -205,17 +214,30 @@ class CostModel:
         nb = cdiv(layout.num_tokens, self.block_size)
         return nb * nb * self.block_time * self.mass_factor / max(1, int(refresh))
 
+    def pooled_remainder_cost(self, layout: TokenLayout) -> float:
+        """The pooled remainder of a head (``remainder="pooled"``, :mod:`sparsediff.patterns.remainder`):
+        pooling k and v (``2 x N x D`` elements), the ``N x Kb`` pooled scores and their product with the
+        mean values (``2 x N x Kb x D`` multiply-adds), masking, softmax and the merge (:data:`POOLED_PASSES` x ``N x Kb``
+        elements)."""
+        N, D = layout.num_tokens, self.head_dim
+        nb = cdiv(N, self.block_size)
+        return 2 * N * D * self.elem_time + N * nb * (2 * D * self.flop_time + POOLED_PASSES * self.elem_time)
+
     def copy_cost(self, layout: TokenLayout) -> float:
         """Copying one head's stored output ``[N, D]``."""
         return layout.num_tokens * self.head_dim * self.elem_time
 
     def cost(self, spec: HeadSpec, density: float, layout: TokenLayout) -> float:
         """Predicted time of one head under ``spec`` computing a ``density`` fraction of its blocks: the
-        cost terms its family registered (``cost(model, spec, density, layout)``), else the blocks."""
+        cost terms its family registered (``cost(model, spec, density, layout)``), else the blocks; plus
+        :meth:`pooled_remainder_cost` for ``remainder="pooled"`` heads (the family is asked about the spec
+        without it)."""
         fam = get_family(spec.pattern)
+        extra = self.pooled_remainder_cost(layout) if spec.remainder == "pooled" else 0.0
+        base = spec.without_remainder()
         if fam.cost is None:
-            return self.block_cost(density, layout)
-        return float(fam.cost(self, spec, density, layout))
+            return self.block_cost(density, layout) + extra
+        return float(fam.cost(self, base, density, layout)) + extra
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,12 @@ v_j``. The partial sums depend only on the key order, so all candidates that sha
 natural-order pattern, every band of one reordered order...) share one ``R x N x D`` pass; a candidate
 then costs ``R x Kb x D``. ``sum_{b in K(r)} P[r, b]`` is the row's attention recall (mass kept).
 
+A ``remainder="pooled"`` candidate (:mod:`sparsediff.patterns.remainder`) also adds every key block
+``b`` not in ``K(r)`` as one pooled key: weight ``E[r, b] = exp(scale q_r . kbar_b + log n_b - lse_r)``
+(``lse_r`` the row's exact log-sum-exp) carrying the block's mean value ``vbar_b``, so
+``out_c(r) = (sum_{K(r)} PV[r, b] + sum_{not K(r)} E[r, b] vbar_b) / (sum_{K(r)} P[r, b] + sum_{not K(r)}
+E[r, b])`` -- another ``R x Kb x D``; its recall is that of the kept blocks.
+
 Cross-step families, through :class:`LayerAccumulator` (consecutive profiled steps of one layer), by the
 measurement their registration names (``cross_step_measure``; built-ins: ``skip`` -> ``"reuse_output"``,
 ``lse_cache`` -> ``"block_mass"``, which reads the spec's ``recall`` and ``min_frac``):
@@ -50,6 +56,7 @@ from ..patterns.common import (
     select_cumulative,
 )
 from ..patterns.registry import get_family
+from ..patterns.remainder import block_means
 from ..specs import HeadSpec
 from .candidates import Structure, build_structures, check_candidates, default_candidates
 
@@ -212,6 +219,28 @@ def _masked_out(M: torch.Tensor, Pb: torch.Tensor, PVb: torch.Tensor) -> tuple[t
     return torch.where(rec.unsqueeze(-1) > 0, out, torch.zeros_like(out)), rec
 
 
+def _pooled_out(
+    M: torch.Tensor,
+    Pb: torch.Tensor,
+    PVb: torch.Tensor,
+    pooled_logits: torch.Tensor,
+    lse: torch.Tensor,
+    vmean: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' output and recall of the kept blocks ``M [r, Kb]`` plus the pooled remainder
+    (:mod:`sparsediff.patterns.remainder`): every block not kept as one key with logit
+    ``pooled_logits [r, Kb]`` carrying ``vmean [Kb, D]``. With the exact probabilities the kept part is
+    ``sum_kept PV`` over ``sum_kept P`` and a pooled key weighs ``exp(logit - lse)`` (``lse [r]`` the row's
+    exact log-sum-exp), so ``out = (sum_kept PV + E vmean) / (sum_kept P + sum E)``."""
+    Mf = M.to(Pb.dtype)
+    rec = (Pb * Mf).sum(-1)
+    num = torch.einsum("rk,krd->rd", Mf, PVb)
+    E = torch.exp(pooled_logits - lse.unsqueeze(-1)) * (1.0 - Mf)  # <= 1: a pooled logit <= its block's lse
+    den = rec + E.sum(-1)
+    out = (num + E @ vmean) / den.clamp_min(1e-30).unsqueeze(-1)
+    return torch.where(den.unsqueeze(-1) > 0, out, torch.zeros_like(out)), rec
+
+
 def _sum_of_squares(x: torch.Tensor) -> float:
     return float(x.double().pow(2).sum())
 
@@ -308,15 +337,20 @@ def evaluate_call(
         float(c.get("recall")): torch.zeros(B, H, R, kb, dtype=torch.bool, device=dev) for c in lse_specs
     }
     stats.calls += 1
+    any_pooled = any(st.spec.remainder == "pooled" for st in structs)
+    log_n = col_tokens.float().log()  # [Kb] log tokens per key block (any key order: blocks are positions)
     for b in range(B):
         for h in range(H):
             qh, kh, vh = q[b, h].float(), k[b, h].float(), v[b, h].float()
             e2 = torch.zeros(len(cands), dtype=torch.float64)
             rec = torch.zeros(len(cands), dtype=torch.float64)
             ref2 = 0.0
+            means: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key order -> block-mean k, v
             for r0 in range(0, R, chunk):
                 rr = rows[r0 : r0 + chunk]
-                s = (qh.index_select(0, rr) @ kh.T) * scale  # [r, N]
+                qr = qh.index_select(0, rr)
+                s = (qr @ kh.T) * scale  # [r, N]
+                lse_rows = torch.logsumexp(s, -1) if any_pooled else None
                 P = torch.softmax(s, -1)
                 del s
                 exact = P @ vh
@@ -327,11 +361,25 @@ def evaluate_call(
                     if members:
                         _, k_perm, _ = structs[members[0]].head(b, h)
                     Pb, PVb = _partials(P, vh, k_perm, bs)
+                    pooled_logits = vmean = None
+                    if any(structs[i].spec.remainder == "pooled" for i in members):
+                        if gkey not in means:
+                            kp = kh if k_perm is None else kh.index_select(0, k_perm)
+                            vp = vh if k_perm is None else vh.index_select(0, k_perm)
+                            km, vm = (block_means(x.view(1, 1, N, D), bs)[0, 0] for x in (kp, vp))
+                            means[gkey] = (km, vm)
+                        km, vmean = means[gkey]
+                        pooled_logits = (qr @ km.T) * scale + log_n  # [r, Kb]
                     for i in members:
                         st = structs[i]
                         q_pos, _, bb = st.head(b, h)
                         qb = (rr if q_pos is None else q_pos.index_select(0, rr)) // bs
-                        o, rc = _masked_out(bb.index_select(0, qb), Pb, PVb)
+                        if st.spec.remainder == "pooled":
+                            o, rc = _pooled_out(
+                                bb.index_select(0, qb), Pb, PVb, pooled_logits, lse_rows, vmean
+                            )
+                        else:
+                            o, rc = _masked_out(bb.index_select(0, qb), Pb, PVb)
                         c = col[st.spec]
                         e2[c] += _sum_of_squares(o - exact)
                         rec[c] += float(rc.double().sum())

@@ -187,6 +187,7 @@ def profile_pipeline(
     profile_steps: Sequence[int] | None = None,
     candidates: Sequence[HeadSpec] | None = None,
     families: Sequence[str] | None = None,
+    remainder: bool = False,
     block_size: int = 64,
     num_rows: int = 512,
     seed: int = 0,
@@ -206,6 +207,8 @@ def profile_pipeline(
         candidates / families: candidate specs (default grid per layout; cross-step heads whose family
             names a ``refresh_param`` -- ``lse_cache``'s ``refresh`` -- get it set to the profiled step gap),
             optionally restricted to these families.
+        remainder: with the default grid, also measure every family's ``remainder="pooled"`` variant
+            (:func:`~sparsediff.search.default_candidates`).
         block_size, num_rows, seed: the measurement (:class:`LayerAccumulator`).
         stats: statistics to add to (``--stats`` resume).
         progress: called with 1 after every measured attention call (tqdm's ``update``).
@@ -243,7 +246,11 @@ def profile_pipeline(
     def cands_for(layout: TokenLayout) -> tuple[HeadSpec, ...]:
         c = cand_cache.get(layout)
         if c is None:
-            base = list(candidates) if candidates is not None else default_candidates(layout, block_size)
+            base = (
+                list(candidates)
+                if candidates is not None
+                else default_candidates(layout, block_size, remainder=remainder)
+            )
             if candidates is None:  # cross-step heads refresh at the profiled step gap (as measured)
                 base = [_with_refresh(s, gap) for s in base]
             if families:
@@ -381,6 +388,9 @@ class SearchReport:
             counts = ", ".join(
                 f"{k} {v}" for k, v in sorted(ls.family_counts().items(), key=lambda kv: -kv[1])
             )
+            pooled = sum(1 for sp in ls.specs if sp.remainder == "pooled")
+            if pooled:
+                counts += f" ({pooled} with pooled remainder)"
             lines.append(
                 f"{i:>5}  {float(ls.density.mean()):7.3f}  {float(ls.error.mean()):7.4f}  "
                 f"{ls.attention_speedup:7.2f}  {counts}"
@@ -393,6 +403,20 @@ class SearchReport:
         )
         lines.append(f"predicted attention speedup {self.attention_speedup:.2f}x; whole-step speedup {step}")
         return "\n".join(lines)
+
+
+def _budget_density(ls: LayerSearch, cm: CostModel) -> torch.Tensor:
+    """The densities a ``--density`` budget counts: a ``remainder="pooled"`` candidate computes no extra
+    blocks but is not free, so its pooled part counts as the density of the same predicted time
+    (:meth:`CostModel.pooled_remainder_cost` / :meth:`CostModel.dense_cost`)."""
+    dens = ls.table["density"]
+    pooled = [c for c, s in enumerate(ls.candidates) if s.remainder == "pooled"]
+    if not pooled:
+        return dens
+    extra = cm.pooled_remainder_cost(ls.layout) / max(cm.dense_cost(ls.layout), 1e-30)
+    dens = dens.clone()
+    dens[:, pooled] += extra
+    return dens
 
 
 def plan_from_stats(
@@ -431,7 +455,7 @@ def plan_from_stats(
         )
     g = select_global(
         [searches[i].table["error"] for i in order],
-        [searches[i].table["density"] for i in order],
+        [_budget_density(searches[i], replace(cm, head_dim=sel[i].head_dim)) for i in order],
         [searches[i].table["cost"] for i in order],
         target_error=target_error,
         density=density,

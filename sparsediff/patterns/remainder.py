@@ -1,0 +1,132 @@
+"""The pooled remainder: the key blocks a head's mask leaves out, added back as one pooled key each.
+
+A block-sparse head computes its softmax over the key blocks its mask keeps for the query's block; the
+attention mass on the other blocks is lost. For near-uniform ("diffuse") heads that is most of the mass.
+With ``remainder="pooled"`` (a head-level parameter of the single-step families declared with
+``remainder=True``: ``radial``, ``tile``, ``reordered``, ``topp``) every key block ``b`` *not* kept for
+the query's block is added as ONE key: the mean key ``k̄_b`` of the block's real tokens with logit
+``scale * q · k̄_b + log(n_b)`` (``n_b`` tokens in the block: the ragged last block counts its real
+tokens), carrying the block's mean value ``v̄_b``. It is what the block contributes when its logits are
+all equal to the pooled one (exact for a uniform block; first order otherwise). The sparse part
+``(out_s, lse_s)`` from the op and this part ``(out_r, lse_r)`` are merged by log-sum-exp
+(:func:`merge_lse`).
+
+Cost per head: pooling k and v (``2 N D``), ``N x Kb`` pooled scores and the ``N x Kb x D`` product with
+the mean values -- no extra attention blocks. Memory: float32 scores ``[B, Hp, rows, Kb]`` for the ``Hp``
+pooled heads only, made for as many query rows at a time as keep them within :data:`CHUNK_ELEMS` (in a
+backward pass autograd keeps every chunk's scores: ``[B, Hp, N, Kb]``, e.g. 357 MB per head and batch
+element at 75 600 tokens in blocks of 64).
+
+Everything here is plain torch (differentiable, backend-agnostic): it runs on the op's outputs in each
+head's own (permuted) token order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import block_token_counts, cdiv
+
+__all__ = ["block_means", "pooled_remainder", "merge_lse", "CHUNK_ELEMS"]
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x [B, H, N, D]`` -> ``[B, H, Kb, D]`` mean over each block's real tokens (``Kb = ceil(N / block)``;
+    the ragged last block is averaged over its real tokens), in float32 (float64 for float64 input)."""
+    B, H, N, D = x.shape
+    kb = cdiv(N, block_size)
+    xf = x.to(_work_dtype(x))
+    pad = kb * block_size - N
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    counts = block_token_counts(N, block_size, x.device).to(xf.dtype)
+    return xf.reshape(B, H, kb, block_size, D).sum(3) / counts.view(1, 1, kb, 1)
+
+
+#: bound on the elements of one ``[B, H, rows, Kb]`` chunk of pooled scores (float32: 256 MiB)
+CHUNK_ELEMS = 1 << 26
+
+
+def pooled_remainder(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kept: torch.Tensor,
+    block_size: int,
+    scale: float,
+    *,
+    chunk_elems: int = CHUNK_ELEMS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over the pooled keys of the key blocks its block does NOT keep.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` in the order the mask is in (each head's permuted order).
+        kept: bool ``[B|1, H, Qb, Kb]``: the block mask (``BlockSparseMask.to_dense()``).
+        block_size: tokens per block (query and key).
+        scale: softmax scale.
+        chunk_elems: the scores are made for as many query rows at a time as keep ``B x H x rows x Kb``
+            within this bound (the result does not depend on it).
+
+    Returns:
+        ``(out_r, lse_r)``: ``[B, H, N, D]`` and ``[B, H, N]`` in float32 (float64 for float64 input).
+        Rows whose block keeps every key block (text rows among them) get ``out_r = 0``, ``lse_r = -inf``;
+        never NaN, also in the backward.
+    """
+    B, H, N, D = q.shape
+    wd = _work_dtype(q)
+    kb = cdiv(N, block_size)
+    if kept.dim() != 4 or kept.shape[-2:] != (kb, kb) or kept.shape[1] != H or kept.shape[0] not in (1, B):
+        raise ValueError(f"kept must be [B|1, {H}, {kb}, {kb}] for {N} tokens, got {tuple(kept.shape)}")
+    km, vm = block_means(k, block_size), block_means(v, block_size)
+    log_n = block_token_counts(N, block_size, q.device).to(wd).log()
+    kept = kept.to(q.device)
+    row_block = torch.arange(N, device=q.device) // block_size
+    rows = max(1, int(chunk_elems) // max(1, B * H * kb))
+    outs, lses = [], []
+    for r0 in range(0, N, rows):
+        o, lse = _pooled_rows(q[:, :, r0 : r0 + rows], km, vm, log_n, kept, row_block[r0 : r0 + rows], scale)
+        outs.append(o)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _pooled_rows(q, km, vm, log_n, kept, row_block, scale):
+    """:func:`pooled_remainder` of the query rows ``q [B, H, r, D]`` (their blocks ``row_block [r]``)."""
+    B, H, r, _ = q.shape
+    logits = torch.matmul(q.to(km.dtype), km.transpose(-1, -2)) * scale + log_n  # [B, H, r, Kb]
+    kept_rows = kept.index_select(2, row_block)  # [B|1, H, r, Kb]
+    rest = (~kept_rows).any(-1, keepdim=True).expand(B, H, r, 1)  # rows with a remainder
+    # in place (add's backward needs no output); rows without a remainder get finite dummy logits (a
+    # softmax over all -inf has a NaN backward) and are zeroed below
+    logits.masked_fill_(kept_rows | ~rest, -math.inf).masked_fill_(~rest, 0.0)
+    lse = torch.logsumexp(logits, -1)
+    out = torch.matmul(torch.softmax(logits, -1), vm).masked_fill(~rest, 0.0)
+    return out, lse.masked_fill(~rest[..., 0], -math.inf)
+
+
+def merge_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the union of two disjoint key sets from each one's ``(out [..., N, D], lse [..., N])``:
+    ``out = out_a e^(lse_a - lse) + out_b e^(lse_b - lse)``, ``lse = logaddexp(lse_a, lse_b)``, in the
+    promoted dtype (at least float32). A side with ``lse = -inf`` contributes nothing; both ``-inf`` gives
+    ``out = 0``, ``lse = -inf``. No NaN in the forward or the backward."""
+    wd = torch.promote_types(_work_dtype(out_a), _work_dtype(out_b))
+    la, lb = lse_a.to(wd), lse_b.to(wd)
+    m = torch.maximum(la, lb).detach()  # any finite shift gives the same result
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    den = wa + wb
+    some = den > 0
+    den_safe = torch.where(some, den, torch.ones_like(den))
+    out = (out_a.to(wd) * wa.unsqueeze(-1) + out_b.to(wd) * wb.unsqueeze(-1)) / den_safe.unsqueeze(-1)
+    lse = torch.where(some, m + torch.log(den_safe), torch.full_like(den, -math.inf))
+    return out, lse
