@@ -985,6 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="weight of the attention-locality term (TrainConfig.sparse_recall; needs a preset with sparse_heads)",
     )
+    ap.add_argument(
+        "--sparse-consistency",
+        type=float,
+        help="weight of the sparse-vs-dense consistency term (TrainConfig.sparse_consistency)",
+    )
     ap.add_argument("--history", help="a line on the run's history for the model card")
     ap.add_argument("--no-eval", action="store_true", help="skip checks/probe/timing after training")
     ap.add_argument("--no-cpu-timing", action="store_true", help="skip the CPU sampling-time measurement")
@@ -995,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _preset(args.preset)
-    for name in ("steps", "batch_size", "lr", "seed", "sparse_recall"):
+    for name in ("steps", "batch_size", "lr", "seed", "sparse_recall", "sparse_consistency"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_minutes is not None:
