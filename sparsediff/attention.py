@@ -409,9 +409,12 @@ def _add_pooled_remainder(
     """``out_p`` with the pooled remainder (:mod:`sparsediff.patterns.remainder`) merged into ``heads``, all in
     the op's (permuted) order; the other heads are copied bit for bit. Plain torch ops: differentiable
     through the op's ``out`` and ``lse``. ``lse_p`` is left as the op returned it."""
+    if len(heads) == out_p.shape[1]:  # every head pooled: no head selection, no scatter
+        out_r, lse_r = pooled_remainder(qq, kk, vv, mask.to_dense(), bs, scale)
+        merged, _ = merge_lse(out_p, lse_p, out_r, lse_r)
+        return torch.empty_like(out_p).copy_(merged)  # out_p's dtype and memory layout
     idx = torch.tensor(heads, device=qq.device)
-    sub = mask if len(heads) == mask.heads else mask[:, list(heads)]
-    kept = sub.to_dense()  # [B|1, Hp, Qb, Kb]
+    kept = mask[:, list(heads)].to_dense()  # [B|1, Hp, Qb, Kb]
     out_r, lse_r = pooled_remainder(
         qq.index_select(1, idx), kk.index_select(1, idx), vv.index_select(1, idx), kept, bs, scale
     )

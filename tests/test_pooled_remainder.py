@@ -201,8 +201,8 @@ def test_search_measures_what_the_op_computes():
 
 
 def test_search_picks_pooled_for_the_diffuse_head_only():
-    # a near-uniform head (noise 0.2): at the measured CPU price of the pooled part it pays there (at noise
-    # 0.5 a denser plain radial is cheaper for error 0.2 on this 256-token layout)
+    # a near-uniform head (noise 0.2; at 0.5 a plain radial keeping most blocks can be cheaper for error 0.2
+    # on this 256-token layout, depending on the pooled part's price)
     pl = planted_qkv(PLANTED, ["global", "local"], head_dim=32, seed=0, global_noise=0.2)
     cands = [
         c for c in default_candidates(PLANTED, BS, cross_step=False, remainder=True) if c.pattern != "dense"

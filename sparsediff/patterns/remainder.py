@@ -84,13 +84,22 @@ def pooled_remainder(
     if kept.dim() != 4 or kept.shape[-2:] != (kb, kb) or kept.shape[1] != H or kept.shape[0] not in (1, B):
         raise ValueError(f"kept must be [B|1, {H}, {kb}, {kb}] for {N} tokens, got {tuple(kept.shape)}")
     km, vm = block_means(k, block_size), block_means(v, block_size)
-    log_n = block_token_counts(N, block_size, q.device).to(wd).log()
+    # per (query block, key block): log(tokens) where the block is pooled, -inf where it is kept; query blocks
+    # keeping every key block (text rows among them) get finite dummy logits (a softmax over all -inf has a
+    # NaN backward) and are zeroed after
     kept = kept.to(q.device)
-    row_block = torch.arange(N, device=q.device) // block_size
-    rows = max(1, int(chunk_elems) // max(1, B * H * kb))
+    rest = ~kept.all(-1)  # [B|1, H, Qb]: query blocks with a remainder
+    log_n = block_token_counts(N, block_size, q.device).to(wd).log()
+    bias = log_n.expand(kept.shape).masked_fill(kept & rest.unsqueeze(-1), -math.inf)
+    # whole query blocks per chunk, as many as keep B x H x rows x Kb within chunk_elems
+    per = max(1, int(chunk_elems) // max(1, B * H * kb * block_size))
     outs, lses = [], []
-    for r0 in range(0, N, rows):
-        o, lse = _pooled_rows(q[:, :, r0 : r0 + rows], km, vm, log_n, kept, row_block[r0 : r0 + rows], scale)
+    for b0 in range(0, kb, per):
+        b1 = min(kb, b0 + per)
+        r0, r1 = b0 * block_size, min(N, b1 * block_size)
+        o, lse = _pooled_blocks(
+            q[:, :, r0:r1], km, vm, bias[:, :, b0:b1], rest[:, :, b0:b1], block_size, scale
+        )
         outs.append(o)
         lses.append(lse)
     if len(outs) == 1:
@@ -98,18 +107,23 @@ def pooled_remainder(
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
-def _pooled_rows(q, km, vm, log_n, kept, row_block, scale):
-    """:func:`pooled_remainder` of the query rows ``q [B, H, r, D]`` (their blocks ``row_block [r]``)."""
+def _pooled_blocks(q, km, vm, bias, rest, block_size, scale):
+    """:func:`pooled_remainder` of the query rows ``q [B, H, r, D]`` of whole query blocks (the last may be
+    ragged) with their ``bias [B|1, H, qb, Kb]`` and ``rest [B|1, H, qb]``: one pass per step, the mask
+    applied per block (broadcast over the block's rows), not per row."""
     B, H, r, _ = q.shape
-    logits = torch.matmul(q.to(km.dtype), km.transpose(-1, -2)) * scale + log_n  # [B, H, r, Kb]
-    kept_rows = kept.index_select(2, row_block)  # [B|1, H, r, Kb]
-    rest = (~kept_rows).any(-1, keepdim=True).expand(B, H, r, 1)  # rows with a remainder
-    # in place (add's backward needs no output); rows without a remainder get finite dummy logits (a
-    # softmax over all -inf has a NaN backward) and are zeroed below
-    logits.masked_fill_(kept_rows | ~rest, -math.inf).masked_fill_(~rest, 0.0)
-    lse = torch.logsumexp(logits, -1)
-    out = torch.matmul(torch.softmax(logits, -1), vm).masked_fill(~rest, 0.0)
-    return out, lse.masked_fill(~rest[..., 0], -math.inf)
+    qb, kb = bias.shape[-2], bias.shape[-1]
+    pad = qb * block_size - r
+    logits = torch.matmul(q.to(km.dtype) * scale, km.transpose(-1, -2))  # [B, H, r, Kb]
+    if pad:
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, pad))
+    logits = logits.view(B, H, qb, block_size, kb) + bias.unsqueeze(3)
+    lse = torch.logsumexp(logits, -1, keepdim=True)  # [B, H, qb, bs, 1]
+    p = torch.exp(logits - lse)
+    keep = rest.to(logits.dtype).view(rest.shape[0], H, qb, 1, 1)  # 0 for blocks without a remainder
+    out = torch.matmul((p * keep).view(B, H, qb * block_size, kb)[:, :, :r], vm)
+    lse = lse.masked_fill(keep == 0, -math.inf).view(B, H, qb * block_size)[:, :, :r]
+    return out, lse
 
 
 def merge_lse(

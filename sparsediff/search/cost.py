@@ -55,11 +55,11 @@ def device_name(device: torch.device | str) -> str:
     return d.type
 
 
-#: Element passes over the ``N x Kb`` pooled scores of a ``remainder="pooled"`` head (masking, log-sum-exp,
-#: softmax, merge). Measured, not counted: on the 2-core CPU machine (one thread, N = 4096, Kb = 64, D = 32,
-#: 2026-12-05) six pooled tile heads added 27 ms to a 32 ms sparse call, ~17 ns per score, which the CPU
-#: constants give at ~20 passes (a first count of 4 predicted 10x too little).
-POOLED_PASSES = 20
+#: Element passes over the ``N x Kb`` pooled scores of a ``remainder="pooled"`` head (bias, log-sum-exp,
+#: exponent, mask). Checked against the CPU (2-core machine, one thread, N = 4096, Kb = 64, D = 32,
+#: 2026-12-05): six pooled tile heads add 12 ms to a 24 ms sparse call, 2.0 ms per head; the CPU constants
+#: with 4 passes predict 2.3 ms.
+POOLED_PASSES = 4
 
 
 @dataclass(frozen=True)
