@@ -191,10 +191,15 @@ def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, reco
             return replay_call(t, x)
 
     ref = run(trained)
-    # diffusers' API on a fresh copy: bit-identical
+    # diffusers' API on a fresh copy: the adapter's weights come back bit-identical ...
     t = _fresh(pipe)
     t.load_lora_adapter(str(out), adapter_name=ADAPTER_NAME, use_safetensors=True)
-    assert torch.equal(run(t), ref)
+    want = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
+    got = {k: v for k, v in t.state_dict().items() if "lora_" in k}
+    assert want and want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # ... and so does the model's output, up to the CPU kernels' summation order, which depends on where a
+    # tensor lies in memory (a deepcopy of the trained model itself differs by ~1e-5 at |out| ~14)
+    assert (run(t) - ref).abs().max() <= 1e-6 * ref.abs().max() * 10
     # sparsediff: enable(DIR) loads plan + adapter; disable restores the model without the adapter
     t = _fresh(pipe)
     base = run(t)
@@ -213,7 +218,7 @@ def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, reco
     # the same as the trained transformer with the plan
     h = enable_sparse_attention(trained, plan, **SPARSE)
     try:
-        assert torch.equal(run(trained), sparse_tuned)
+        assert (run(trained) - sparse_tuned).abs().max() <= 1e-5 * sparse_tuned.abs().max()
         # fuse / unfuse with sparse attention on
         trained.fuse_lora(adapter_names=[ADAPTER_NAME])
         fused = run(trained)
