@@ -8,15 +8,17 @@ Rows past ``Nq``, columns past ``Nk`` and rows with ``lse = -inf`` contribute 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 from .support import BACKENDS, cdiv
 
 __all__ = ["block_mass_reference", "block_mass"]
 
-# Upper bound on the elements of one fp32 score chunk (2**24 = 64 MiB).
-_CHUNK_ELEMS = 1 << 24
+# Elements of one fp32 score tile (2**20 = 4 MiB): one query-row chunk of one head, small enough that the
+# matmul, the in-place exp and the two block sums run on data that stays in the CPU's cache.
+_TILE_ELEMS = 1 << 20
 
 
 def block_mass_reference(
@@ -30,8 +32,11 @@ def block_mass_reference(
 ) -> torch.Tensor:
     """Per-block attention mass ``[B, H, ceil(Nq/block_q), ceil(Nk/block_kv)]`` float32.
 
-    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]`` (any strides), lse ``[B, H, Nq]`` natural log. Computed in
-    fp32 in chunks of query blocks; never holds more than ~``2**24`` scores at once.
+    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]`` (any strides), lse ``[B, H, Nq]`` natural log. fp32, one head
+    and one chunk of whole query blocks at a time (~``2**20`` scores): ``addmm`` folds the scale and the
+    ``- lse`` into the score matmul, ``exp_`` runs in place, and the key-block and query-block sums read
+    the tile as views; a ragged last key block is summed on its own (no padding copies). Rows with
+    ``lse = -inf`` get ``+inf`` subtracted, so their probabilities are exactly 0.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -40,18 +45,27 @@ def block_mass_reference(
     out = torch.zeros(B, H, Qb, Kb, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    kf = F.pad(k.float(), (0, 0, 0, Kb * block_kv - Nk))  # zero keys past Nk, masked below
-    col_ok = torch.arange(Kb * block_kv, device=q.device) < Nk
-    rows_per_chunk = max(block_q, (_CHUNK_ELEMS // max(B * H * Kb * block_kv, 1)) // block_q * block_q)
-    for r0 in range(0, Nq, rows_per_chunk):
-        r1 = min(Nq, r0 + rows_per_chunk)
-        ls = lse[:, :, r0:r1].float().unsqueeze(-1)
-        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
-        p = torch.exp(s - torch.where(torch.isinf(ls), 0.0, ls))
-        p = torch.where(torch.isinf(ls) | ~col_ok, 0.0, p)
-        nb = cdiv(r1 - r0, block_q)
-        p = F.pad(p, (0, 0, 0, nb * block_q - (r1 - r0)))  # rows past Nq contribute 0
-        out[:, :, r0 // block_q : r0 // block_q + nb] = p.view(B, H, nb, block_q, Kb, block_kv).sum((3, 5))
+    k_full = Nk // block_kv  # whole key blocks; a ragged last one (Kb > k_full) is summed separately
+    rows = max(block_q, (_TILE_ELEMS // max(Nk, 1)) // block_q * block_q)
+    neg = lse.float()
+    neg = -torch.where(torch.isinf(neg) & (neg < 0), torch.full_like(neg, math.inf), neg)
+    for b in range(B):
+        for h in range(H):
+            qf = q[b, h].float()
+            kt = k[b, h].float().t()
+            for r0 in range(0, Nq, rows):
+                r1 = min(Nq, r0 + rows)
+                p = torch.addmm(neg[b, h, r0:r1, None], qf[r0:r1], kt, alpha=scale).exp_()  # [rows, Nk]
+                cols = torch.empty(r1 - r0, Kb, dtype=torch.float32, device=q.device)
+                if k_full:
+                    cols[:, :k_full] = p[:, : k_full * block_kv].view(r1 - r0, k_full, block_kv).sum(-1)
+                if Kb > k_full:
+                    cols[:, k_full:] = p[:, k_full * block_kv :].sum(-1, keepdim=True)
+                i0, nb = r0 // block_q, (r1 - r0) // block_q
+                if nb:
+                    out[b, h, i0 : i0 + nb] = cols[: nb * block_q].view(nb, block_q, Kb).sum(1)
+                if (r1 - r0) % block_q:  # ragged last query block
+                    out[b, h, i0 + nb] = cols[nb * block_q :].sum(0)
     return out
 
 

@@ -53,6 +53,29 @@ def test_lse_identity_against_sdpa(nq, nk, bq, bk):
             torch.testing.assert_close(mk, mass, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tile_elems", [1 << 20, 1])
+def test_block_mass_twin_chunks_and_ragged_blocks_against_float64(monkeypatch, tile_elems):
+    """The twin works one head and one chunk of query blocks at a time; with 1-element tiles every chunk is
+    one query block. Ragged query and key blocks, rows with lse = -inf (exactly 0), strided inputs and a
+    non-default scale against the float64 block sums of exp(q.k * scale - lse)."""
+    import sparsediff.block_mass as bm
+
+    monkeypatch.setattr(bm, "_TILE_ELEMS", tile_elems)
+    g = torch.Generator().manual_seed(1)
+    B, H, nq, nk, D, bq, bk, scale = 2, 3, 150, 77, 8, 32, 16, 0.3
+    q = torch.randn(B, nq, H, D, generator=g).transpose(1, 2)  # diffusers' layout, seen as [B, H, N, D]
+    k = torch.randn(B, nk, H, D, generator=g).transpose(1, 2)
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * scale, -1) + 0.1 * torch.randn(B, H, nq, generator=g)
+    lse[1, 2, 32:70] = -math.inf  # query block 1 (32..63) whole, and part of block 2
+    got = bm.block_mass_reference(q, k, lse, block_q=bq, block_kv=bk, scale=scale)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale - lse.double()[..., None]
+    want = _block_sum(torch.where(torch.isinf(lse)[..., None], 0.0, s.exp()), bq, bk).float()
+    assert got.shape == want.shape == (B, H, 5, 5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1, 2, 1], torch.zeros(5))  # no row of query block 1 has an lse ...
+    assert got[1, 2, 2].sum() > 0  # ... block 2 (64..95) still has rows 70..95
+
+
 def test_lse_cache_refresh_schedule_on_drifting_inputs():
     """Refresh every 3 steps on slowly drifting planted q/k: the reused masks keep the true attention
     recall near the target and the error small; indices reused between refreshes; LSE cache refreshed."""
