@@ -86,7 +86,11 @@ def test_recording_holds_every_call_with_step_and_branch(recorded):
     assert not torch.equal(train[0][0].target, train[1][0].target)
 
 
-def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, plan, recorded):
+def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, recorded):
+    # The shipped plan is the one the shipped model was trained local for (its sparse error at 4 steps with
+    # 3 dense warm-up steps is ~1.5e-4: little to learn in 8 steps); one tile per head and one dense step
+    # (1/8 of the blocks at 8x8x8 tokens) leaves an error an adapter can learn to lower.
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
     train, held = recorded
     t = _fresh(pipe)
     h = enable_sparse_attention(t, plan, **SPARSE)
@@ -101,9 +105,9 @@ def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, pl
     dense_err = heldout_error(t, held)  # no hooks: the teacher itself
     assert dense_err < 1e-10 * max(before, 1.0), dense_err
 
-    cfg = FinetuneConfig(steps=8, **CFG)
+    cfg = FinetuneConfig(steps=16, **CFG)
     result = train_adapter(t, plan, train, cfg, progress=False, sparse_options=SPARSE)
-    assert result["steps"] == 8 and len(result["losses"]) == 8
+    assert result["steps"] == 16 and len(result["losses"]) == 16
     after = _sparse_error(t, plan, held)
     assert after < 0.9 * before, (before, after)
 
@@ -269,7 +273,7 @@ SMALL = [
     "--width",
     "32",
     "--inference-steps",
-    "3",
+    "4",  # past the shipped plan's 3 dense warm-up steps
     "--guidance-scale",
     "4",
 ]
