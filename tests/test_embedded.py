@@ -546,3 +546,32 @@ def test_token_codes_keep_words_apart_and_the_bag_reaches_every_position():
     assert "token_code" not in bag.state_dict()
     again = CaptionTextEncoder(vocab_size=tok.vocab_size, token_code_scale=1.0, token_code_bag=True)
     assert torch.equal(again.token_code, bag.token_code)
+
+
+def test_install_replaces_the_weights_and_warns_about_the_plan_files_it_removes(tmp_path, caplog):
+    import logging
+
+    from sparsediff.embedded.train import _install
+
+    export, weights = tmp_path / "export", tmp_path / "weights"
+    for d, names in (
+        (export, ["model_index.json", "MODEL_CARD.md"]),
+        (weights, ["model_index.json", "sparse_plan.json"]),
+    ):
+        d.mkdir()
+        for n in names:
+            (d / n).write_text(f"{d.name}/{n}")
+    (weights / "sparse_plan_lora").mkdir()
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        removed = _install(str(export), str(weights))
+    assert removed == ["sparse_plan.json", "sparse_plan_lora"]
+    assert sorted(p.name for p in weights.iterdir()) == ["MODEL_CARD.md", "model_index.json"]
+    assert (weights / "model_index.json").read_text() == "export/model_index.json"
+    hits = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "sparse_plan_lora" in r.getMessage()
+    ]
+    assert len(hits) == 1 and "sparse_plan.json" in hits[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):  # nothing extra to remove: no warning
+        assert _install(str(export), str(weights)) == []
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

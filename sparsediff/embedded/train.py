@@ -827,12 +827,27 @@ def _write_card(export: str, metrics: dict[str, Any]) -> None:
         f.write(render_model_card(metrics))
 
 
-def _install(export: str) -> None:
-    """Replace the package's shipped weights (:data:`WEIGHTS_DIR`) with the export folder."""
-    if os.path.isdir(WEIGHTS_DIR):
-        shutil.rmtree(WEIGHTS_DIR)
-    shutil.copytree(export, WEIGHTS_DIR)
-    logger.info("installed the pipeline into %s", WEIGHTS_DIR)
+def _install(export: str, weights_dir: str | None = None) -> list[str]:
+    """Replace the package's shipped weights (:data:`WEIGHTS_DIR`) with the export folder.
+
+    The searched plan and the finetune adapter shipped next to the old weights (``sparse_plan.json``,
+    ``sparse_plan_lora/``, anything the export does not have) were made for those weights and are removed
+    with them -- with a WARNING that names them, since they cannot be rebuilt without re-running the search
+    and the finetune. Returns the removed top-level names."""
+    target = weights_dir or WEIGHTS_DIR
+    removed = sorted(set(os.listdir(target)) - set(os.listdir(export))) if os.path.isdir(target) else []
+    if removed:
+        logger.warning(
+            "--install replaces %s: removing %s, made for the old weights -- re-run `sparsediff search` "
+            "(and `sparsediff finetune`) for the new ones",
+            target,
+            ", ".join(removed),
+        )
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    shutil.copytree(export, target)
+    logger.info("installed the pipeline into %s", target)
+    return removed
 
 
 def reevaluate(
