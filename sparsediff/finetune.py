@@ -1012,4 +1012,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from .loading import exit_process
+
+    exit_process(main())

@@ -20,9 +20,12 @@ Also :func:`random_wan_pipeline`, the tiny random-init ``WanPipeline`` of ``spar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ __all__ = [
     "random_wan_pipeline",
     "distributed",
     "enable_context_parallel",
+    "exit_process",
     "finish_processes",
 ]
 
@@ -260,6 +264,27 @@ def finish_processes(state: Any) -> None:
     state.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    global _FINISHED_PROCESS_GROUP
+    _FINISHED_PROCESS_GROUP = True
+
+
+#: set by :func:`finish_processes` once this process has torn a process group down
+_FINISHED_PROCESS_GROUP = False
+
+
+def exit_process(code: int) -> None:
+    """End a ``python -m sparsediff.<tool>`` process with ``code``. After a multi-process run
+    (:func:`finish_processes` ran) the streams are flushed and the process leaves with ``os._exit``: gloo's
+    worker threads (also those of the sub-groups diffusers' context parallelism creates) can still be joinable
+    when the interpreter finalises, and destroying them then aborts the process ("terminate called without
+    an active exception", SIGABRT, seen in CI under ``accelerate launch``) after all its work is done and
+    written. Every other run exits normally."""
+    if not _FINISHED_PROCESS_GROUP:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code or 0))
 
 
 def enable_context_parallel(pipe: Any, degrees: tuple[int, int] | None, world: int) -> dict[str, int] | None:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from sparsediff.cli import main
 
 
@@ -68,3 +70,19 @@ def test_bench_and_plan_show_keep_existing_files(tmp_path, capsys):
         main(["bench", "--shapes", "128:2:16", "--out", str(out)])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("after_group", [False, True])
+def test_exit_process_keeps_the_code_and_the_buffered_output(after_group):
+    # After a multi-process run the tools leave with os._exit (gloo threads abort interpreter finalisation):
+    # the exit code and output still buffered in the pipe must survive it.
+    code = (
+        "import sparsediff.loading as L; print('partial line', end=''); "
+        f"L._FINISHED_PROCESS_GROUP = {after_group}; L.exit_process(3)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and proc.stdout == "partial line", (
+        proc.returncode,
+        proc.stdout,
+        proc.stderr[-500:],
+    )

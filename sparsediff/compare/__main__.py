@@ -1,5 +1,4 @@
-import sys
-
+from ..loading import exit_process
 from .cli import main
 
-sys.exit(main())
+exit_process(main())

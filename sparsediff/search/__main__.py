@@ -1,7 +1,6 @@
 """``python -m sparsediff.search`` (and ``accelerate launch -m sparsediff.search``): ``sparsediff search``."""
 
-import sys
-
+from ..loading import exit_process
 from .cli import main
 
-sys.exit(main())
+exit_process(main())
