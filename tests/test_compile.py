@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _compiled import assert_one_graph_like_eager, eager_then_compiled
 from _integration import SPARSE_KW
 from tiny_pipelines import _wan_transformer
 
@@ -42,15 +43,9 @@ def test_wan_compile_repeated_blocks_no_recompiles(fresh_dynamo, plan_kind):
     with torch.no_grad():
         base = t(x, torch.tensor([900.0]), enc, return_dict=False)[0]
         api.enable_sparse_attention(t, plan, **SPARSE_KW)
-        eager = [t(x, torch.tensor([tv]), enc, return_dict=False)[0] for tv in (900.0, 500.0)]
-        t.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled = [t(x, torch.tensor([tv]), enc, return_dict=False)[0] for tv in (900.0, 500.0)]
+        eager, compiled = eager_then_compiled(t, x, enc)
     api.disable_sparse_attention(t)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_one_graph_like_eager(counters, eager, compiled)
     if plan_kind == "dense":
         torch.testing.assert_close(compiled[0], base, rtol=1e-5, atol=1e-5)
     else:
