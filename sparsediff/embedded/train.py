@@ -394,7 +394,7 @@ class PlanRecall:
     computes their exact attention logits over all keys, and adds ``logsumexp(all) - logsumexp(inside the
     head's mask)`` -- minus the log of the attention mass the head's mask keeps -- averaged over rows, heads
     and samples. Masks are the heads' block masks (static families only) in natural token order, built once
-    per layout by the search's own structures (so they are the masks the op computes).
+    per layout from the families' own group work (so they are the masks the op computes).
     """
 
     def __init__(self, specs, rows: int, seed: int, block_size: int = 64) -> None:

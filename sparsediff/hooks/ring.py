@@ -49,6 +49,7 @@ from ..layout import TokenLayout
 from ..mask import BlockSparseMask
 from ..ops import block_sparse_attention
 from ..patterns.registry import GroupCall, get_family
+from ..patterns.remainder import merge_lse
 from ..specs import HeadSpec
 from ..support import cdiv
 
@@ -148,17 +149,9 @@ def merge_partials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge attention partials over disjoint key sets: ``a = (out, lse)`` (None: nothing yet) with
     ``(o, lse)``; out ``[..., N, D]``, lse ``[..., N]`` float32. Rows empty in both stay 0 / -inf."""
-    o = o.float()
     if a is None:
-        return o, lse
-    o1, l1 = a
-    m = torch.maximum(l1, lse)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w1, w2 = torch.exp(l1 - m), torch.exp(lse - m)
-    s = w1 + w2
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    out = o1 * (w1 * inv).unsqueeze(-1) + o * (w2 * inv).unsqueeze(-1)
-    return out, m + torch.log(s)
+        return o.float(), lse
+    return merge_lse(a[0], a[1], o, lse)
 
 
 def _query_rows(q: torch.Tensor, start: int, length: int, pad: int) -> torch.Tensor:
