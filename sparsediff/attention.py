@@ -28,8 +28,8 @@ import torch
 from .layout import TokenLayout
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
-from .patterns.registry import GroupCall, get_family
-from .patterns.remainder import merge_lse, pooled_remainder
+from .patterns.registry import REMAINDER_REFRESH_PARAM, GroupCall, get_family
+from .patterns.remainder import merge_lse, pooled_remainder, split_remainder
 from .permute import Permutation
 from .specs import DenseSchedule, HeadSpec
 
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "group_heads",
     "plan_heads",
+    "seeds_remainder",
 ]
 
 #: Default block size (tokens per query/key block) on every device.
@@ -313,6 +314,8 @@ def sparse_attention(
     call = GroupCall(q, k, v, layout, bs, scale, step, state, cache, backend)
 
     # ------------------------------------------------------------------ warm-up / forced dense
+    if force_dense and state is not None and _seeds(group_items):
+        return _dense_seeding_remainder(call, group_items)
     if force_dense or all(s.pattern == "dense" for s in groups):
         full = call.cached(("full", layout, bs, str(dev), H), lambda: call.full_mask(H))
         out, lse = block_sparse_attention(q, k, v, full, scale=scale, return_lse=True, backend=backend)
@@ -324,8 +327,44 @@ def sparse_attention(
                     fam.on_dense(call, spec, heads, out, lse)
         return out
 
+    mask, qi, ki, afters, writes = _assemble(call, group_items)
+
+    # ------------------------------------------------------------------ permute, run once, un-permute
+    qq = q if qi is None else qi.apply(q)
+    kk = k if ki is None else ki.apply(k)
+    vv = v if ki is None else ki.apply(v)
+    out_p, lse_p = block_sparse_attention(qq, kk, vv, mask, scale=scale, return_lse=True, backend=backend)
+    pooled = _pooled_heads(group_items)
+    if pooled:
+        out_p = _add_pooled_remainder(qq, kk, vv, out_p, lse_p, mask, pooled, bs, scale)
+    cached = _cached_heads(group_items)
+    if cached:
+        out_p = _add_cached_remainder(call, qq, kk, vv, out_p, lse_p, cached)
+    if qi is None and not writes:
+        out = out_p
+    elif qi is None:
+        out = torch.empty_like(q)
+        out.copy_(out_p)
+    else:
+        out = qi.apply(out_p, inverse=True)  # a fresh tensor, in out_p's (= q's) memory layout
+        if out.stride() != q.stride():
+            out = torch.empty_like(q).copy_(out)
+    if state is not None:
+        state.last_mask = mask
+    for after in afters:
+        after(out, lse_p)
+    return out
+
+
+def _assemble(call: GroupCall, group_items: tuple) -> tuple[BlockSparseMask, Any, Any, list, bool]:
+    """One call's work for all heads: ``(mask, qi, ki, afters, writes)`` -- the assembled mask (each head
+    in its own order), the query / key token orders (:class:`_TokenIndex` or None), the groups' ``after``
+    callbacks and whether one of them writes the output. Static layers come from the mask cache."""
+    q, layout, bs, cache = call.q, call.layout, call.block_size, call.cache
+    H, N = q.shape[1], q.shape[2]
+    dev = q.device
     static_key = None
-    if cache is not None and all(s.is_static for s in groups):
+    if cache is not None and all(s.is_static for s, _ in group_items):
         static_key = ("assembled", layout, group_items, bs, str(dev))
     prebuilt = cache.get(static_key) if static_key is not None else None
     afters: list = []
@@ -337,8 +376,8 @@ def sparse_attention(
         perms_q: list[tuple[tuple[int, ...], Permutation]] = []
         perms_k: list[tuple[tuple[int, ...], Permutation]] = []
         for spec, heads in group_items:  # each group's work, from the spec's family
-            # the remainder does not change the mask or the order: a pooled group's work is its spec's without it
-            base = spec.without_remainder() if spec.remainder == "pooled" else spec
+            # the remainder does not change the mask or the order: a group's work is its spec's without it
+            base = spec.without_remainder() if spec.remainder != "none" else spec
             work = get_family(spec.pattern).group_work(call, base, heads)
             group_masks.append((heads, _expand_heads(work.mask, len(heads))))
             if work.perm_q is not None:
@@ -364,35 +403,112 @@ def sparse_attention(
         ki = qi if same else _TokenIndex.of(perms_k, H, N)
         if static_key is not None:
             cache.put(static_key, (mask, qi, ki))
-
-    # ------------------------------------------------------------------ permute, run once, un-permute
-    qq = q if qi is None else qi.apply(q)
-    kk = k if ki is None else ki.apply(k)
-    vv = v if ki is None else ki.apply(v)
-    out_p, lse_p = block_sparse_attention(qq, kk, vv, mask, scale=scale, return_lse=True, backend=backend)
-    pooled = _pooled_heads(group_items)
-    if pooled:
-        out_p = _add_pooled_remainder(qq, kk, vv, out_p, lse_p, mask, pooled, bs, scale)
-    if qi is None and not writes:
-        out = out_p
-    elif qi is None:
-        out = torch.empty_like(q)
-        out.copy_(out_p)
-    else:
-        out = qi.apply(out_p, inverse=True)  # a fresh tensor, in out_p's (= q's) memory layout
-        if out.stride() != q.stride():
-            out = torch.empty_like(q).copy_(out)
-    if state is not None:
-        state.last_mask = mask
-    for after in afters:
-        after(out, lse_p)
-    return out
+    return mask, qi, ki, afters, writes
 
 
 @functools.lru_cache(maxsize=1024)
 def _pooled_heads(group_items: tuple) -> tuple[int, ...]:
     """Sorted heads whose spec has ``remainder="pooled"`` (memoised on the layer's groups)."""
     return tuple(sorted(h for spec, heads in group_items if spec.remainder == "pooled" for h in heads))
+
+
+#: The :meth:`LayerState.family_state` slot of the ``remainder="cached"`` heads:
+#: ``{heads: (out_r, lse_r, step of the refresh)}`` in the op's (permuted) order.
+CACHED_REMAINDER_SLOT = "remainder.cached"
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_heads(group_items: tuple) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """``((refresh, heads), ...)``: the ``remainder="cached"`` heads by their ``remainder_refresh``
+    (memoised on the layer's groups). ``ValueError`` for a cached head whose mask is not static (the
+    stored remainder is the complement of the mask it was split from)."""
+    by_refresh: dict[int, list[int]] = {}
+    for spec, heads in group_items:
+        if spec.remainder != "cached":
+            continue
+        if not spec.is_static:
+            raise ValueError(
+                f'remainder="cached" needs a static mask (the stored remainder is what that mask leaves '
+                f"out); {spec!r} is {spec.kind}"
+            )
+        by_refresh.setdefault(int(spec.get(REMAINDER_REFRESH_PARAM)), []).extend(heads)
+    return tuple((r, tuple(sorted(h))) for r, h in sorted(by_refresh.items()))
+
+
+def seeds_remainder(head_specs: Sequence[HeadSpec]) -> bool:
+    """Whether a forced-dense (warm-up) call of a layer with these heads can seed its ``remainder="cached"``
+    heads: it has such heads and every head's mask is static (built without side effects). The hooks
+    send the *last* warm-up step's call of such a layer through :func:`sparse_attention` (instead of the
+    model's own SDPA), so the first sparse step finds a remainder one step old instead of refreshing."""
+    return _seeds(_head_groups(tuple(head_specs)))
+
+
+def _seeds(group_items: tuple) -> bool:
+    return bool(_cached_heads(group_items)) and all(s.is_static for s, _ in group_items)
+
+
+@torch.compiler.disable
+def _dense_seeding_remainder(call: GroupCall, group_items: tuple) -> torch.Tensor:
+    """A forced-dense call that also stores the remainder of its ``remainder="cached"`` heads: the dense
+    pass in the heads' own orders (its output is the exact one), the op on the cached heads' kept blocks,
+    :func:`~sparsediff.patterns.remainder.split_remainder`. Static layers only (:func:`seeds_remainder`)."""
+    q, k, v, state = call.q, call.k, call.v, call.state
+    H = q.shape[1]
+    mask, qi, ki, _, _ = _assemble(call, group_items)
+    qq = q if qi is None else qi.apply(q)
+    kk = k if ki is None else ki.apply(k)
+    vv = v if ki is None else ki.apply(v)
+    full = call.cached(("full", call.layout, call.block_size, str(q.device), H), lambda: call.full_mask(H))
+    kw = dict(scale=call.scale, return_lse=True, backend=call.backend)
+    out_f, lse_f = block_sparse_attention(qq, kk, vv, full, **kw)
+    slot = state.family_state(CACHED_REMAINDER_SLOT, dict)
+    for _, heads in _cached_heads(group_items):
+        h = list(heads)
+        o_s, l_s = block_sparse_attention(qq[:, h], kk[:, h], vv[:, h], mask[:, h], **kw)
+        o_r, l_r = split_remainder(out_f[:, h], lse_f[:, h], o_s, l_s)
+        slot[heads] = (o_r.detach(), l_r.detach(), call.step)
+    state.last_mask = full
+    if qi is None:
+        return out_f
+    out = qi.apply(out_f, inverse=True)
+    return out if out.stride() == q.stride() else torch.empty_like(q).copy_(out)
+
+
+@torch.compiler.disable
+def _add_cached_remainder(
+    call: GroupCall,
+    qq: torch.Tensor,
+    kk: torch.Tensor,
+    vv: torch.Tensor,
+    out_p: torch.Tensor,
+    lse_p: torch.Tensor,
+    groups: tuple[tuple[int, tuple[int, ...]], ...],
+) -> torch.Tensor:
+    """``out_p`` with the stored remainder of the ``remainder="cached"`` heads merged in, all in the op's
+    (permuted) order (:mod:`sparsediff.patterns.remainder`). A group whose remainder is missing or
+    ``refresh`` steps old (or a call without a step or a state) runs one dense pass, returns it (exact) and
+    stores the part its mask leaves out (:func:`~sparsediff.patterns.remainder.split_remainder`)."""
+    state, step = call.state, call.step
+    slot = state.family_state(CACHED_REMAINDER_SLOT, dict) if state is not None else None
+    out = out_p.clone()  # keeps out_p's memory layout
+    for refresh, heads in groups:
+        h = list(heads)
+        entry = slot.get(heads) if slot is not None else None
+        due = entry is None or step is None or entry[2] is None or step - entry[2] >= refresh
+        o_s, l_s = out_p[:, h], lse_p[:, h]
+        if due:
+            full = call.full_mask(len(h))
+            o_f, l_f = block_sparse_attention(
+                qq[:, h], kk[:, h], vv[:, h], full, scale=call.scale, return_lse=True, backend=call.backend
+            )
+            if slot is not None:
+                o_r, l_r = split_remainder(o_f, l_f, o_s, l_s)
+                slot[heads] = (o_r.detach(), l_r.detach(), step)
+            merged = o_f
+        else:
+            merged, _ = merge_lse(o_s, l_s, entry[0], entry[1])
+        out[:, h] = merged.to(out.dtype)
+    return out
 
 
 def _add_pooled_remainder(

@@ -485,6 +485,29 @@ class Plan:
             plan = replace(plan, default=upd(plan.default), layers=layers)
         return plan
 
+    def with_remainder(self, remainder: str, refresh: int | None = None) -> Plan:
+        """A copy whose heads of the families with a ``remainder`` parameter (``radial``, ``tile``,
+        ``reordered``, ``topp``, user families registered with ``remainder=True``) get ``remainder`` --
+        ``"none"``, ``"pooled"`` or ``"cached"`` (:mod:`sparsediff.patterns.remainder`) -- and, with
+        ``refresh``, ``remainder_refresh``. ``"cached"`` applies to the static heads among them only (a
+        dynamic mask cannot keep a stored remainder); every other head is left as it is."""
+        from .patterns.registry import REMAINDER_REFRESH_PARAM, REMAINDERS, get_family
+
+        if remainder not in REMAINDERS:
+            raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+
+        def upd(s: HeadSpec) -> HeadSpec:
+            if not get_family(s.pattern).remainder or (remainder == "cached" and not s.is_static):
+                return s
+            out = s.with_remainder(remainder)
+            if refresh is not None:
+                items = tuple((k, v) for k, v in out.params if k != REMAINDER_REFRESH_PARAM)
+                out = HeadSpec(out.pattern, items + ((REMAINDER_REFRESH_PARAM, int(refresh)),))
+            return out
+
+        layers = None if self.layers is None else tuple(tuple(upd(s) for s in layer) for layer in self.layers)
+        return replace(self, default=upd(self.default), layers=layers)
+
     # ------------------------------------------------------------------ validation
     def validate_for(self, model: torch.nn.Module | ModelIdentity, *, check_config: bool = True) -> None:
         """Raise :class:`PlanMismatchError` listing everything about ``model`` that does not match.

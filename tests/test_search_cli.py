@@ -284,3 +284,20 @@ def test_plan_show_png_is_not_overwritten(tmp_path, capsys):
     assert png.read_bytes() == b"mine"
     assert sd_main(["plan", "show", str(shipped_plan_path()), "--png", str(png), "--overwrite"]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_remainder_cached_is_given_to_the_chosen_static_heads_and_priced(tmp_path, prompts, capsys):
+    out = tmp_path / "plan.json"
+    args = ("--prompts", prompts, "--density", "0.5", "--candidates", "tile,topp", "--out", str(out))
+    _error(capsys, _search(*args, "--remainder-refresh", "2"), "--remainder cached")
+    rc = _search(*args, "--remainder", "cached", "--remainder-refresh", "2")
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    plan = Plan.load(out)
+    heads = [s for row in plan.layers for s in row if s.pattern != "dense"]
+    assert heads and all(
+        (s.remainder, s.get("remainder_refresh")) == (("cached", 2) if s.is_static else ("none", 5))
+        for s in heads
+    ), plan.summary()
+    assert any(s.remainder == "cached" for s in heads)
+    assert "predicted" in text and plan.meta["search"]["price"]["num_steps"] > 0

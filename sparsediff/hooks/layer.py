@@ -220,7 +220,7 @@ class LayerContext:
         step, num_steps = root.step_info()
         cross_step = any(s.is_cross_step for s in specs)  # state across steps (skip, lse_cache)
         force_dense = self._force_dense(step, num_steps)
-        if force_dense and not cross_step:
+        if force_dense and not cross_step and not self._seeds_remainder(specs, step, num_steps):
             root.note_dense("warm-up (dense_steps / dense_layers)")
             return self.dense(kwargs)
         state_key = (root.branch_key, call_index, q.shape[0])
@@ -266,6 +266,18 @@ class LayerContext:
         else:
             root.record_density(self.index, state)
         return out.transpose(1, 2)
+
+    def _seeds_remainder(self, specs, step: int | None, num_steps: int | None) -> bool:
+        """A warm-up call that runs through :func:`sparse_attention` to seed ``remainder="cached"`` heads:
+        the last dense step before this layer runs sparse (:func:`~sparsediff.attention.seeds_remainder`)."""
+        from ..attention import seeds_remainder
+
+        return (
+            step is not None
+            and self.index not in self.root.plan.schedule.dense_layers
+            and seeds_remainder(specs)
+            and not self._force_dense(step + 1, num_steps)
+        )
 
     def _force_dense(self, step: int | None, num_steps: int | None) -> bool:
         sched = self.root.plan.schedule

@@ -309,8 +309,8 @@ def ring_unsupported(
     all-gathered after each pass). Not served: families that permute tokens (tile's tile order,
     reordered) -- a ring chunk is contiguous in the natural order, a block of the permuted order is not;
     other cross-step families (skip, user ones), whose state (outputs of the whole sequence) no rank
-    holds inside one ring chunk's call; ``remainder="pooled"`` heads (their pooled keys are blocks of the
-    whole sequence); masks that drop a query block's own (diagonal) block (a row could see no key in its
+    holds inside one ring chunk's call; ``remainder="pooled"`` / ``"cached"`` heads (their pooled keys /
+    dense refresh cover the whole sequence); masks that drop a query block's own (diagonal) block (a row could see no key in its
     own chunk, which diffusers' LSE merge turns into NaN). ``like`` gives dtype and device.
     """
     for spec in group_heads(specs):
@@ -319,6 +319,11 @@ def ring_unsupported(
         if spec.remainder == "pooled":
             return (
                 f"the pooled remainder of {spec!r} under ring attention (its pooled keys cover the whole "
+                "sequence, not one ring chunk)"
+            )
+        if spec.remainder == "cached":
+            return (
+                f"the cached remainder of {spec!r} under ring attention (its dense refresh covers the whole "
                 "sequence, not one ring chunk)"
             )
         if kind == "dynamic":

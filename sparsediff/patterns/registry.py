@@ -87,6 +87,7 @@ import torch
 
 from ..mask import BlockSparseMask
 from ..permute import gather_tokens
+from . import params as params_mod
 
 __all__ = [
     "PatternFamily",
@@ -136,8 +137,14 @@ REMAINDER_PARAM = "remainder"
 #: Its values: ``"none"`` (default: softmax over the kept key blocks only, as before the parameter existed)
 #: or ``"pooled"`` (every key block *not* kept for a query block is added as one pooled key -- the block's
 #: mean key, logit ``+ log(tokens in the block)`` -- carrying the block's mean value, merged with the
-#: sparse part by log-sum-exp; :mod:`sparsediff.patterns.remainder`).
-REMAINDERS = ("none", "pooled")
+#: sparse part by log-sum-exp; :mod:`sparsediff.patterns.remainder`) or ``"cached"`` (static families only:
+#: every :data:`REMAINDER_REFRESH_PARAM` denoising steps the head runs exact -- the op's blocks and one dense
+#: pass -- and keeps what its mask leaves out as ``(out, lse)``; the calls in between merge that stored
+#: remainder with the fresh blocks by log-sum-exp; :func:`sparsediff.patterns.remainder.split_remainder`).
+REMAINDERS = ("none", "pooled", "cached")
+#: Steps between the exact passes of a ``remainder="cached"`` head (the stored remainder is at most this
+#: many steps old); ignored by the other remainder modes.
+REMAINDER_REFRESH_PARAM = "remainder_refresh"
 
 #: The kinds of pattern (see the module docstring).
 KINDS = ("static", "dynamic", CROSS_STEP)
@@ -461,18 +468,22 @@ def _check_search_fields(name: str, fam: PatternFamily) -> None:
 def _remainder_params(
     name: str, params: Mapping[str, Any], checks: Mapping[str, Any], kind: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``params`` / ``checks`` with the :data:`REMAINDER_PARAM` parameter (default ``"none"``) added, for a
-    family declared with ``remainder=True`` (single-step kinds only: a cross-step family's output is not
-    the op's block-sparse output of this call)."""
-    if REMAINDER_PARAM in params:
-        raise ValueError(
-            f"pattern {name!r}: {REMAINDER_PARAM!r} is added by remainder=True; do not declare it"
-        )
+    """``params`` / ``checks`` with the :data:`REMAINDER_PARAM` (default ``"none"``) and
+    :data:`REMAINDER_REFRESH_PARAM` (default 5) parameters added, for a family declared with
+    ``remainder=True`` (single-step kinds only: a cross-step family's output is not the op's block-sparse
+    output of this call)."""
+    for p in (REMAINDER_PARAM, REMAINDER_REFRESH_PARAM):
+        if p in params:
+            raise ValueError(f"pattern {name!r}: {p!r} is added by remainder=True; do not declare it")
     if not callable(kind) and _current_kind(kind, name) == CROSS_STEP:
         raise ValueError(f"pattern {name!r}: remainder=True is for single-step (static / dynamic) families")
     return (
-        {**params, REMAINDER_PARAM: "none"},
-        {**checks, REMAINDER_PARAM: (lambda v: v in REMAINDERS, f"one of {REMAINDERS}")},
+        {**params, REMAINDER_PARAM: "none", REMAINDER_REFRESH_PARAM: 5},
+        {
+            **checks,
+            REMAINDER_PARAM: (lambda v: v in REMAINDERS, f"one of {REMAINDERS}"),
+            REMAINDER_REFRESH_PARAM: params_mod.int_ge(1),
+        },
     )
 
 

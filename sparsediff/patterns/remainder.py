@@ -17,6 +17,17 @@ pooled heads only, made for as many query rows at a time as keep them within :da
 backward pass autograd keeps every chunk's scores: ``[B, Hp, N, Kb]``, e.g. 357 MB per head and batch
 element at 75 600 tokens in blocks of 64).
 
+With ``remainder="cached"`` (static families only) the remainder is exact but stale: every
+``remainder_refresh`` denoising steps the head's call also runs one dense pass, whose output it returns (the
+step is exact), and keeps the part of that softmax its mask leaves out, ``(out_r, lse_r)``
+(:func:`split_remainder`: the dense pass minus the op's kept blocks, in log-sum-exp form). The calls in
+between merge the stored remainder with the fresh kept blocks by log-sum-exp (:func:`merge_lse`), so the
+error is the remainder's *change* since its refresh rather than the remainder itself: across neighbouring
+denoising steps q, k and v change little (the premise of every step-caching method). Cost: at a refresh
+one dense pass on top of the blocks; in between one merge (``O(N D)``). Memory: ``out_r`` and ``lse_r`` in
+float32 per cached head and transformer call (CFG branch), kept in the layer's state until the generation
+ends.
+
 Everything here is plain torch (differentiable, backend-agnostic): it runs on the op's outputs in each
 head's own (permuted) token order.
 """
@@ -29,7 +40,7 @@ import torch
 
 from .common import block_token_counts, cdiv
 
-__all__ = ["block_means", "pooled_remainder", "merge_lse", "CHUNK_ELEMS"]
+__all__ = ["block_means", "pooled_remainder", "merge_lse", "split_remainder", "CHUNK_ELEMS"]
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -144,3 +155,30 @@ def merge_lse(
     out = (out_a.to(wd) * wa.unsqueeze(-1) + out_b.to(wd) * wb.unsqueeze(-1)) / den_safe.unsqueeze(-1)
     lse = torch.where(some, m + torch.log(den_safe), torch.full_like(den, -math.inf))
     return out, lse
+
+
+def split_remainder(
+    out_full: torch.Tensor, lse_full: torch.Tensor, out_s: torch.Tensor, lse_s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of a softmax that a subset of its keys leaves out, from the whole and the subset.
+
+    ``(out_full, lse_full)`` is attention over all keys, ``(out_s, lse_s)`` over a subset of them (the
+    kept blocks), both ``[..., N, D]`` / ``[..., N]``. Returns ``(out_r, lse_r)``, attention over the other
+    keys, in the promoted dtype (at least float32), such that ``merge_lse(out_s, lse_s, out_r, lse_r)`` is
+    ``(out_full, lse_full)``: with ``a = exp(lse_s - lse_full)`` (the subset's share of the mass),
+    ``lse_r = lse_full + log(1 - a)`` and ``out_r = (out_full - a out_s) / (1 - a)``. Rows whose subset
+    holds all the mass (``1 - a`` at or below float32 rounding) get ``out_r = 0``, ``lse_r = -inf``. The
+    division does not amplify the rounding of the inputs in a later merge: ``out_r`` enters it with the
+    weight ``1 - a`` it was divided by.
+    """
+    wd = torch.promote_types(_work_dtype(out_full), _work_dtype(out_s))
+    lf, ls = lse_full.to(wd), lse_s.to(wd)
+    a = torch.exp(torch.where(torch.isfinite(lf), ls - lf, torch.zeros_like(lf))).clamp(max=1.0)
+    a = torch.where(torch.isfinite(ls), a, torch.zeros_like(a))  # a subset without keys holds no mass
+    rest = 1.0 - a
+    some = rest > torch.finfo(torch.float32).eps * 4
+    rest_safe = torch.where(some, rest, torch.ones_like(rest))
+    out_r = (out_full.to(wd) - a.unsqueeze(-1) * out_s.to(wd)) / rest_safe.unsqueeze(-1)
+    out_r = torch.where(some.unsqueeze(-1), out_r, torch.zeros_like(out_r))
+    lse_r = torch.where(some, lf + torch.log(rest_safe), torch.full_like(lf, -math.inf))
+    return out_r, lse_r

@@ -90,6 +90,11 @@ class HeadSpec:
         object.__setattr__(self, "params", items_t)
         if fam.check is not None:
             fam.check(self)
+        if fam.remainder and dict(items_t).get(REMAINDER_PARAM) == "cached" and not fam.is_static_spec(self):
+            raise ValueError(
+                f'{self!r}: remainder="cached" needs a static mask (the stored remainder is what that mask '
+                f"leaves out, and a {fam.kind_of(self)} mask changes from call to call)"
+            )
 
     @classmethod
     def make(cls, pattern: str, **params: Any) -> HeadSpec:

@@ -83,10 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--remainder",
-        choices=("none", "pooled"),
+        choices=("none", "pooled", "cached"),
         default="none",
         help="pooled: also try every sparse candidate with its unselected key blocks added back as one pooled "
-        "key each (for near-uniform heads; priced, chosen per head where it pays). Default none",
+        "key each (for near-uniform heads; priced, chosen per head where it pays). cached: give every static "
+        "head of the chosen plan the stored remainder (an exact pass every --remainder-refresh steps, the "
+        "part its mask leaves out merged into the steps between; priced; the errors reported are the masks' "
+        "alone). Default none",
+    )
+    ap.add_argument(
+        "--remainder-refresh",
+        type=int,
+        default=None,
+        metavar="R",
+        help="with --remainder cached: steps between the exact passes (default 5)",
     )
     budget = ap.add_mutually_exclusive_group(required=True)
     budget.add_argument(
@@ -219,6 +229,10 @@ def _check_inputs(args) -> dict[str, Any]:
         raise SearchInputError(f"--target-error must be >= 0, got {args.target_error}")
     if args.density is not None and not 0 < args.density <= 1:
         raise SearchInputError(f"--density must be in (0, 1], got {args.density}")
+    if args.remainder_refresh is not None and (args.remainder != "cached" or args.remainder_refresh < 1):
+        raise SearchInputError(
+            f"--remainder-refresh {args.remainder_refresh}: an int >= 1, with --remainder cached only"
+        )
     psteps = _parse_steps(args.profile_steps)
     args.dense_steps, args.dense_layers = _parse_schedule(args.dense_steps, args.dense_layers)
     fams = [x.strip() for x in args.candidates.split(",")] if args.candidates else None
@@ -329,6 +343,8 @@ def _make_plan(args, stats, transformer, adapter, device: str, steps: int):
         stats, transformer, target_error=args.target_error, density=args.density, cost_model=cost,
         schedule=schedule, min_tokens=int(fs["min_tokens"]),
     )  # fmt: skip
+    if args.remainder == "cached":
+        plan = plan.with_remainder("cached", args.remainder_refresh)
     plan, _, lines = price_searched_plan(
         plan, stats, transformer, num_steps=steps, device=device, block_size=args.block_size,
         guard=not args.keep_slow_layers,

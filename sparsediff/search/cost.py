@@ -17,7 +17,9 @@ module defines on :class:`CostModel`; a family without cost terms is priced by i
   every ``refresh`` steps, amortised (``lse_cache``);
 * :meth:`CostModel.copy_cost` -- one copy of a head's output, ``N x D`` elements (``skip``);
 * :meth:`CostModel.pooled_remainder_cost` -- added by :meth:`CostModel.cost` itself for every
-  ``remainder="pooled"`` head (``2 x N x Kb x D`` multiply-adds and :data:`POOLED_PASSES` passes over ``N x Kb``).
+  ``remainder="pooled"`` head (``2 x N x Kb x D`` multiply-adds and :data:`POOLED_PASSES` passes over ``N x Kb``);
+* :meth:`CostModel.cached_remainder_cost` -- added likewise for every ``remainder="cached"`` head (a dense
+  pass every ``remainder_refresh`` steps, amortised, and the merge on every call).
 
 Constants come from a :class:`CostModel`. :meth:`CostModel.default` returns documented constants for
 a device kind (CPU: the PyTorch reference path of a few-core machine; CUDA: an H100-class GPU with the
@@ -41,7 +43,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..patterns.common import cdiv
-from ..patterns.registry import get_family
+from ..patterns.registry import REMAINDER_REFRESH_PARAM, get_family
 from ..specs import HeadSpec
 
 __all__ = ["CostModel", "CostCache", "device_name"]
@@ -60,6 +62,9 @@ def device_name(device: torch.device | str) -> str:
 #: 2026-12-05): six pooled tile heads add 12 ms to a 24 ms sparse call, 2.0 ms per head; the CPU constants
 #: with 4 passes predict 2.3 ms.
 POOLED_PASSES = 4
+#: Element passes over ``N x D`` of a ``remainder="cached"`` head's merge on every call (read the stored
+#: remainder and the kept part, weight, add, write).
+CACHED_MERGE_PASSES = 5
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,14 @@ class CostModel:
         nb = cdiv(N, self.block_size)
         return 2 * N * D * self.elem_time + N * nb * (2 * D * self.flop_time + POOLED_PASSES * self.elem_time)
 
+    def cached_remainder_cost(self, layout: TokenLayout, refresh: int) -> float:
+        """The stored remainder of a head (``remainder="cached"``, :mod:`sparsediff.patterns.remainder`):
+        one dense pass and the split every ``refresh`` steps (amortised), and on every call the
+        log-sum-exp merge (:data:`CACHED_MERGE_PASSES` passes over ``N x D`` elements)."""
+        N, D = layout.num_tokens, self.head_dim
+        merge = CACHED_MERGE_PASSES * N * D * self.elem_time
+        return self.dense_cost(layout) / max(1, int(refresh)) + merge
+
     def copy_cost(self, layout: TokenLayout) -> float:
         """Copying one head's stored output ``[N, D]``."""
         return layout.num_tokens * self.head_dim * self.elem_time
@@ -230,10 +243,14 @@ class CostModel:
     def cost(self, spec: HeadSpec, density: float, layout: TokenLayout) -> float:
         """Predicted time of one head under ``spec`` computing a ``density`` fraction of its blocks: the
         cost terms its family registered (``cost(model, spec, density, layout)``), else the blocks; plus
-        :meth:`pooled_remainder_cost` for ``remainder="pooled"`` heads (the family is asked about the spec
-        without it)."""
+        :meth:`pooled_remainder_cost` for ``remainder="pooled"`` heads, :meth:`cached_remainder_cost` for
+        ``remainder="cached"`` ones (the family is asked about the spec without it)."""
         fam = get_family(spec.pattern)
-        extra = self.pooled_remainder_cost(layout) if spec.remainder == "pooled" else 0.0
+        extra = 0.0
+        if spec.remainder == "pooled":
+            extra = self.pooled_remainder_cost(layout)
+        elif spec.remainder == "cached":
+            extra = self.cached_remainder_cost(layout, int(spec.get(REMAINDER_REFRESH_PARAM)))
         base = spec.without_remainder()
         if fam.cost is None:
             return self.block_cost(density, layout) + extra

@@ -117,10 +117,11 @@ def _replay_layer(
     backend: str,
 ) -> list[float]:
     """Seconds of each step's call of one layer, scheduled as the hooks would (see :func:`price_plan`)."""
-    from ..attention import LayerState, MaskCache, sparse_attention
+    from ..attention import LayerState, MaskCache, seeds_remainder, sparse_attention
 
     q, k, v = qkv
     cross_step = any(s.is_cross_step for s in specs)
+    seeds = seeds_remainder(specs) and layer not in plan.schedule.dense_layers
     cache = MaskCache()
 
     def call(state: LayerState, step: int, force: bool) -> None:
@@ -134,9 +135,10 @@ def _replay_layer(
     times = []
     for step in range(num_steps):
         force = plan.schedule.is_dense(step, num_steps, layer)
-        if force and not cross_step:
+        seed = seeds and force and not plan.schedule.is_dense(step + 1, num_steps, layer)
+        if force and not cross_step and not seed:
             times.append(t_dense)  # the hooks hand warm-up calls to the model's own dense SDPA
-            continue
+            continue  # (but the last one of a layer with remainder="cached" heads, which seeds them)
         force = force or (cross_step and step in plan.refresh_steps)
         times.append(time_call(lambda st=step, f=force: call(state, st, f), dev))
     return times
