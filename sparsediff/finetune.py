@@ -549,6 +549,11 @@ def _update_groups(
     return groups
 
 
+def _has_cached_remainder(plan: Plan) -> bool:
+    specs = [plan.default] + [s for layer in plan.layers or () for s in layer]
+    return any(s.remainder == "cached" for s in specs)
+
+
 def _sparse_calls(handle: Any) -> int:
     return sum(r["sparse_calls"] for r in handle.report().values())
 
@@ -751,6 +756,12 @@ def finetune(
         raise FinetuneInputError(f"{out} exists: pass --resume to continue or --overwrite to start over")
     transformer = pipe.transformer
     plan.validate_for(transformer)
+    if _has_cached_remainder(plan):
+        raise FinetuneInputError(
+            'the plan has remainder="cached" heads: their remainder comes from earlier denoising steps, which '
+            "a replayed training call does not run; train on plan.with_remainder(\"none\") and add the "
+            "remainder back at inference"
+        )
     if getattr(transformer, "peft_config", None) and ADAPTER_NAME in transformer.peft_config:
         raise FinetuneInputError(f"the transformer already has an adapter named {ADAPTER_NAME!r}")
     rank, world = _dist()

@@ -720,6 +720,14 @@ class Plan:
                     counts[s.pattern] = counts.get(s.pattern, 0) + 1
             total = sum(counts.values())
             pats = ", ".join(f"{k} {v}/{total}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            rem: dict[tuple[str, int], int] = {}
+            for layer in self.layers:
+                for s in layer:
+                    if s.remainder != "none":
+                        r = int(s.get("remainder_refresh")) if s.remainder == "cached" else 0
+                        rem[(s.remainder, r)] = rem.get((s.remainder, r), 0) + 1
+            for (mode, r), n in sorted(rem.items()):
+                pats += f"; {mode} remainder {n}/{total}" + (f" (exact every {r} steps)" if r else "")
         s = self.schedule
         ds = f"{s.dense_steps:.0%}" if isinstance(s.dense_steps, float) else str(s.dense_steps)
         extra = f", dense below {self.min_tokens} tokens" if self.min_tokens else ""

@@ -250,6 +250,10 @@ def test_bad_inputs_fail_before_any_work(pipe, plan, tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     with pytest.raises(FinetuneInputError, match="no prompts"):
         finetune(pipe, plan, [], tmp_path / "x", FinetuneConfig(steps=1, **CFG), progress=False)
+    cached = plan.with_remainder("cached", 3)
+    with pytest.raises(FinetuneInputError, match="cached"):
+        finetune(pipe, cached, PROMPTS, tmp_path / "c", FinetuneConfig(steps=1, **CFG), progress=False)
+    assert not (tmp_path / "c").exists()
     from sparsediff.plan import PlanMismatchError
 
     other = Plan.from_dict(
