@@ -759,7 +759,7 @@ def finetune(
     if _has_cached_remainder(plan):
         raise FinetuneInputError(
             'the plan has remainder="cached" heads: their remainder comes from earlier denoising steps, which '
-            "a replayed training call does not run; train on plan.with_remainder(\"none\") and add the "
+            'a replayed training call does not run; train on plan.with_remainder("none") and add the '
             "remainder back at inference"
         )
     if getattr(transformer, "peft_config", None) and ADAPTER_NAME in transformer.peft_config:
