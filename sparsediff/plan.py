@@ -483,7 +483,22 @@ class Plan:
                 None if plan.layers is None else tuple(tuple(upd(s) for s in layer) for layer in plan.layers)
             )
             plan = replace(plan, default=upd(plan.default), layers=layers)
-        return plan
+        return self._edited(plan, "with_overrides")
+
+    def _edited(self, plan: Plan, how: str) -> Plan:
+        """``plan`` (an edit of ``self``) with the search's speed predictions dropped from its ``meta`` when
+        the edit changed what runs: they priced ``self``, not the edit (``sparsediff compare`` would show them
+        next to a plan they do not describe). The edit is recorded under ``meta["search"]["edited"]``."""
+        search = self.meta.get("search") if isinstance(self.meta, Mapping) else None
+        if (
+            plan == self
+            or not isinstance(search, Mapping)
+            or not any(k.startswith("predicted") for k in search)
+        ):
+            return plan
+        kept = {k: v for k, v in search.items() if not k.startswith("predicted") and k != "prediction"}
+        kept["edited"] = [*list(search.get("edited", [])), how]
+        return replace(plan, meta={**dict(self.meta), "search": kept})
 
     def with_remainder(self, remainder: str, refresh: int | None = None) -> Plan:
         """A copy whose heads of the families with a ``remainder`` parameter (``radial``, ``tile``,
@@ -506,7 +521,9 @@ class Plan:
             return out
 
         layers = None if self.layers is None else tuple(tuple(upd(s) for s in layer) for layer in self.layers)
-        return replace(self, default=upd(self.default), layers=layers)
+        return self._edited(
+            replace(self, default=upd(self.default), layers=layers), f"with_remainder({remainder!r})"
+        )
 
     # ------------------------------------------------------------------ validation
     def validate_for(self, model: torch.nn.Module | ModelIdentity, *, check_config: bool = True) -> None:

@@ -10,6 +10,7 @@ tokens' logits and values of the *refresh* step form ONE softmax.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -221,6 +222,26 @@ def test_bad_input():
     assert plan.default.remainder == "cached" and plan.default.get("remainder_refresh") == 4
     round_trip = Plan.from_dict(plan.to_dict())
     assert round_trip.default == plan.default
+
+
+def test_editing_a_searched_plan_drops_the_search_s_speed_prediction():
+    # the search's predicted speedup priced the plan it wrote; `compare` shows it next to the plan, so an
+    # edit that changes what runs must not carry it along
+    searched = replace(
+        Plan.uniform("tile", window=(1, 1, 1), tile=TILE, dense_steps=3),
+        meta={"search": {"predicted_step_speedup": 2.1, "prediction": "replayed", "density": 0.1}, "x": 1},
+    )
+    for edited, how in [
+        (searched.with_remainder("cached", 5), "with_remainder('cached')"),
+        (searched.with_overrides(dense_steps=2), "with_overrides"),
+    ]:
+        assert edited != searched
+        assert edited.meta["search"] == {"density": 0.1, "edited": [how]} and edited.meta["x"] == 1
+        assert Plan.from_dict(edited.to_dict()).meta["search"]["edited"] == [how]
+    # edits that change nothing keep it; the original is untouched
+    assert searched.with_remainder("none").meta["search"]["predicted_step_speedup"] == 2.1
+    assert searched.with_overrides(dense_steps=3).meta == searched.meta
+    assert searched.meta["search"]["predicted_step_speedup"] == 2.1
 
 
 def test_cost_and_price_count_the_refresh(monkeypatch):

@@ -285,6 +285,7 @@ def price_searched_plan(
     step = None if frac is None else pp.step_speedup(frac)
     meta = dict(plan.meta)
     search = dict(meta.get("search") or {})
+    search.pop("edited", None)  # priced as it is now
     search.update(
         {
             "predicted_attention_speedup": pp.attention_speedup,
