@@ -401,7 +401,10 @@ class SearchReport:
             if self.step_speedup is not None
             else "n/a (attention not timed)"
         )
-        lines.append(f"predicted attention speedup {self.attention_speedup:.2f}x; whole-step speedup {step}")
+        lines.append(
+            f"predicted attention speedup {self.attention_speedup:.2f}x; whole-step speedup {step} "
+            "(cost model, the sparse steps' masks alone; the replay below prices the plan as written)"
+        )
         return "\n".join(lines)
 
 
