@@ -489,14 +489,15 @@ class Plan:
         """``plan`` (an edit of ``self``) with the search's speed predictions dropped from its ``meta`` when
         the edit changed what runs: they priced ``self``, not the edit (``sparsediff compare`` would show them
         next to a plan they do not describe). The edit is recorded under ``meta["search"]["edited"]``."""
-        search = self.meta.get("search") if isinstance(self.meta, Mapping) else None
+        search = self.meta.get("search")
         if (
             plan == self
             or not isinstance(search, Mapping)
             or not any(k.startswith("predicted") for k in search)
         ):
             return plan
-        kept = {k: v for k, v in search.items() if not k.startswith("predicted") and k != "prediction"}
+        stale = ("prediction", "price")  # the replayed price of the unedited plan, and what it was
+        kept = {k: v for k, v in search.items() if not k.startswith("predicted") and k not in stale}
         kept["edited"] = [*list(search.get("edited", [])), how]
         return replace(plan, meta={**dict(self.meta), "search": kept})
 
