@@ -49,6 +49,9 @@ HUNYUAN_VIDEO_ADAPTER = register_adapter(
         timestep_arg="timestep",
         timestep_units="steps",
         cfg="batch",
+        # the radial-attention authors' HunyuanVideo setting (their Wan setting, decay 0.2 + frame-0 sink,
+        # is the video family default)
+        default_plan={"params": {"decay": 0.95, "sink": False}},
         notes="HunyuanVideo T2V / I2V (dual + single stream blocks; padded text via key-padding mask)",
     )
 )

@@ -49,8 +49,8 @@ __all__ = [
 
 def resolve_plan(plan: Any, adapter: Any) -> Plan:
     """``None`` -> family default; a pattern name (or a :class:`HeadSpec`) -> that pattern on every head
-    with the family's schedule (warm-up steps, dense first layer and, for images, the token threshold
-    ``min_tokens`` -- override with ``dense_steps=0, dense_layers=(), min_tokens=0``); a path ->
+    with the family's schedule (warm-up steps, dense first layer, the token threshold ``min_tokens``) and,
+    for the family's own pattern, its parameters -- override with ``dense_steps=0, dense_layers=(), min_tokens=0``); a path ->
     :meth:`Plan.load`; a plan folder (``sparsediff finetune`` output) -> its ``sparse_plan.json``; a
     :class:`Plan` -> itself (its own schedule)."""
     if plan is None:

@@ -510,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--plan",
-        help="time the layers of this plan (a plan JSON, or a pattern name) instead of random masks: the "
-        "whole sparse-attention call of each layer vs dense SDPA",
+        help="time the layers of this plan (a plan JSON, a pattern name, or 'default': the family default plan "
+        "for --grid) instead of random masks: the whole sparse-attention call of each layer vs dense SDPA",
     )
     p.add_argument(
         "--grid", help="with --plan: F,H,W token grid (default: the layout the plan was searched for)"
@@ -576,15 +576,28 @@ def _plan_main(args) -> str:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    try:
-        plan = Plan.load(args.plan) if args.plan.endswith(".json") else Plan.uniform(args.plan)
-    except (PlanError, ValueError, OSError) as e:
-        raise BenchInputError(f"sparsediff bench: error: --plan {args.plan}: {e}") from None
+    grid_layout = None
     if args.grid:
         try:
-            layout = TokenLayout.video(*(int(x) for x in args.grid.split(",")))
+            grid_layout = TokenLayout.video(*(int(x) for x in args.grid.split(",")))
         except (TypeError, ValueError):
             raise BenchInputError(f"sparsediff bench: error: --grid {args.grid!r} is not F,H,W") from None
+    try:
+        if args.plan == "default":
+            if grid_layout is None:
+                raise ValueError("the family default needs --grid F,H,W")
+            from .defaults import default_plan
+
+            # the training-free default of the grid's family (video when F > 1), its token threshold and dense
+            # first layer ignored: the bench times the pattern
+            family = "video" if grid_layout.grid[0] > 1 else "image"
+            plan = default_plan(family).with_overrides(min_tokens=0, dense_layers=())
+        else:
+            plan = Plan.load(args.plan) if args.plan.endswith(".json") else Plan.uniform(args.plan)
+    except (PlanError, ValueError, OSError) as e:
+        raise BenchInputError(f"sparsediff bench: error: --plan {args.plan}: {e}") from None
+    if grid_layout is not None:
+        layout = grid_layout
     elif plan.layout is not None:
         layout = plan.layout
     else:

@@ -1309,7 +1309,12 @@ def run_e2e(sizes: Sizes, device: torch.device, budget: Budget, report: Report, 
             },
         )
         report.write(budget.elapsed())
-        plans: list[tuple[str, Any, dict]] = [("default plan", None, {"dense_steps": 0})]
+        default_over: dict[str, Any] = {"dense_steps": 0}
+        if tokens < int(sched["min_tokens"]):
+            # below the family's token threshold the default would run dense: time its pattern anyway
+            # (dry-run / small models); the row's plan summary shows min_tokens
+            default_over["min_tokens"] = 0
+        plans: list[tuple[str, Any, dict]] = [("default plan", None, default_over)]
         try:
             windows = tile_windows(layout, E2E_BLOCK, sizes.e2e_densities)
         except Exception as e:

@@ -52,8 +52,8 @@ def test_all_dense_plan_equals_dense_and_every_output_is_written(pipe, tmp_path)
         seeds=[0, 3],
         plans=[
             "dense",
-            "radial,dense_steps=0,dense_layers=[]",
-            "tile,dense_steps=0,dense_layers=[],label=tile0",
+            "radial,dense_steps=0,dense_layers=[],min_tokens=0",
+            "tile,dense_steps=0,dense_layers=[],min_tokens=0,label=tile0",
         ],
         out=out,
         num_frames=4,
@@ -68,10 +68,10 @@ def test_all_dense_plan_equals_dense_and_every_output_is_written(pipe, tmp_path)
         command="test",
     )
     rows = {r["label"]: r for r in res["variants"]}
-    assert list(rows) == ["dense", "dense-plan", "radial+dense_steps=0,dense_layers=[]", "tile0"]
+    assert list(rows) == ["dense", "dense-plan", "radial+dense_steps=0,dense_layers=[],min_tokens=0", "tile0"]
     assert rows["dense-plan"]["psnr"] == math.inf and rows["dense-plan"]["ssim"] == pytest.approx(1.0)
     assert rows["dense-plan"]["temporal_psnr"] == math.inf
-    for name in ("radial+dense_steps=0,dense_layers=[]", "tile0"):
+    for name in ("radial+dense_steps=0,dense_layers=[],min_tokens=0", "tile0"):
         r = rows[name]
         assert 0.0 < r["mean_density"] < 1.0, r  # really ran sparse
         assert set(r["density_per_layer"]["transformer"]) == {"0", "1"}  # dense_layers=[] -> both sparse
@@ -225,7 +225,17 @@ def test_two_processes_split_pairs_and_write_one_report(pipe, tmp_path):
 
     out = tmp_path / "mp"
     prompts = ["a red circle moving left", "a green cross moving down"]
-    args = ["--prompt", prompts[0], "--prompt", prompts[1], "--seeds", "0", "1", "--plans", "radial"]
+    args = [
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--seeds",
+        "0",
+        "1",
+        "--plans",
+        "radial,min_tokens=0",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
     launch = [
         sys.executable,
@@ -250,7 +260,7 @@ def test_two_processes_split_pairs_and_write_one_report(pipe, tmp_path):
         pipe,
         prompts,
         seeds=[0, 1],
-        plans=["radial"],
+        plans=["radial,min_tokens=0"],
         num_frames=4,
         height=16,
         width=16,

@@ -23,7 +23,7 @@ from sparsediff.compare import cli as cmp_cli
 from sparsediff.compare import run as cmp_run
 
 CACHE = "first_block:threshold=10.0"
-PLAN = "radial,dense_steps=0,dense_layers=[]"
+PLAN = "radial,dense_steps=0,dense_layers=[],min_tokens=0"
 CALL = dict(num_frames=4, height=32, width=32, num_inference_steps=3)
 
 
@@ -71,7 +71,7 @@ def test_cache_rows_against_plain_dense_clean_state_and_cleanup(tmp_path, monkey
     )  # fmt: skip
     label = "first_block(threshold=10.0)"
     rows = {r["label"]: r for r in res["variants"]}
-    sparse = "radial+dense_steps=0,dense_layers=[]"
+    sparse = "radial+dense_steps=0,dense_layers=[],min_tokens=0"
     assert list(rows) == ["dense", f"dense + {label}", sparse, f"{sparse} + {label}"]
 
     dense_cache, plan, plan_cache = rows[f"dense + {label}"], rows[sparse], rows[f"{sparse} + {label}"]

@@ -21,6 +21,8 @@ STEPS = 10
 #: The tests generate at the model's first training size (8 x 32 x 32 px = 512 tokens) for CI time; the
 #: demo size (16 x 64 x 64) is checked by the trainer's held-out checks (model card, every training size).
 SIZE = {"num_frames": 8, "height": 32, "width": 32}
+#: The demo's size (4096 tokens), for the family default's one check there.
+DEMO_SIZE = {"num_frames": 16, "height": 64, "width": 64}
 #: PSNR (dB) of the default sparse plan vs dense at STEPS steps must stay above this floor. Measured on the
 #: shipped model (README): ~20-25 dB; attention returning zeros or the wrong heads measures < 12 dB (the
 #: negative controls below).
@@ -37,7 +39,7 @@ def pipe():
     torch.set_num_threads(n)
 
 
-def _generate(pipe, prompt: str, seed: int, steps: int = STEPS) -> np.ndarray:
+def _generate(pipe, prompt: str, seed: int, steps: int = STEPS, size=None) -> np.ndarray:
     with torch.no_grad():
         return pipe(
             prompt,
@@ -45,7 +47,7 @@ def _generate(pipe, prompt: str, seed: int, steps: int = STEPS) -> np.ndarray:
             guidance_scale=4.0,
             generator=torch.Generator().manual_seed(seed),
             output_type="np",
-            **SIZE,
+            **(size or SIZE),
         ).frames[0]
 
 
@@ -87,21 +89,49 @@ def test_probe_finds_local_and_diffuse_heads(pipe):
     assert kinds.get("diffuse", 0) + kinds.get("temporal", 0) >= 1, kinds
 
 
-def _sparse_vs_dense(pipe, prompt: str, seed: int):
-    dense = _generate(pipe, prompt, seed)
-    with enable_sparse_attention(pipe, backend="reference") as handle:
-        sparse = _generate(pipe, prompt, seed)
+def _sparse_vs_dense(pipe, prompt: str, seed: int, steps: int = STEPS, size=None, **sparse_kw):
+    size = size or SIZE
+    dense = _generate(pipe, prompt, seed, steps, size)
+    with enable_sparse_attention(pipe, backend="reference", **sparse_kw) as handle:
+        sparse = _generate(pipe, prompt, seed, steps, size)
         dens = handle.densities()["transformer"]
-    return dense, sparse, dens
+        report = handle.report()["transformer"]
+    return dense, sparse, dens, report
 
 
 def test_default_plan_is_sparse_and_close_to_dense(pipe):
-    dense, sparse, dens = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11)
+    """The family default's pattern on this model at the test size; min_tokens=0 because 512 tokens is below
+    VIDEO_MIN_TOKENS (the test below)."""
+    dense, sparse, dens, _ = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11, min_tokens=0)
     assert set(dens) == {1, 2, 3}, dens  # layer 0 is dense in the default plan
     assert all(0 < d < 0.9 for d in dens.values()), dens
     m = video_metrics(sparse, dense)
     assert np.abs(sparse - dense).max() > 1e-3  # sparse really changed the computation
     assert m.psnr > PSNR_FLOOR, m.psnr
+
+
+def test_default_plan_runs_dense_below_min_tokens_and_says_so(pipe, caplog):
+    """512 tokens: the default runs every call dense (the radial mask cannot be sparse at 8 blocks per row;
+    README "Family defaults") -- bit-identical to dense, with a WARNING naming min_tokens."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        dense, sparse, dens, report = _sparse_vs_dense(pipe, "a red circle moving right", 3, steps=2)
+    assert report["sparse_calls"] == 0 and not dens, report
+    assert np.array_equal(sparse, dense)
+    assert any(r.levelno == logging.WARNING and "min_tokens" in r.getMessage() for r in caplog.records)
+
+
+def test_default_plan_at_the_demo_size_runs_sparse_and_close_to_dense(pipe):
+    """16 x 64 x 64 px = 4096 tokens (the demo's size): the default engages as shipped, at density < 0.7
+    (0.645: the radial mask gets sparser with the token count), and stays close to dense."""
+    dense, sparse, dens, report = _sparse_vs_dense(
+        pipe, "a yellow diamond moving left", 11, steps=4, size=DEMO_SIZE
+    )
+    assert report["sparse_calls"] > 0 and set(dens) == {1, 2, 3}, (report, dens)
+    assert all(0.5 < d < 0.7 for d in dens.values()), dens
+    assert np.abs(sparse - dense).max() > 1e-3
+    assert video_metrics(sparse, dense).psnr > PSNR_FLOOR
 
 
 @pytest.mark.parametrize("broken", ["zeros", "heads_swapped"])
@@ -115,5 +145,5 @@ def test_psnr_floor_catches_broken_attention(pipe, monkeypatch, broken):
         return out.roll(1, dims=1), lse  # [B, H, N, D]: every head gets its neighbour's output
 
     monkeypatch.setattr(reference, "forward_blocks", bad)
-    dense, sparse, _ = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11)
+    dense, sparse, _, _ = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11, min_tokens=0)
     assert video_metrics(sparse, dense).psnr < PSNR_FLOOR

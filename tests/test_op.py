@@ -345,6 +345,25 @@ def test_bench_plan_times_each_layer_of_a_real_plan(tmp_path, monkeypatch):
         bench.main(["--plan", str(path), "--grid", "4,8,8"])
 
 
+def test_bench_times_the_family_default_at_a_grid(monkeypatch):
+    """``--plan default``: the video family's default pattern at --grid (its token threshold and dense first
+    layer ignored), with the density of that mask; without --grid a clear error."""
+    from sparsediff import attention as attention_mod
+    from sparsediff import bench
+    from sparsediff.defaults import default_plan
+
+    seen = []
+    real = attention_mod.sparse_attention
+    monkeypatch.setattr(attention_mod, "sparse_attention", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    table = bench.main(["--plan", "default", "--grid", "8,8,8", "--heads", "2", "--head-dim", "16", "--block",
+                        "16", "--reps", "1", "--warmup", "0", "--device", "cpu"])  # fmt: skip
+    row = table.splitlines()[2]
+    assert {s for call in seen for s in call} == {default_plan("video").default} and "radial 2" in row, row
+    assert 0 < float(row.split("|")[3].strip(" %")) < 100, row
+    with pytest.raises(SystemExit, match="needs --grid"):
+        bench.main(["--plan", "default", "--head-dim", "16"])
+
+
 def test_block_mass_auto_falls_back_for_unsupported_block_size():
     q, k = torch.randn(1, 2, 48, 16), torch.randn(1, 2, 48, 16)
     if triton_reasons(q):

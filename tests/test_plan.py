@@ -7,7 +7,6 @@ import json
 import pytest
 
 from sparsediff.config import SparseAttentionConfig
-from sparsediff.defaults import IMAGE_MIN_TOKENS, default_plan
 from sparsediff.layout import TokenLayout
 from sparsediff.plan import PLAN_VERSION, ModelIdentity, Plan, PlanError, PlanMismatchError
 from sparsediff.specs import DenseSchedule, HeadSpec
@@ -154,15 +153,6 @@ def test_plan_for_other_resolution_warns_only_when_far():
     assert p.check_layout(TokenLayout.video(4, 8, 8)) is None
     msg = p.check_layout(TokenLayout.video(16, 24, 32))
     assert msg and "re-derived" in msg
-
-
-def test_family_defaults():
-    v = default_plan("video")
-    assert v.default.pattern == "radial" and v.schedule == DenseSchedule(0.25, (0,)) and v.min_tokens == 0
-    i = default_plan("image")
-    assert i.default.pattern == "topp" and i.min_tokens == IMAGE_MIN_TOKENS
-    assert default_plan("video", "tile").default.pattern == "tile"
-    assert default_plan("video", "tile").schedule == v.schedule
 
 
 def test_config_validation():

@@ -20,13 +20,21 @@ def test_compare_plans_writes_report_and_refuses_overwrite(cp, tmp_path, monkeyp
     small = tiny_random_pipeline(config=cfg)  # the sample's own default model is larger; same code path
     monkeypatch.setattr(cp, "load_pipeline", lambda **kw: (small, {"source": "test", "class": "small"}))
     out = tmp_path / "cmp"
-    argv = ["--out", str(out), "--plans", "radial,dense_layers=[]", "dense", "--backend", "reference"]
+    argv = [
+        "--out",
+        str(out),
+        "--plans",
+        "radial,dense_layers=[],min_tokens=0",
+        "dense",
+        "--backend",
+        "reference",
+    ]
     assert cp.main(argv) == 0
     printed = capsys.readouterr().out
     assert "dense-plan: density 1.000" in printed and "PSNR inf dB" in printed
     res = json.loads((out / "results.json").read_text())
     radial = res["variants"][1]
-    assert radial["label"] == "radial+dense_layers=[]" and 0.0 < radial["mean_density"] < 1.0
+    assert radial["label"] == "radial+dense_layers=[],min_tokens=0" and 0.0 < radial["mean_density"] < 1.0
     assert len(res["settings"]["prompts"]) == 2 and (out / "report.html").stat().st_size > 0
     before = (out / "report.md").read_bytes()
     assert cp.main(argv) == 2  # existing outputs are not overwritten silently

@@ -11,6 +11,7 @@ import torch
 from tiny_pipelines import build
 
 from sparsediff.cli import main as sd_main
+from sparsediff.defaults import VIDEO_MIN_TOKENS
 from sparsediff.plan import Plan
 from sparsediff.search.profile import SearchStats, profile_pipeline
 
@@ -64,6 +65,9 @@ def test_search_writes_a_plan_that_loads_validates_and_generates(tmp_path, promp
     pipe, kw = tiny_wan()
     plan.validate_for(pipe.transformer)
     assert plan.stats is not None and plan.meta["search"]["budget_met"] is True
+    # the video family's token threshold (VIDEO_MIN_TOKENS) is for the training-free default: a searched plan
+    # engages at the size it was measured at
+    assert 0 < plan.min_tokens <= plan.layout.num_tokens < VIDEO_MIN_TOKENS, plan.min_tokens
     sparse_heads = [s for row in plan.layers for s in row if s.pattern != "dense"]
     assert sparse_heads, plan.summary()
     # the searched plan runs: output differs from dense, sparse layers compute < 100 % of the blocks

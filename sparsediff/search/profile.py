@@ -506,6 +506,10 @@ def plan_from_stats(
         warm = schedule.num_dense_steps(steps)
         refresh = tuple(range(warm + gap, steps, gap))
     layout = any_stats.layout
+    if layout is not None:
+        # the family's token threshold is for training-free defaults; a searched plan measured its heads at
+        # this size and must engage there
+        min_tokens = min(min_tokens, layout.num_tokens)
     plan = Plan(
         layers=tuple(specs_all),
         model=ident,
