@@ -16,7 +16,9 @@ How, in three parts:
 2. :func:`train_adapter` replays recorded generations **in step order** through the student (so the plan's
    dense warm-up steps and cross-step families see the steps they would see in a real generation), a batch
    of ``batch`` generations concatenated along the batch dimension, and minimises the mean squared error
-   between the student's and the teacher's predictions; one optimizer step per denoising step. Gradients
+   between the student's and the teacher's predictions; one optimizer step per denoising step that runs
+   sparse. The adapter is off where no layer runs sparse (the dense warm-up steps; ``adapter_steps="sparse"``
+   of :class:`~sparsediff.SparseAttentionConfig`, the default, also at inference). Gradients
    through sparse attention use the op's backward. Under ``accelerate launch`` the generations of a batch
    are split over the processes and the adapter's gradients summed, so N processes train the same adapter
    as one process on the same data.
@@ -525,20 +527,32 @@ def _order(n_generations: int, seed: int, count: int) -> list[int]:
     return order[:count]
 
 
+def _sparse_steps(
+    steps: Sequence[Sequence[RecordedCall]], plan: Plan, transformer: torch.nn.Module
+) -> set[int]:
+    """Indices into ``steps`` of the denoising steps that run some layer sparse under ``plan``."""
+    from .pipelines.base import get_adapter
+
+    num_layers = len(get_adapter(transformer).attention_modules(transformer))
+    out = set()
+    for k, calls in enumerate(steps):
+        step, n = calls[0].step, calls[0].num_steps or len(steps)
+        if any(not plan.schedule.is_dense(step, n, layer) for layer in range(num_layers)):
+            out.add(k)
+    return out
+
+
 def _update_groups(
     steps: Sequence[Sequence[RecordedCall]], plan: Plan, transformer: torch.nn.Module
 ) -> list[list[int]]:
     """The denoising steps (indices into ``steps``) of each optimizer update: every step that runs sparse
     in some layer ends a group; the plan's all-dense warm-up steps join the group of the next sparse step."""
-    from .pipelines.base import get_adapter
-
-    num_layers = len(get_adapter(transformer).attention_modules(transformer))
+    sparse = _sparse_steps(steps, plan, transformer)
     groups: list[list[int]] = []
     pending: list[int] = []
-    for k, calls in enumerate(steps):
+    for k in range(len(steps)):
         pending.append(k)
-        step, n = calls[0].step, calls[0].num_steps or len(steps)
-        if any(not plan.schedule.is_dense(step, n, layer) for layer in range(num_layers)):
+        if k in sparse:
             groups.append(pending)
             pending = []
     if not groups:
@@ -610,11 +624,16 @@ def train_adapter(
         return load_recording(g) if isinstance(g, (str, os.PathLike)) else g
 
     # One pass = one batch of generations replayed step by step; an optimizer step per denoising step that
-    # runs sparse. The plan's dense warm-up steps run the teacher's own attention (plus the adapter): their
+    # runs sparse. The plan's dense warm-up steps run the teacher's own attention. With the adapter off
+    # where no layer runs sparse (``adapter_steps="sparse"``, the default, as at inference) they are replayed
+    # without gradients (only for the state of cross-step patterns); with ``adapter_steps="all"`` their
     # gradients only keep the adapter near identity there and are ~0 at first, so they are added to the next
     # sparse step's update instead of getting Adam steps of their own (Adam would blow float noise up to
     # full-size steps).
-    groups = _update_groups(_steps_of([load(0)]), plan, transformer)
+    first_steps = _steps_of([load(0)])
+    groups = _update_groups(first_steps, plan, transformer)
+    gated = dict(sparse_options or {}).get("adapter_steps", "sparse") == "sparse"
+    warm = set(range(len(first_steps))) - _sparse_steps(first_steps, plan, transformer) if gated else set()
     per_pass = len(groups)
     n_passes = math.ceil(cfg.steps / per_pass)
     order = _order(len(generations), cfg.seed, n_passes * cfg.batch)
@@ -634,6 +653,11 @@ def train_adapter(
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=device)
                 for k in group:
+                    if k in warm:
+                        with torch.no_grad():
+                            for call in steps[k]:
+                                replay_call(transformer, call, device)
+                        continue
                     for call in steps[k]:
                         err = _sample_errors(replay_call(transformer, call, device), call.target.to(device))
                         loss = err.sum() / (cfg.batch * len(steps[k]))

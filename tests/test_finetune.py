@@ -122,6 +122,54 @@ def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, re
     assert _sparse_error(t2, plan, held) > 0.95 * before
 
 
+def test_adapter_runs_only_in_calls_that_run_sparse(pipe, recorded):
+    """adapter_steps="sparse" (default): the "sparsediff" LoRA is off in the dense warm-up step (output
+    bit-identical to the model without it) and on in a sparse step; its scaling is the user's again after
+    every call, so fuse_lora / unfuse_lora round-trip the base weights; "all" runs it everywhere."""
+    from sparsediff.finetune import _add_adapter
+
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    _, held = recorded
+    warm, late = held[0][0], held[0][-1]
+    assert warm.step == 0 and late.step == 3
+    t = _fresh(pipe)
+    with torch.no_grad():
+        ref_warm = replay_call(t, warm)
+        with enable_sparse_attention(t, plan, **SPARSE):
+            ref_late = replay_call(t, late)
+    _add_adapter(t, FinetuneConfig(rank=4))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (an identity adapter): make it do something
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    scaling = {
+        n: m.scaling[ADAPTER_NAME] for n, m in t.named_modules() if ADAPTER_NAME in getattr(m, "scaling", {})
+    }
+    assert scaling and set(scaling.values()) == {1.0}
+    base = {k: v.clone() for k, v in t.state_dict().items() if "base_layer" in k}
+    with torch.no_grad():
+        with enable_sparse_attention(t, plan, **SPARSE) as h:
+            out_warm = replay_call(t, warm)
+            now = {n: m.scaling[ADAPTER_NAME] for n, m in t.named_modules() if n in scaling}
+            out_late = replay_call(t, late)
+            assert h.report()["transformer"]["sparse_calls"] > 0
+            # fuse after a dense call, unfuse after another: the base weights come back
+            t.fuse_lora(adapter_names=[ADAPTER_NAME])
+            fused_warm = replay_call(t, warm)
+            t.unfuse_lora()
+        assert torch.equal(out_warm, ref_warm)  # off in the dense warm-up step
+        assert now == scaling  # restored after the call
+        assert (out_late - ref_late).abs().max() > 1e-3  # on in the sparse step
+        assert (fused_warm - ref_warm).abs().max() > 1e-3  # a fused adapter is part of the weights
+        after = {k: v for k, v in t.state_dict().items() if "base_layer" in k}
+        assert all(torch.allclose(after[k], base[k], atol=1e-6) for k in base)
+        with enable_sparse_attention(t, plan, adapter_steps="all", **SPARSE):
+            assert (replay_call(t, warm) - ref_warm).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="adapter_steps"):
+        enable_sparse_attention(t, plan, adapter_steps="dense", **SPARSE)
+
+
 def test_lora_targets_are_the_self_attention_linears(pipe):
     names = self_attention_linears(pipe.transformer)
     assert names and all(".attn1." in n for n in names), names

@@ -234,6 +234,7 @@ def remove_sparse_attention(transformer: torch.nn.Module) -> bool:
     if state is None:
         return False
     state.flush_generation_log()
+    state.restore_adapter()
     for mod, orig, ours in state.processors:
         # keep what happened to the processor while enabled (set_attention_backend, enable_parallelism)
         for k, v in vars(ours).items():

@@ -25,7 +25,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import SparseAttentionConfig
 from ..layout import TokenLayout
-from ..plan import Plan
+from ..plan import ADAPTER_NAME, Plan
 from ..specs import HeadSpec
 from .compiled import traced_begin_call
 from .steps import ContextProbe, StepTracking
@@ -106,6 +106,8 @@ class TransformerState(StepTracking):
         self._mask_memo: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._density: dict[int, float] = {}  # first sparse call per layer of this enable
         self._has_sparse: bool | None = None
+        self._adapter_mods: list[torch.nn.Module] = []
+        self._adapter_off: dict[torch.nn.Module, float] = {}  # LoRA layers switched off: their scaling
         self.generations = 0
         self._gen = _GenerationStats()
         self._last_gen: _GenerationStats | None = None
@@ -136,6 +138,62 @@ class TransformerState(StepTracking):
             if msg:
                 logger.warning("sparsediff: %s", msg)
         self._gen.calls += 1
+
+    # ------------------------------------------------------------------ the plan's LoRA adapter
+    def runs_sparse(self) -> bool:
+        """Whether some self-attention layer of the current call runs sparse (not a dense warm-up step,
+        not below ``min_tokens``, not an all-dense plan, not every layer dense)."""
+        plan = self.plan
+        if self.layout is None or self.layout.num_tokens < plan.min_tokens:
+            return False
+        if not self.has_sparse_heads():
+            return False
+        step, n = self.step_info()
+        for i in range(len(self.layers)):
+            try:
+                if not plan.schedule.is_dense(step, n, i):
+                    return True
+            except ValueError:  # fractional warm-up without a step count: the layers skip it (warned there)
+                return True
+        return False
+
+    def gate_adapter(self, transformer: torch.nn.Module) -> None:
+        """``config.adapter_steps == "sparse"``: switch the ``"sparsediff"`` LoRA off (its peft scaling to 0)
+        for this call when it runs no layer sparse; the root hook's ``post_forward`` puts the scaling back
+        (:meth:`restore_adapter`), so between calls it is always the user's. Eager calls only (under a
+        whole-model ``torch.compile`` the adapter runs in every call); a fused adapter (``fuse_lora``) is
+        part of the weights and runs in every call."""
+        if self.config.adapter_steps != "sparse":
+            return
+        self.restore_adapter()
+        layers = self._adapter_layers(transformer)
+        if not layers or self.runs_sparse():
+            return
+        for m in layers:
+            if not getattr(m, "merged", False):
+                self._adapter_off[m] = m.scaling[ADAPTER_NAME]
+                m.scaling[ADAPTER_NAME] = 0.0
+
+    def restore_adapter(self) -> None:
+        for m, scale in self._adapter_off.items():
+            if ADAPTER_NAME in getattr(m, "scaling", {}):
+                m.scaling[ADAPTER_NAME] = scale
+        self._adapter_off.clear()
+
+    def _adapter_layers(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The peft LoRA layers holding the ``"sparsediff"`` adapter (looked up again when it changes)."""
+        if ADAPTER_NAME not in (getattr(transformer, "peft_config", None) or {}):
+            self._adapter_off.clear()
+            return []
+        cached = self._adapter_mods
+        if cached and all(ADAPTER_NAME in m.scaling for m in cached):
+            return cached
+        self._adapter_mods = [
+            m
+            for m in transformer.modules()
+            if isinstance(getattr(m, "scaling", None), dict) and ADAPTER_NAME in m.scaling
+        ]
+        return self._adapter_mods
 
     def nontrivial_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
         """:func:`_drop_trivial_mask`, memoised for the mask object every layer of one call shares
@@ -366,6 +424,7 @@ class SparseRootHook(ModelHook):
         if self.adopt is not None:
             self.adopt(self.state)
         self.state.begin_call(bind_forward_inputs(module, args, kwargs))
+        self.state.gate_adapter(module)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -378,6 +437,9 @@ class SparseRootHook(ModelHook):
         ):
             self.state.layout = None
             self.state.call_token = None
+            # the adapter's scaling is changed for one call only: between calls (fuse_lora / unfuse_lora /
+            # set_adapters) it is what the user set
+            self.state.restore_adapter()
         return output
 
     def reset_state(self, module: torch.nn.Module):
