@@ -42,7 +42,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,12 @@ class FinetuneConfig:
             self-attention module), ``"qkv"`` (only their query/key/value projections), or ``"block"``
             (every ``nn.Linear`` of the transformer blocks that hold them: self- and cross-attention and the
             feed-forward -- more capacity to absorb what a sparse plan drops).
+        on_policy_rounds: rounds of on-policy data (DAgger): the steps are split into ``rounds + 1`` equal
+            phases; after each phase but the last the *student* (sparse plan + the adapter so far) generates
+            the training prompts and seeds, every transformer call of those generations is labelled with the
+            dense model's prediction for the same inputs (adapter off), and the following phases train on the
+            teacher's and the students' generations together. The student then learns the dense prediction on
+            the states its own sparse trajectory visits, not only on the dense trajectory's. 0: teacher only.
     """
 
     steps: int = 200
@@ -127,6 +133,7 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 25
     targets: str = "all"
+    on_policy_rounds: int = 0
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -134,6 +141,10 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise FinetuneInputError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.on_policy_rounds, int) or not 0 <= self.on_policy_rounds < self.steps:
+            raise FinetuneInputError(
+                f"on_policy_rounds must be an integer in [0, steps), got {self.on_policy_rounds!r}"
+            )
         if self.heldout < 0:
             raise FinetuneInputError(f"heldout must be >= 0, got {self.heldout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -241,12 +252,16 @@ def record_teacher(
     cfg: FinetuneConfig,
     *,
     progress: bool = True,
+    plan: Plan | None = None,
+    sparse_options: Mapping[str, Any] | None = None,
 ) -> list[list[RecordedCall]]:
     """Run ``pipe`` densely once per (prompt, seed) pair and record every transformer call.
 
     The pipeline runs with sparsediff's hooks on an all-dense plan (bit-identical to the untouched
     pipeline) so each call's step index and CFG branch are known exactly as the sparse student will see
-    them. Returns one list of calls per generation, in call order.
+    them. With ``plan`` it runs that plan instead (the student's trajectory; the recorded outputs are then the
+    student's -- :func:`label_with_dense` replaces them). Returns one list of calls per generation, in call
+    order.
     """
     from .api import enable_sparse_attention
     from .hooks import get_state
@@ -256,7 +271,9 @@ def record_teacher(
     transformer = pipe.transformer
     call_kwargs = _pipeline_kwargs(pipe, cfg)
     generations: list[list[RecordedCall]] = []
-    handle = enable_sparse_attention(transformer, Plan.dense())
+    handle = enable_sparse_attention(
+        transformer, plan or Plan.dense(), **(dict(sparse_options or {}) if plan is not None else {})
+    )
     state = get_state(transformer)
     calls: list[RecordedCall] = []
 
@@ -292,6 +309,28 @@ def record_teacher(
         hook.remove()
         handle.disable()
     return generations
+
+
+def label_with_dense(
+    transformer: torch.nn.Module, generation: Sequence[RecordedCall], device: torch.device | str = "cpu"
+) -> None:
+    """Replace every call's target by the dense model's prediction for the call's inputs: no sparse
+    attention, the ``"sparsediff"`` adapter off (other adapters as they are), under the call's cache context."""
+    layers = [
+        m
+        for m in transformer.modules()
+        if isinstance(getattr(m, "scaling", None), dict) and ADAPTER_NAME in m.scaling
+    ]
+    saved = [m.scaling[ADAPTER_NAME] for m in layers]
+    try:
+        for m in layers:
+            m.scaling[ADAPTER_NAME] = 0.0
+        with torch.no_grad():
+            for call in generation:
+                call.target = replay_call(transformer, call, device).detach().float().cpu()
+    finally:
+        for m, v in zip(layers, saved):
+            m.scaling[ADAPTER_NAME] = v
 
 
 def save_recording(generation: Sequence[RecordedCall], path: str | os.PathLike) -> None:
@@ -738,6 +777,11 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
         f" {meta['processes']} process(es), {meta['wall_s']:.0f} s wall (+ {meta['record_s']:.0f} s recording"
         f" the teacher), {meta['train_generations']} training generations",
     ]
+    if meta.get("student_generations"):
+        lines.append(
+            f"- on-policy: {meta['config']['on_policy_rounds']} round(s), {meta['student_generations']} student "
+            f"generations labelled by the dense model ({meta.get('student_record_s') or 0:.0f} s)"
+        )
     if before is not None and after is not None:
         lines.append(
             f"- held-out sparse-vs-dense prediction MSE ({meta['heldout_generations']} generations): "
@@ -806,9 +850,9 @@ def finetune(
     record_s = time.perf_counter() - t0
     timing = teacher / "recording.json"  # the recording's wall time over every resumed run
     if rank == 0:
-        if timing.is_file():
-            record_s += float(json.loads(timing.read_text()).get("record_s", 0.0))
-        timing.write_text(json.dumps({"record_s": record_s}))
+        stored = json.loads(timing.read_text()) if timing.is_file() else {}
+        record_s += float(stored.get("record_s", 0.0))
+        timing.write_text(json.dumps({**stored, "record_s": record_s}))
     train = [p for p, j in zip(paths, jobs) if j[0] == "train"]
     held = [p for p, j in zip(paths, jobs) if j[0] == "heldout"]
     before = None
@@ -817,16 +861,41 @@ def finetune(
 
         with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
             before = heldout_error(transformer, (load_recording(p) for p in held), transformer.device)
-    result = train_adapter(
-        transformer,
-        plan,
-        train,
-        cfg,
-        checkpoint=out / "checkpoint.pt",
-        resume=resume,
-        progress=progress,
-        sparse_options=sparse_options,
-    )
+    rounds = cfg.on_policy_rounds
+    train_jobs = [(i, j) for i, j in enumerate(jobs) if j[0] == "train"]
+    student_s, gens = 0.0, list(train)
+    for r in range(rounds + 1):
+        # phase r trains up to this step on the teacher's and rounds 1..r students' generations
+        result = train_adapter(
+            transformer,
+            plan,
+            gens,
+            replace(cfg, steps=cfg.steps * (r + 1) // (rounds + 1)),
+            checkpoint=out / "checkpoint.pt",
+            resume=resume or r > 0,
+            progress=progress,
+            sparse_options=sparse_options,
+        )
+        if r == rounds:
+            break
+        student = [teacher / f"student{r + 1}-{n:04d}.pt" for n in range(len(train_jobs))]
+        t1 = time.perf_counter()
+        for n, (_, (_, prompt, seed)) in enumerate(train_jobs):
+            if n % world != rank or student[n].is_file():
+                continue
+            (gen,) = record_teacher(
+                pipe, [prompt], [seed], cfg, progress=progress, plan=plan, sparse_options=sparse_options
+            )
+            label_with_dense(transformer, gen, transformer.device)
+            save_recording(gen, student[n])
+        _barrier(world)
+        student_s += time.perf_counter() - t1
+        transformer.delete_adapters(ADAPTER_NAME)  # the next phase restores it from the checkpoint
+        gens += student
+    if rank == 0 and rounds:
+        if timing.is_file():
+            student_s += float(json.loads(timing.read_text()).get("student_record_s", 0.0))
+        timing.write_text(json.dumps({"record_s": record_s, "student_record_s": student_s}))
     after = None
     if held:
         from .api import sparse_attention_enabled
@@ -850,7 +919,9 @@ def finetune(
         "processes": result["processes"],
         "wall_s": result["wall_s"],
         "record_s": record_s,
+        "student_record_s": student_s if rounds else None,
         "train_generations": len(train),
+        "student_generations": len(gens) - len(train),
         "heldout_generations": len(held),
         "heldout_mse_before": before,
         "heldout_mse_after": after,
@@ -945,6 +1016,14 @@ def build_parser():
         help="LoRA on every linear of the sparse self-attention modules (all), their q/k/v only (qkv), or "
         "every linear of the blocks holding them: self/cross-attention and feed-forward (block)",
     )
+    p.add_argument(
+        "--on-policy-rounds",
+        type=int,
+        default=0,
+        help="rounds of on-policy data: after each of the first R of R+1 equal phases the student (plan + adapter "
+        "so far) generates the training prompts and the dense model labels its calls; later phases train on "
+        "teacher and student generations (default 0: teacher only)",
+    )
     p.add_argument("--resume", action="store_true", help="continue a run in --out (recording and checkpoint)")
     add_threads_arg(p)
     add_output_args(p, out_help="output folder (adapter, plan, card, recorded teacher, checkpoint)")
@@ -1006,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             heldout=args.heldout,
             seed=args.seed,
             targets=args.targets,
+            on_policy_rounds=args.on_policy_rounds,
         )
         apply_threads(args.threads)
         loaded = load_pipeline(args.pipeline, args.model, allow_random=False, command=prog)

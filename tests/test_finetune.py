@@ -170,6 +170,38 @@ def test_adapter_runs_only_in_calls_that_run_sparse(pipe, recorded):
         enable_sparse_attention(t, plan, adapter_steps="dense", **SPARSE)
 
 
+def test_on_policy_round_labels_the_students_trajectory_with_the_dense_model(pipe, tmp_path):
+    """on_policy_rounds=1: after half the steps the student (plan + adapter) generates the training prompts;
+    its calls carry the student's inputs (off the teacher's trajectory) and the dense model's prediction for
+    them; the second half trains on both; a resumed run reuses everything."""
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=4, heldout=0, on_policy_rounds=1, **CFG)
+    p = load_embedded_pipeline()
+    meta = finetune(p, plan, PROMPTS, out, cfg, progress=False, sparse_options=SPARSE)
+    assert meta["steps"] == 4 and meta["student_generations"] == len(PROMPTS) == meta["train_generations"]
+    assert "on-policy: 1 round" in (out / "README.md").read_text()
+    teacher = load_recording(out / "teacher" / "train-0000.pt")
+    student = load_recording(out / "teacher" / "student1-0000.pt")
+    assert [c.step for c in student] == [c.step for c in teacher]
+    # same prompt, seed and first latents; after the first sparse step the trajectories part
+    assert torch.equal(student[0].kwargs["hidden_states"], teacher[0].kwargs["hidden_states"])
+    assert not torch.allclose(student[-1].kwargs["hidden_states"], teacher[-1].kwargs["hidden_states"])
+    dense = _fresh(pipe)  # no adapter, no hooks: the teacher
+    for call in (student[2], student[-1]):
+        with torch.no_grad():
+            want = replay_call(dense, call)
+        assert (call.target - want).abs().max() <= 1e-5 * want.abs().max()
+    # resume: nothing recorded or trained again
+    stamp = (out / "teacher" / "student1-0001.pt").stat().st_mtime_ns
+    again = finetune(
+        load_embedded_pipeline(), plan, PROMPTS, out, cfg, resume=True, progress=False, sparse_options=SPARSE
+    )
+    assert again["steps"] == 4 and (out / "teacher" / "student1-0001.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(FinetuneInputError, match="on_policy_rounds"):
+        FinetuneConfig(steps=2, on_policy_rounds=2)
+
+
 def test_lora_targets_are_the_self_attention_linears(pipe):
     names = self_attention_linears(pipe.transformer)
     assert names and all(".attn1." in n for n in names), names
