@@ -54,6 +54,7 @@ from .plan import (
     ADAPTER_WEIGHTS_FILE,
     PLAN_FILE,
     Plan,
+    adapter_layers,
     base_weights_fingerprint,
     plan_folder_files,
 )
@@ -316,11 +317,7 @@ def label_with_dense(
 ) -> None:
     """Replace every call's target by the dense model's prediction for the call's inputs: no sparse
     attention, the ``"sparsediff"`` adapter off (other adapters as they are), under the call's cache context."""
-    layers = [
-        m
-        for m in transformer.modules()
-        if isinstance(getattr(m, "scaling", None), dict) and ADAPTER_NAME in m.scaling
-    ]
+    layers = adapter_layers(transformer)
     saved = [m.scaling[ADAPTER_NAME] for m in layers]
     try:
         for m in layers:
@@ -581,15 +578,13 @@ def _sparse_steps(
     return out
 
 
-def _update_groups(
-    steps: Sequence[Sequence[RecordedCall]], plan: Plan, transformer: torch.nn.Module
-) -> list[list[int]]:
-    """The denoising steps (indices into ``steps``) of each optimizer update: every step that runs sparse
-    in some layer ends a group; the plan's all-dense warm-up steps join the group of the next sparse step."""
-    sparse = _sparse_steps(steps, plan, transformer)
+def _update_groups(num_steps: int, sparse: set[int]) -> list[list[int]]:
+    """The denoising steps (indices) of each optimizer update: every step in ``sparse`` (it runs some layer
+    sparse, :func:`_sparse_steps`) ends a group; the plan's all-dense warm-up steps join the group of the next
+    sparse step."""
     groups: list[list[int]] = []
     pending: list[int] = []
-    for k in range(len(steps)):
+    for k in range(num_steps):
         pending.append(k)
         if k in sparse:
             groups.append(pending)
@@ -670,9 +665,10 @@ def train_adapter(
     # sparse step's update instead of getting Adam steps of their own (Adam would blow float noise up to
     # full-size steps).
     first_steps = _steps_of([load(0)])
-    groups = _update_groups(first_steps, plan, transformer)
+    sparse = _sparse_steps(first_steps, plan, transformer)
+    groups = _update_groups(len(first_steps), sparse)
     gated = dict(sparse_options or {}).get("adapter_steps", "sparse") == "sparse"
-    warm = set(range(len(first_steps))) - _sparse_steps(first_steps, plan, transformer) if gated else set()
+    warm = set(range(len(first_steps))) - sparse if gated else set()
     per_pass = len(groups)
     n_passes = math.ceil(cfg.steps / per_pass)
     order = _order(len(generations), cfg.seed, n_passes * cfg.batch)

@@ -218,6 +218,16 @@ def base_weights_differences(
     return diffs
 
 
+def adapter_layers(transformer: Any) -> list[Any]:
+    """The peft LoRA layers of ``transformer`` that hold the :data:`ADAPTER_NAME` adapter (their ``scaling``
+    dict has its entry); empty without it."""
+    return [
+        m
+        for m in transformer.modules()
+        if isinstance(getattr(m, "scaling", None), dict) and ADAPTER_NAME in m.scaling
+    ]
+
+
 def plan_folder_files(folder: str | os.PathLike) -> tuple[Path, Path | None]:
     """(plan file, adapter weights or None) of a plan folder; raises :class:`PlanError` without a plan."""
     folder = Path(folder)

@@ -25,7 +25,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import SparseAttentionConfig
 from ..layout import TokenLayout
-from ..plan import ADAPTER_NAME, Plan
+from ..plan import ADAPTER_NAME, Plan, adapter_layers
 from ..specs import HeadSpec
 from .compiled import traced_begin_call
 from .steps import ContextProbe, StepTracking
@@ -188,11 +188,7 @@ class TransformerState(StepTracking):
         cached = self._adapter_mods
         if cached and all(ADAPTER_NAME in m.scaling for m in cached):
             return cached
-        self._adapter_mods = [
-            m
-            for m in transformer.modules()
-            if isinstance(getattr(m, "scaling", None), dict) and ADAPTER_NAME in m.scaling
-        ]
+        self._adapter_mods = adapter_layers(transformer)
         return self._adapter_mods
 
     def nontrivial_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
