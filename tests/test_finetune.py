@@ -202,6 +202,140 @@ def test_on_policy_round_labels_the_students_trajectory_with_the_dense_model(pip
         FinetuneConfig(steps=2, on_policy_rounds=2)
 
 
+def test_guided_error_is_the_error_of_the_prediction_the_sampler_steps_with():
+    from sparsediff.finetune import RecordedCall, _step_errors
+
+    gen = torch.Generator().manual_seed(0)
+    tc, tu, e = (torch.randn(2, 3, 4, generator=gen) for _ in range(3))
+    # uncond first: the branches are found by name, not by position
+    calls = [RecordedCall((), {}, 5, 20, "uncond", tu), RecordedCall((), {}, 5, 20, "cond", tc)]
+    # errors that cancel in uncond + 4 * (cond - uncond) = 4 cond - 3 uncond: eu = 4e, ec = 3e
+    preds = [tu + 4 * e, tc + 3 * e]
+    branch = _step_errors(preds, calls, None)
+    assert len(branch) == 2 and all(bool((b > 1).all()) for b in branch)
+    (guided,) = _step_errors(preds, calls, 4.0)
+    assert guided.shape == (2,) and float(guided.max()) < 1e-10
+    # an error in the cond branch alone reaches the sampler 4x: 16x its mean squared error
+    preds = [tu, tc + e]
+    (guided,) = _step_errors(preds, calls, 4.0)
+    torch.testing.assert_close(guided, 16 * _step_errors(preds, calls, None)[1])
+    # a step with one branch (no CFG there) keeps the per-call error
+    one = _step_errors(preds[1:], calls[1:], 4.0)
+    assert len(one) == 1 and torch.equal(one[0], _step_errors(preds, calls, None)[1])
+
+
+def test_guided_loss_trains_on_the_guided_error(pipe, recorded):
+    """loss="guided": the first logged loss is the guided error of the first (generation, sparse step) sample
+    of the shuffled order (adapter at its zero init), and training lowers the held-out guided error."""
+    from sparsediff.finetune import _order, _step_errors, _steps_of, guidance_for_loss
+
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    train, held = recorded
+    cfg = FinetuneConfig(steps=8, loss="guided", **CFG)
+    assert guidance_for_loss(cfg, pipe, train[0]) == 4.0
+    t = _fresh(pipe)
+    samples = [(g, k) for g in range(len(train)) for k in (1, 2, 3)]  # steps 1-3 run sparse
+    g, k = samples[_order(len(samples), cfg.seed, 1)[0]]
+    with enable_sparse_attention(t, plan, **SPARSE), torch.no_grad():
+        step = _steps_of([train[g]])[k]
+        preds = [replay_call(t, call) for call in step]
+        (want,) = _step_errors(preds, step, 4.0)
+        before = heldout_error(t, held, guidance=4.0)
+        before_branch = heldout_error(t, held)
+    assert before > 4 * before_branch  # the guided error is the larger one here
+    result = train_adapter(t, plan, train, cfg, progress=False, sparse_options=SPARSE)
+    assert result["losses"][0] == pytest.approx(float(want.sum()), rel=1e-4)
+    with enable_sparse_attention(t, plan, **SPARSE):
+        after = heldout_error(t, held, guidance=4.0)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_guided_loss_needs_guidance_and_named_branches(pipe, plan, recorded, tmp_path):
+    from sparsediff.finetune import guidance_for_loss
+
+    with pytest.raises(FinetuneInputError, match="loss"):
+        FinetuneConfig(loss="l1")
+    cfg = FinetuneConfig(steps=1, loss="guided", **{**CFG, "guidance_scale": 1.0})
+    with pytest.raises(FinetuneInputError, match="guidance"):
+        finetune(pipe, plan, PROMPTS, tmp_path / "g", cfg, progress=False)
+    assert not (tmp_path / "g").exists()
+    # the pipeline's own default scale when none is given (the embedded pipeline's is > 1)
+    default = FinetuneConfig(steps=1, loss="guided", **{**CFG, "guidance_scale": None})
+    assert guidance_for_loss(default, pipe) > 1
+    train, _ = recorded
+    unnamed = [copy.copy(c) for c in train[0]]
+    for i, c in enumerate(unnamed):
+        c.branch = i % 2  # a pipeline outside diffusers' cache_context: calls known only by position
+    with pytest.raises(FinetuneInputError, match="'cond' and 'uncond'"):
+        guidance_for_loss(FinetuneConfig(loss="guided", guidance_scale=4.0), pipe, unnamed)
+
+
+def test_lr_schedule_and_step_objective():
+    from sparsediff.finetune import _objective, lr_at
+
+    cfg = FinetuneConfig(steps=100, lr=1e-3)  # cosine: 5 warm-up steps, then down to 0.1 lr
+    lrs = [lr_at(cfg, i) for i in range(100)]
+    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert {lr_at(FinetuneConfig(steps=100, lr_schedule="constant"), i) for i in (0, 50, 99)} == {0.001}
+    # "log": a step whose error is 50x another's moves the adapter as much for the same relative change
+    small = torch.tensor([1e-5, 2e-5], requires_grad=True)
+    large = (small.detach() * 50).requires_grad_(True)
+    for e in (small, large):
+        _objective([e], "log", 2).backward()
+    torch.testing.assert_close(small.grad * small.detach(), large.grad * large.detach())
+    mse = _objective([small.detach()], "mse", 2)
+    assert float(mse) == pytest.approx(1.5e-5)
+    with pytest.raises(FinetuneInputError, match="step_loss"):
+        FinetuneConfig(step_loss="l1")
+    with pytest.raises(FinetuneInputError, match="lr_schedule"):
+        FinetuneConfig(lr_schedule="linear")
+
+
+def test_training_in_phases_equals_one_run(pipe, recorded, tmp_path):
+    """stop_at + resume (the phases of on-policy rounds) give the adapter of one uninterrupted run: the
+    learning-rate schedule spans all the steps."""
+    from sparsediff.finetune import _adapter_state
+
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    train, _ = recorded
+    cfg = FinetuneConfig(steps=6, checkpoint_every=1, **CFG)
+    one = _fresh(pipe)
+    train_adapter(one, plan, train, cfg, progress=False, sparse_options=SPARSE)
+    two = _fresh(pipe)
+    ck = tmp_path / "ck.pt"
+    first = train_adapter(
+        two, plan, train, cfg, progress=False, sparse_options=SPARSE, checkpoint=ck, stop_at=3
+    )
+    assert first["steps"] == 3
+    two.delete_adapters(ADAPTER_NAME)
+    train_adapter(two, plan, train, cfg, progress=False, sparse_options=SPARSE, checkpoint=ck, resume=True)
+    a, b = _adapter_state(one), _adapter_state(two)
+    assert a.keys() == b.keys() and any(float(v.abs().max()) > 0 for v in a.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_shuffled_order_needs_a_stateless_plan_and_the_gated_adapter(pipe, recorded):
+    train, _ = recorded
+    cfg = FinetuneConfig(steps=1, order="shuffled", **CFG)
+    cross = Plan.uniform("lse_cache", dense_steps=1)  # its state comes from the earlier steps
+    with pytest.raises(FinetuneInputError, match="cross-step"):
+        train_adapter(_fresh(pipe), cross, train, cfg, progress=False, sparse_options=SPARSE)
+    tile = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    with pytest.raises(FinetuneInputError, match="adapter_steps"):
+        train_adapter(
+            _fresh(pipe), tile, train, cfg, progress=False, sparse_options={**SPARSE, "adapter_steps": "all"}
+        )
+    with pytest.raises(FinetuneInputError, match="order"):
+        FinetuneConfig(order="random")
+    # auto replays a cross-step plan in step order (trains without complaint)
+    auto = FinetuneConfig(steps=2, **CFG)
+    assert (
+        train_adapter(_fresh(pipe), cross, train, auto, progress=False, sparse_options=SPARSE)["steps"] == 2
+    )
+
+
 def test_lora_targets_are_the_self_attention_linears(pipe):
     names = self_attention_linears(pipe.transformer)
     assert names and all(".attn1." in n for n in names), names
@@ -266,6 +400,23 @@ def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, reco
         p.name for p in out.iterdir()
     }
     assert "held-out" in (out / "README.md").read_text()
+    # the trajectory metric: the held-out generation with the plan vs the dense one, by decoded output
+    from sparsediff.finetune import output_psnr
+
+    dense_out = torch.load(next((out / "teacher").glob("output-heldout-*.pt")), weights_only=True)
+    with torch.no_grad():
+        again = pipe(
+            PROMPTS[0],  # held-out prompts default to the training prompts; seeds from seed + 10_000
+            generator=torch.Generator().manual_seed(10_000),
+            output_type="pt",
+            **{"num_inference_steps": 4, "guidance_scale": 4.0, "num_frames": 8, "height": 32, "width": 32},
+        ).frames
+    assert torch.equal(dense_out, again)  # the dense held-out generation's decoded frames
+    # one sparse step (step 3 of 4, past the 3 warm-up steps) of the smallest sigma step: a small difference
+    before, after = meta["heldout_output_psnr_before"], meta["heldout_output_psnr_after"]
+    assert 10 < before < 200 and 10 < after < 200 and after != before
+    assert "decoded output" in (out / "README.md").read_text()
+    assert output_psnr(dense_out, dense_out) == float("inf")
     trained = pipe_copy.transformer  # has the adapter
     x = load_recording(next((out / "teacher").glob("heldout-*.pt")))[-1]
     assert x.step == 3  # past the plan's 2 dense warm-up steps: runs sparse
