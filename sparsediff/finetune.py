@@ -1044,7 +1044,12 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
         f"- base model: `{meta['model']['class']}` (config hash `{meta['model']['config_hash']}`)",
         f"- plan: {meta['plan_summary']}",
         f"- LoRA: rank {meta['config']['rank']}, alpha {meta['config']['alpha'] or meta['config']['rank']},"
-        f" {meta['lora_layers']} linear layers of the self-attention modules",
+        f" {meta['lora_layers']} linear layers of "
+        + (
+            "the blocks holding the sparse self-attention modules"
+            if meta["config"].get("targets") == "block"
+            else "the self-attention modules"
+        ),
         f"- training: {meta['steps']} steps, batch {meta['config']['batch']}, lr {meta['config']['lr']},"
         f" {meta['processes']} process(es), {meta['wall_s']:.0f} s wall (+ {meta['record_s']:.0f} s recording"
         f" the teacher), {meta['train_generations']} training generations",
