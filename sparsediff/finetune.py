@@ -191,20 +191,17 @@ class FinetuneConfig:
             raise FinetuneInputError(f"heldout must be >= 0, got {self.heldout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneInputError(f"lr must be a positive number, got {self.lr}")
-        if self.targets not in TARGETS:
-            raise FinetuneInputError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
-        if self.loss not in LOSSES:
-            raise FinetuneInputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.step_loss not in STEP_LOSSES:
-            raise FinetuneInputError(
-                f"step_loss must be one of {', '.join(STEP_LOSSES)}, got {self.step_loss!r}"
-            )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise FinetuneInputError(
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
-            )
-        if self.order not in ORDERS:
-            raise FinetuneInputError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        for name, choices in (
+            ("targets", TARGETS),
+            ("loss", LOSSES),
+            ("step_loss", STEP_LOSSES),
+            ("lr_schedule", LR_SCHEDULES),
+            ("order", ORDERS),
+        ):
+            if getattr(self, name) not in choices:
+                raise FinetuneInputError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise FinetuneInputError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
         for name in ("frames", "height", "width"):
@@ -798,9 +795,13 @@ def _update_groups(num_steps: int, sparse: set[int]) -> list[list[int]]:
     return groups
 
 
+def _plan_specs(plan: Plan) -> list[Any]:
+    """Every head spec a plan names: its default and each layer's."""
+    return [plan.default] + [s for layer in plan.layers or () for s in layer]
+
+
 def _has_cached_remainder(plan: Plan) -> bool:
-    specs = [plan.default] + [s for layer in plan.layers or () for s in layer]
-    return any(s.remainder == "cached" for s in specs)
+    return any(s.remainder == "cached" for s in _plan_specs(plan))
 
 
 def _sparse_calls(handle: Any) -> int:
@@ -849,8 +850,7 @@ def _step_backward(
 
 
 def _has_cross_step(plan: Plan) -> bool:
-    specs = [plan.default] + [s for layer in plan.layers or () for s in layer]
-    return any(s.is_cross_step for s in specs)
+    return any(s.is_cross_step for s in _plan_specs(plan))
 
 
 def train_adapter(
