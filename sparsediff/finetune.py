@@ -83,6 +83,8 @@ WEIGHT_NAME = ADAPTER_WEIGHTS_FILE
 PLAN_NAME = PLAN_FILE
 META_NAME = ADAPTER_META_FILE
 CARD_NAME = "README.md"
+#: training generations whose per-call error the card reports next to the held-out one (spread over the set)
+FIT_GENERATIONS = 2
 #: the key prefix of the transformer's LoRA weights in a pipeline-level LoRA file
 PREFIX = "transformer"
 #: what ``--targets`` may name (see :class:`FinetuneConfig`)
@@ -1069,6 +1071,19 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
             f"- held-out sparse-vs-dense prediction MSE ({meta['heldout_generations']} generations): "
             f"{before:.4g} before -> {after:.4g} after ({after / max(before, 1e-30):.2f}x)"
         )
+    fb, fa = meta.get("train_mse_before"), meta.get("train_mse_after")
+    if fb is not None and fa is not None and before is not None and after is not None:
+        fit, held = fa / max(fb, 1e-30), after / max(before, 1e-30)
+        lines.append(
+            f"- the same on {meta['train_fit_generations']} training generations: {fb:.4g} -> {fa:.4g} "
+            f"({fit:.2f}x)"
+            + (
+                f" -- the adapter fits its training generations far better than held-out ones ({held:.2f}x): "
+                "more training prompts or seeds (`--seeds-per-prompt`) should help"
+                if fit < 0.8 * held
+                else ""
+            )
+        )
     gb, ga = meta.get("heldout_guided_mse_before"), meta.get("heldout_guided_mse_after")
     if gb is not None and ga is not None:
         lines.append(
@@ -1169,12 +1184,19 @@ def finetune(
         if j[0] == "heldout"
     ]
     before = before_guided = before_psnr = None
+    # the same per-call error on a few training generations: far lower after than the held-out one means
+    # the adapter fits its training generations, and more prompts / seeds are the lever
+    fit = train[:: max(1, len(train) // FIT_GENERATIONS)][:FIT_GENERATIONS] if held else []
+    fit_before = fit_after = None
     if held:
         from .api import sparse_attention_enabled
 
         with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
             before, before_guided = _heldout_errors(
                 transformer, (load_recording(p) for p in held), transformer.device, held_guidance
+            )
+            fit_before, _ = _heldout_errors(
+                transformer, (load_recording(p) for p in fit), transformer.device, None
             )
         before_psnr = heldout_generation_psnr(pipe, held_jobs, held_finals, cfg, plan, sparse_options)
     rounds = cfg.on_policy_rounds
@@ -1221,6 +1243,9 @@ def finetune(
             after, after_guided = _heldout_errors(
                 transformer, (load_recording(p) for p in held), transformer.device, held_guidance
             )
+            fit_after, _ = _heldout_errors(
+                transformer, (load_recording(p) for p in fit), transformer.device, None
+            )
         after_psnr = heldout_generation_psnr(pipe, held_jobs, held_finals, cfg, plan, sparse_options)
     meta = {
         "format": "sparsediff-finetune/1",
@@ -1251,6 +1276,9 @@ def finetune(
         "heldout_guided_mse_after": after_guided,
         "heldout_output_psnr_before": before_psnr,
         "heldout_output_psnr_after": after_psnr,
+        "train_fit_generations": len(fit),
+        "train_mse_before": fit_before,
+        "train_mse_after": fit_after,
         "final_loss": result["losses"][-1] if result["losses"] else None,
     }
     if rank == 0:

@@ -396,6 +396,13 @@ def test_finetune_folder_loads_through_diffusers_and_sparsediff(pipe, plan, reco
         sparse_options=SPARSE,
     )
     assert meta["steps"] == 3 and meta["heldout_mse_after"] is not None
+    # the card's training-set error: the one training generation, replayed with the plan, before / after
+    assert meta["train_fit_generations"] == 1
+    fit = [load_recording(out / "teacher" / "train-0000.pt")]
+    assert meta["train_mse_before"] == pytest.approx(_sparse_error(_fresh(pipe), plan, fit), rel=1e-4)
+    assert meta["train_mse_after"] == pytest.approx(_sparse_error(pipe_copy.transformer, plan, fit), rel=1e-4)
+    assert meta["train_mse_after"] != pytest.approx(meta["train_mse_before"], rel=1e-3)  # trained on it
+    assert "training generations:" in (out / "README.md").read_text()
     assert {"pytorch_lora_weights.safetensors", "sparse_plan.json", "finetune.json", "README.md"} <= {
         p.name for p in out.iterdir()
     }
