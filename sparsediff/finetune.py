@@ -736,6 +736,25 @@ def _heldout_errors(
     return total / max(n, 1), (g_total / g_n if g_n else None)
 
 
+def _plan_errors(
+    transformer: torch.nn.Module,
+    plan: Plan,
+    held: Sequence[Path],
+    fit: Sequence[Path],
+    guidance: float | None,
+    sparse_options: Mapping[str, Any] | None,
+) -> tuple[float, float | None, float]:
+    """With the plan enabled: (per-call MSE on the held-out recordings, their guided MSE or None, per-call MSE
+    on the ``fit`` training recordings) -- the card's before / after numbers."""
+    from .api import sparse_attention_enabled
+
+    device = transformer.device
+    with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
+        branch, guided = _heldout_errors(transformer, (load_recording(p) for p in held), device, guidance)
+        fit_err, _ = _heldout_errors(transformer, (load_recording(p) for p in fit), device, None)
+    return branch, guided, fit_err
+
+
 def heldout_error(
     transformer: torch.nn.Module,
     generations: Iterable[Sequence[RecordedCall]],
@@ -1189,15 +1208,9 @@ def finetune(
     fit = train[:: max(1, len(train) // FIT_GENERATIONS)][:FIT_GENERATIONS] if held else []
     fit_before = fit_after = None
     if held:
-        from .api import sparse_attention_enabled
-
-        with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
-            before, before_guided = _heldout_errors(
-                transformer, (load_recording(p) for p in held), transformer.device, held_guidance
-            )
-            fit_before, _ = _heldout_errors(
-                transformer, (load_recording(p) for p in fit), transformer.device, None
-            )
+        before, before_guided, fit_before = _plan_errors(
+            transformer, plan, held, fit, held_guidance, sparse_options
+        )
         before_psnr = heldout_generation_psnr(pipe, held_jobs, held_finals, cfg, plan, sparse_options)
     rounds = cfg.on_policy_rounds
     train_jobs = [(i, j) for i, j in enumerate(jobs) if j[0] == "train"]
@@ -1237,15 +1250,9 @@ def finetune(
         timing.write_text(json.dumps({"record_s": record_s, "student_record_s": student_s}))
     after = after_guided = after_psnr = None
     if held:
-        from .api import sparse_attention_enabled
-
-        with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
-            after, after_guided = _heldout_errors(
-                transformer, (load_recording(p) for p in held), transformer.device, held_guidance
-            )
-            fit_after, _ = _heldout_errors(
-                transformer, (load_recording(p) for p in fit), transformer.device, None
-            )
+        after, after_guided, fit_after = _plan_errors(
+            transformer, plan, held, fit, held_guidance, sparse_options
+        )
         after_psnr = heldout_generation_psnr(pipe, held_jobs, held_finals, cfg, plan, sparse_options)
     meta = {
         "format": "sparsediff-finetune/1",
