@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli_args import add_threads_arg, apply_threads, deprecated_alias, nonnegative_int, positive_int
+from .cli_args import Parser, add_threads_arg, apply_threads, deprecated_alias, nonnegative_int, positive_int
 from .mask import BlockSparseMask
 from .ops import block_sparse_attention
 from .timing import sync
@@ -481,7 +481,7 @@ def _cpu_name() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsediff bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="sparsediff bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes/densities (CPU: N=2048)")
     p.add_argument("--shapes", help=f"comma list of {sorted(MODEL_SHAPES)} or N:H:D")
     p.add_argument(

@@ -12,7 +12,9 @@ import sys
 
 
 def build_info_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog="sparsediff info", description="Versions and backend support.")
+    from .cli_args import Parser
+
+    return Parser(prog="sparsediff info", description="Versions and backend support.")
 
 
 def _info(argv: list[str]) -> int:

@@ -9,7 +9,9 @@
   ``accelerate launch`` (:func:`sparsediff.loading.enable_context_parallel` turns it on);
 * :func:`deprecated_alias` -- an old spelling kept for one release: accepted, with a one-line warning on
   stderr naming the new flag;
-* :class:`InputError` -- a bad input found before any generation; commands print it as one line and exit 2.
+* :class:`InputError` -- a bad input found before any generation; commands print it as one line and exit 2;
+* :class:`Parser` -- the commands' ``argparse`` parser: a usage error (a missing, unknown or out-of-range
+  flag) is one line too, ``prog: error: ... (see --help)``, exit status 2, not argparse's usage block.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "InputError",
+    "Parser",
     "positive_int",
     "nonnegative_int",
     "deprecated_alias",
@@ -39,6 +42,14 @@ __all__ = [
 
 class InputError(ValueError):
     """A bad command-line input, found before anything is generated or written (exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line on stderr (exit status 2), like every other
+    bad input of the CLI; ``--help`` still prints the full usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
 def fail(prog: str, error: BaseException | str) -> int:

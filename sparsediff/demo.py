@@ -38,6 +38,7 @@ import torch
 
 from .cli_args import (
     InputError,
+    Parser,
     add_output_args,
     add_seeds_arg,
     add_threads_arg,
@@ -407,7 +408,7 @@ def _existing_outputs(out_dir: Path) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     import torch
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG, description="Dense vs sparse attention on the embedded trained video model (offline)."
     )
     p.add_argument(

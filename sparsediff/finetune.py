@@ -912,6 +912,9 @@ def train_adapter(
     if cfg.batch % world:
         raise FinetuneInputError(f"batch {cfg.batch} does not split over {world} processes")
     device = next(transformer.parameters()).device
+    setup = _training_setup(transformer, plan, cfg)
+    if resume and checkpoint is not None:
+        _check_checkpoint(Path(checkpoint), transformer, setup)
     params = _add_adapter(transformer, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, losses, wall_before = 0, [], 0.0
@@ -1015,7 +1018,7 @@ def train_adapter(
                 on_step(step, losses[-1])
             if checkpoint is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == stop):
                 wall = wall_before + time.perf_counter() - t0
-                _save_checkpoint(checkpoint, transformer, opt, step, losses, wall)
+                _save_checkpoint(checkpoint, transformer, opt, step, losses, wall, setup)
     finally:
         bar.close()
         handle.disable()
@@ -1037,8 +1040,125 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="finetune", unit="step", disable=not enabled)
 
 
+def _plan_hash(plan: Plan) -> str:
+    """What the student runs: the plan without its search statistics and notes."""
+    import hashlib
+
+    d = {k: v for k, v in plan.to_dict().items() if k not in ("stats", "meta")}
+    return "sha256:" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _training_setup(transformer: torch.nn.Module, plan: Plan, cfg: FinetuneConfig) -> dict[str, Any]:
+    """What a checkpoint's adapter is only valid for: the base model and its weights, the plan, the LoRA's
+    shape. (Training hyperparameters may change on ``--resume``: continuing with another lr is allowed.)"""
+    return {
+        "model": plan_model_identity(transformer),
+        "base_weights": base_weights_fingerprint(transformer, self_attention_linears(transformer, "block")),
+        "plan": _plan_hash(plan),
+        "rank": cfg.rank,
+        "targets": cfg.targets,
+    }
+
+
+def _recording_source(transformer: torch.nn.Module, cfg: FinetuneConfig) -> dict[str, Any]:
+    """What the recorded teacher generations depend on: the base model and its weights and the pipeline
+    call (size, denoising steps, guidance, extra call arguments)."""
+    call = {
+        "frames": cfg.frames,
+        "height": cfg.height,
+        "width": cfg.width,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "extra_call_kwargs": json.loads(json.dumps(cfg.extra_call_kwargs, sort_keys=True, default=repr)),
+    }
+    return {
+        "model": plan_model_identity(transformer),
+        "base_weights": base_weights_fingerprint(transformer, self_attention_linears(transformer, "block")),
+        "call": call,
+    }
+
+
+def _source_differences(
+    stored: Mapping[str, Any], transformer: torch.nn.Module, now: Mapping[str, Any]
+) -> list[str]:
+    """Readable differences between a stored :func:`_recording_source` / :func:`_training_setup` and this
+    run's (``now``); the base weights are compared with a tolerance (another storage dtype is the same)."""
+    from .plan import base_weights_differences
+
+    diffs = []
+    for key, value in now.items():
+        if key not in stored:
+            continue
+        if key == "base_weights":
+            other = base_weights_differences(stored[key], transformer)
+            if other:
+                diffs.append(
+                    f"base weights ({len(other)} of {len(stored[key])} layers differ, e.g. {other[0]})"
+                )
+        elif key in ("model", "call") and isinstance(value, Mapping) and isinstance(stored[key], Mapping):
+            diffs += [
+                f"{key} {k}: {stored[key].get(k)!r} there, {value.get(k)!r} now"
+                for k in sorted(set(value) | set(stored[key]))
+                if stored[key].get(k) != value.get(k)
+            ]
+        elif stored[key] != value:
+            diffs.append(f"{key}: {stored[key]!r} there, {value!r} now")
+    return diffs
+
+
+def _check_checkpoint(path: Path, transformer: torch.nn.Module, setup: Mapping[str, Any]) -> None:
+    """Refuse to resume from a checkpoint trained for another model, base weights, plan or LoRA shape."""
+    if not path.is_file():
+        return
+    stored = torch.load(path, map_location="cpu", weights_only=True).get("setup")
+    if stored is None:  # written before checkpoints recorded their setup
+        return
+    diffs = _source_differences(stored, transformer, setup)
+    if diffs:
+        raise FinetuneInputError(
+            f"--resume: {path} was trained for another setup ({'; '.join(diffs)}); use a new --out, or "
+            "--overwrite to start over"
+        )
+
+
+def _check_resume(
+    out: Path,
+    stored: Mapping[str, Any],
+    transformer: torch.nn.Module,
+    source: Mapping[str, Any],
+    paths: Sequence[Path],
+    jobs: Sequence[tuple[str, str, int]],
+    setup: Mapping[str, Any],
+) -> None:
+    """Before anything is recorded or trained: refuse to continue a run in ``out`` whose recordings were made
+    with another base model / base weights / pipeline call, whose files hold other (prompt, seed) pairs than
+    this run's at the same names, or whose checkpoint was trained for another setup."""
+    if stored.get("source"):
+        diffs = _source_differences(stored["source"], transformer, source)
+        if diffs:
+            raise FinetuneInputError(
+                f"--resume: the teacher in {out / 'teacher'} was recorded with another model or settings "
+                f"({'; '.join(diffs)}); use a new --out, or --overwrite to start over"
+            )
+    known = stored.get("jobs") or {}
+    for pth, (_, prompt, seed) in zip(paths, jobs):
+        was = known.get(pth.name)
+        if pth.is_file() and was is not None and list(was) != [prompt, seed]:
+            raise FinetuneInputError(
+                f"--resume: {pth} holds {was[0]!r} seed {was[1]}, this run wants {prompt!r} seed {seed} there "
+                "(other prompts file, --seed or --seeds-per-prompt?); use a new --out, or --overwrite"
+            )
+    _check_checkpoint(out / "checkpoint.pt", transformer, setup)
+
+
 def _save_checkpoint(
-    path: str | os.PathLike, transformer, opt, step: int, losses: list[float], wall_s: float
+    path: str | os.PathLike,
+    transformer,
+    opt,
+    step: int,
+    losses: list[float],
+    wall_s: float,
+    setup: Mapping[str, Any] | None = None,
 ) -> None:
     tmp = f"{path}.tmp"
     torch.save(
@@ -1048,6 +1168,7 @@ def _save_checkpoint(
             "step": step,
             "losses": losses,
             "wall_s": wall_s,
+            "setup": dict(setup or {}),
         },
         tmp,
     )
@@ -1140,8 +1261,10 @@ def finetune(
     """Record the dense teacher, train the adapter, write ``out`` (adapter, plan, card). Returns the card's
     data (also in ``out/finetune.json``).
 
-    ``out`` must not exist unless ``resume`` (continue: the recorded teacher and checkpoint are reused) or
-    ``overwrite`` (start over; only sparsediff's own files there are replaced). The held-out generations
+    ``out`` must not exist unless ``resume`` (continue: the recorded teacher and checkpoint are reused; refused
+    with :class:`FinetuneInputError`, before any work, when they were made with another base model or weights,
+    pipeline call, (prompt, seed) pairs, plan or LoRA shape) or ``overwrite`` (start over; only sparsediff's own
+    files there are replaced). The held-out generations
     (``cfg.heldout`` of them, seeds from ``cfg.seed + 10_000``) cycle through ``heldout_prompts`` (default:
     the training prompts)."""
     cfg = cfg or FinetuneConfig()
@@ -1171,6 +1294,15 @@ def finetune(
         ("heldout", held_prompts[i % len(held_prompts)], cfg.seed + 10_000 + i) for i in range(cfg.heldout)
     ]
     paths = [teacher / f"{kind}-{i:04d}.pt" for i, (kind, _, _) in enumerate(jobs)]
+    timing = teacher / "recording.json"  # what the recordings were made with; their wall time
+    source = _recording_source(transformer, cfg)
+    stored = json.loads(timing.read_text()) if resume and timing.is_file() else {}  # --overwrite: anew
+    if resume:
+        _check_resume(out, stored, transformer, source, paths, jobs, _training_setup(transformer, plan, cfg))
+    _barrier(world)
+    if rank == 0:
+        files = {**(stored.get("jobs") or {}), **{p.name: [j[1], j[2]] for p, j in zip(paths, jobs)}}
+        timing.write_text(json.dumps({**stored, "source": source, "jobs": files}))
     t0 = time.perf_counter()
     finals = [pth.with_name(f"output-{pth.name}") for pth in paths]  # dense held-out outputs (decoded)
     todo = [i for i, pth in enumerate(paths) if not (resume and pth.is_file()) and i % world == rank]
@@ -1184,9 +1316,8 @@ def finetune(
                 torch.save(out_i, finals[i])
     _barrier(world)
     record_s = time.perf_counter() - t0
-    timing = teacher / "recording.json"  # the recording's wall time over every resumed run
-    if rank == 0:
-        stored = json.loads(timing.read_text()) if timing.is_file() else {}
+    if rank == 0:  # the recording's wall time over every resumed run
+        stored = json.loads(timing.read_text())
         record_s += float(stored.get("record_s", 0.0))
         timing.write_text(json.dumps({**stored, "record_s": record_s}))
     train = [p for p, j in zip(paths, jobs) if j[0] == "train"]
@@ -1233,7 +1364,7 @@ def finetune(
         student = [teacher / f"student{r + 1}-{n:04d}.pt" for n in range(len(train_jobs))]
         t1 = time.perf_counter()
         for n, (_, (_, prompt, seed)) in enumerate(train_jobs):
-            if n % world != rank or student[n].is_file():
+            if n % world != rank or (resume and student[n].is_file()):  # --overwrite: recorded anew
                 continue
             (gen,) = record_teacher(
                 pipe, [prompt], [seed], cfg, progress=progress, plan=plan, sparse_options=sparse_options
@@ -1245,9 +1376,9 @@ def finetune(
         transformer.delete_adapters(ADAPTER_NAME)  # the next phase restores it from the checkpoint
         gens += student
     if rank == 0 and rounds:
-        if timing.is_file():
-            student_s += float(json.loads(timing.read_text()).get("student_record_s", 0.0))
-        timing.write_text(json.dumps({"record_s": record_s, "student_record_s": student_s}))
+        stored = json.loads(timing.read_text())
+        student_s += float(stored.get("student_record_s", 0.0))
+        timing.write_text(json.dumps({**stored, "record_s": record_s, "student_record_s": student_s}))
     after = after_guided = after_psnr = None
     if held:
         after, after_guided, fit_after = _plan_errors(
@@ -1311,12 +1442,11 @@ def plan_model_identity(transformer: torch.nn.Module) -> dict[str, Any]:
 def build_parser():
     """``sparsediff finetune`` (also ``python -m sparsediff.finetune``; ``accelerate launch -m
     sparsediff.finetune`` splits recording and batches over processes)."""
-    import argparse
 
-    from .cli_args import add_output_args, add_threads_arg, positive_float, positive_int
+    from .cli_args import Parser, add_output_args, add_threads_arg, positive_float, positive_int
     from .loading import add_source_args
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="sparsediff finetune",
         description="Train a LoRA that teaches a pipeline's transformer its sparse plan (dense teacher, "
         "sparse student); writes the adapter, the plan and a card to --out.",
@@ -1326,8 +1456,8 @@ def build_parser():
     p.add_argument(
         "--plan",
         metavar="PLAN",
-        help="plan JSON, plan folder, or pattern name (default: the shipped plan of the embedded model, "
-        "else the family default)",
+        help="plan JSON, plan folder (its plan; a new adapter is trained), or pattern name (default: the "
+        "shipped plan of the embedded model, else the family default)",
     )
     p.add_argument(
         "--steps", type=positive_int, default=200, metavar="N", help="optimizer steps (default: 200)"
@@ -1385,7 +1515,12 @@ def build_parser():
         "so far) generates the training prompts and the dense model labels its calls; later phases train on "
         "teacher and student generations (default 0: teacher only)",
     )
-    p.add_argument("--resume", action="store_true", help="continue a run in --out (recording and checkpoint)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run in --out (recording and checkpoint); refused when they were made with another base "
+        "model or weights, size, steps, guidance, prompts/seeds, plan or LoRA rank/targets",
+    )
     p.add_argument(
         "--loss",
         choices=LOSSES,
@@ -1418,6 +1553,25 @@ def build_parser():
     add_threads_arg(p)
     add_output_args(p, out_help="output folder (adapter, plan, card, recorded teacher, checkpoint)")
     return p
+
+
+def _refuse_other_base(folder: Path, transformer: torch.nn.Module) -> None:
+    """``--plan DIR`` where DIR holds an adapter trained on other base weights of this architecture: its plan
+    was made for those weights too (the config hash cannot tell), so refuse rather than train on it."""
+    from .cli_args import InputError
+    from .plan import base_weights_differences
+
+    try:
+        recorded = json.loads((folder / META_NAME).read_text())["model"]["base_weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a plan folder without an adapter card
+    diffs = base_weights_differences(recorded, transformer)
+    if diffs:
+        raise InputError(
+            f"--plan {folder}: its adapter was trained on other base weights than this model's ({len(diffs)} of "
+            f"{len(recorded)} adapted layers differ, e.g. {diffs[0]}); pass {folder / PLAN_NAME} to train "
+            "on its plan anyway, or search a plan for this model (sparsediff search)"
+        )
 
 
 def _default_plan(transformer: torch.nn.Module, plan_arg: str | None) -> Plan:
@@ -1488,6 +1642,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{type(pipe).__name__} has no 'transformer' component to fine-tune")
         plan = _default_plan(pipe.transformer, args.plan)
         plan.validate_for(pipe.transformer)
+        if args.plan and Path(args.plan).is_dir():
+            _refuse_other_base(Path(args.plan), pipe.transformer)
         call = dict(getattr(loaded, "call_kwargs", None) or {})
         cfg.extra_call_kwargs = {k: v for k, v in call.items() if k not in ("prompt", "generator")}
     except (InputError, FinetuneInputError, ValueError, FileNotFoundError) as e:

@@ -1373,9 +1373,9 @@ def _free(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_args import deprecated_alias
+    from .cli_args import Parser, deprecated_alias
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m sparsediff.gpucheck",
         description="One prepared GPU run: correctness, kernel speed and end-to-end tables "
         "(see the module docstring).",

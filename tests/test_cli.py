@@ -48,17 +48,43 @@ def test_markdown_table_is_printed(capsys):
 
 
 def test_steps_zero_is_an_argparse_error_everywhere(capsys):
-    import pytest
-
     for cmd in (
         ["demo"],
         ["compare"],
         ["search", "--prompts", "p.txt", "--density", "0.5", "--out", "p.json"],
+        ["finetune", "--prompts", "p.txt", "--out", "ft"],
     ):
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--steps", "0"])
         assert e.value.code == 2
-        assert "--steps: must be >= 1, got 0" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--steps: must be >= 1, got 0" in err
+        assert err.count("\n") == 1 and "usage:" not in err, err  # one line, like every other bad input
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--no-such-flag"],
+        ["compare", "--seeds", "x"],
+        ["search", "--density", "0.5"],  # required flags missing
+        ["plan", "show"],  # the subcommand's parser: PLAN missing
+        ["bench", "--block-size", "-1"],
+        ["finetune", "--out", "ft"],  # --prompts missing
+        ["info", "--verbose"],
+    ],
+)
+def test_usage_errors_are_one_line_and_help_still_prints_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparsediff ") and ": error: " in err, err
+    assert err.rstrip().endswith("(see --help)")
+    with pytest.raises(SystemExit) as e:
+        main([*argv[: 2 if argv[0] == "plan" else 1], "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: sparsediff ")
 
 
 def test_bench_and_plan_show_keep_existing_files(tmp_path, capsys):

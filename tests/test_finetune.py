@@ -505,6 +505,50 @@ def test_bad_inputs_fail_before_any_work(pipe, plan, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_resume_refuses_another_base_call_prompts_or_plan_before_any_work(plan, tmp_path):
+    """``--resume`` continues only the run it names: recordings of another base model / weights / pipeline
+    call, other (prompt, seed) pairs at the same file names, or a checkpoint for another plan are refused
+    before anything is recorded, trained or written; the same run resumes without re-recording."""
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=1, heldout=0, **CFG)
+    finetune(load_embedded_pipeline(), plan, PROMPTS, out, cfg, progress=False, sparse_options=SPARSE)
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def refused(match, pipe=None, prompts=PROMPTS, the_plan=plan, the_cfg=cfg):
+        with pytest.raises(FinetuneInputError, match=match):
+            finetune(
+                pipe or load_embedded_pipeline(),
+                the_plan,
+                prompts,
+                out,
+                the_cfg,
+                resume=True,
+                progress=False,
+                sparse_options=SPARSE,
+            )
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot  # nothing touched
+
+    other = load_embedded_pipeline()  # the same architecture, one linear fine-tuned a little
+    w = other.transformer.blocks[1].ffn.net[2].weight
+    with torch.no_grad():
+        w += 0.05 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    refused("base weights .*blocks.1.ffn", pipe=other)
+    from dataclasses import replace
+
+    refused("call frames: 8 there, 16 now", the_cfg=replace(cfg, frames=16))
+    refused("holds 'a red square moving left' seed 0", prompts=PROMPTS[::-1])
+    wider = Plan.uniform("tile", window=(1, 2, 2), tile=(4, 4, 4), dense_steps=1)
+    refused("checkpoint.pt was trained for another setup .*plan", the_plan=wider)
+    refused("rank: 4 there, 8 now", the_cfg=replace(cfg, rank=8))
+    # the same run resumes: nothing re-recorded
+    teacher = sorted((out / "teacher").glob("train-*.pt"))
+    before = [p.stat().st_mtime_ns for p in teacher]
+    finetune(
+        load_embedded_pipeline(), plan, PROMPTS, out, cfg, resume=True, progress=False, sparse_options=SPARSE
+    )
+    assert [p.stat().st_mtime_ns for p in teacher] == before
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 SMALL = [
@@ -536,6 +580,7 @@ def _env():
         (["--prompts", "missing.txt"], "prompts file not found"),
         (["--plan", "nonexistent_plan.json"], "nonexistent_plan.json"),
         (["--plan", "FLUX"], None),  # written below: a plan for another model
+        (["--plan", "OTHER_BASE"], None),  # written below: an adapter folder trained on other base weights
     ],
 )
 def test_cli_bad_input_exits_2_before_any_work(tmp_path, capsys, extra, match, plan):
@@ -549,6 +594,22 @@ def test_cli_bad_input_exits_2_before_any_work(tmp_path, capsys, extra, match, p
         d["model"] = {**d["model"], "transformer_class": "FluxTransformer2DModel"}
         other.write_text(__import__("json").dumps(d))
         extra, match = ["--plan", str(other)], "FluxTransformer2DModel"
+    if extra == ["--plan", "OTHER_BASE"]:
+        import json
+        import shutil
+
+        from sparsediff.embedded import WEIGHTS_DIR
+
+        folder = tmp_path / "other_base"
+        shutil.copytree(f"{WEIGHTS_DIR}/sparse_plan_lora", folder)
+        card = json.loads((folder / "finetune.json").read_text())
+        layer = sorted(card["model"]["base_weights"])[0]
+        card["model"]["base_weights"][layer][1] *= 1.1  # its base's weights were 10 % wider there
+        (folder / "finetune.json").write_text(json.dumps(card))
+        extra, match = (
+            ["--plan", str(folder)],
+            f"other base weights than this model's (1 of 16 adapted layers differ, e.g. {layer}",
+        )
     out = tmp_path / "out"
     argv = ["finetune", "--prompts", str(prompts), "--out", str(out), *SMALL, *extra]
     if "--prompts" in extra:

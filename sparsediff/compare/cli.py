@@ -11,6 +11,7 @@ from typing import Any
 
 from ..cli_args import (
     InputError,
+    Parser,
     add_cp_arg,
     add_output_args,
     add_seeds_arg,
@@ -45,7 +46,7 @@ def load_pipeline(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         description="Dense vs sparse attention on the same prompts and seeds: metrics, timings, videos, report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -24,7 +24,6 @@ and ``metrics.json``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -961,9 +960,9 @@ def evaluate_export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m sparsediff.embedded.train", description=__doc__.split("\n")[0]
-    )
+    from ..cli_args import Parser
+
+    ap = Parser(prog="python -m sparsediff.embedded.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (logs, samples, checkpoint, pipeline/)")
     ap.add_argument("--preset", choices=PRESETS, default="gpu")
     ap.add_argument("--steps", type=int, help="override the preset's number of steps")

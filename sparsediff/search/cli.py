@@ -38,6 +38,7 @@ from typing import Any
 
 from ..cli_args import (
     InputError,
+    Parser,
     add_cp_arg,
     add_output_args,
     add_seeds_arg,
@@ -60,7 +61,7 @@ class SearchInputError(InputError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog=PROG,
         description="Search a per-head sparse-attention plan by profiling a pipeline on calibration prompts.",
     )

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_args import deprecated_alias, fail
+from ..cli_args import Parser, deprecated_alias, fail
 from ..plan import Plan, PlanError
 from .candidates import family
 
@@ -153,7 +153,7 @@ def save_heatmap(plan: Plan, path: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sparsediff plan", description="Inspect sparsediff plans.")
+    ap = Parser(prog="sparsediff plan", description="Inspect sparsediff plans.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser(
         "show",
