@@ -1060,6 +1060,19 @@ def _training_setup(transformer: torch.nn.Module, plan: Plan, cfg: FinetuneConfi
     }
 
 
+def _describe(x: Any) -> str:
+    """A stable JSON stand-in for a pipeline call argument JSON cannot hold (a tensor, an image): its type, shape
+    and a digest of its content -- never ``repr``, which may hold a memory address."""
+    import hashlib
+
+    if isinstance(x, torch.Tensor):
+        data = x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        return f"Tensor{tuple(x.shape)}:{x.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
+    if hasattr(x, "tobytes") and hasattr(x, "size") and hasattr(x, "mode"):  # a PIL image
+        return f"{type(x).__name__}{tuple(x.size)}:{x.mode}:{hashlib.sha256(x.tobytes()).hexdigest()[:16]}"
+    return type(x).__name__
+
+
 def _recording_source(transformer: torch.nn.Module, cfg: FinetuneConfig) -> dict[str, Any]:
     """What the recorded teacher generations depend on: the base model and its weights and the pipeline
     call (size, denoising steps, guidance, extra call arguments)."""
@@ -1069,7 +1082,7 @@ def _recording_source(transformer: torch.nn.Module, cfg: FinetuneConfig) -> dict
         "width": cfg.width,
         "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale,
-        "extra_call_kwargs": json.loads(json.dumps(cfg.extra_call_kwargs, sort_keys=True, default=repr)),
+        "extra_call_kwargs": json.loads(json.dumps(cfg.extra_call_kwargs, sort_keys=True, default=_describe)),
     }
     return {
         "model": plan_model_identity(transformer),

@@ -710,3 +710,18 @@ def test_cli_without_peft_says_how_to_install_before_any_work(tmp_path, capsys, 
     assert sd_main(["finetune", "--prompts", str(prompts), "--out", str(out), *SMALL]) == 2
     assert "pip install 'sparsediff[finetune]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_recording_source_describes_call_arguments_by_content_not_address():
+    """A pipeline call argument JSON cannot hold (an image, a tensor) is recorded by type, shape and content
+    digest, so the same input resumes and another one is refused (``repr`` would hold a memory address)."""
+    from PIL import Image
+
+    from sparsediff.finetune import _describe
+
+    a, b = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "red")
+    assert _describe(a) == _describe(b) and "0x" not in _describe(a)
+    assert _describe(a) != _describe(Image.new("RGB", (8, 8), "blue"))
+    t = torch.arange(6.0).reshape(2, 3)
+    assert _describe(t) == _describe(t.clone()) != _describe(t + 1)
+    assert _describe(t).startswith("Tensor(2, 3):torch.float32:")
