@@ -19,7 +19,6 @@ Every transformer component of a pipeline is handled (Wan 2.2 A14B: ``transforme
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -31,7 +30,7 @@ import torch
 from .config import SparseAttentionConfig
 from .defaults import default_plan
 from .hooks import TransformerState, apply_sparse_attention, get_state, remove_sparse_attention
-from .plan import ADAPTER_META_FILE, ADAPTER_NAME, Plan, base_weights_differences, plan_folder_files
+from .plan import ADAPTER_NAME, Plan, folder_base_differences, plan_folder_files
 from .specs import PATTERN_PARAMS, HeadSpec
 
 logger = logging.getLogger(__name__)
@@ -120,12 +119,10 @@ def _warn_other_base(transformer: torch.nn.Module, folder: Path) -> None:
     """Warn when the folder's adapter was trained on other weights of this architecture (the plan's config
     hash cannot tell): it still loads -- a fine-tuned base may be on purpose -- but its card's numbers do
     not apply."""
-    meta_file = folder / ADAPTER_META_FILE
-    try:
-        recorded = json.loads(meta_file.read_text())["model"]["base_weights"]
-    except (OSError, ValueError, KeyError, TypeError):
+    found = folder_base_differences(folder, transformer)
+    if found is None:
         return  # no card, or one written before base weights were recorded
-    diffs = base_weights_differences(recorded, transformer)
+    diffs, n = found
     if diffs:
         logger.warning(
             "sparsediff: the adapter in %s was trained on other base weights than this %s's (%d of %d adapted "
@@ -134,7 +131,7 @@ def _warn_other_base(transformer: torch.nn.Module, folder: Path) -> None:
             folder,
             type(transformer).__name__,
             len(diffs),
-            len(recorded),
+            n,
             diffs[0],
         )
 

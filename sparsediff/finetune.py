@@ -1048,12 +1048,19 @@ def _plan_hash(plan: Plan) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _base_identity(transformer: torch.nn.Module) -> dict[str, Any]:
+    """The base model (class, adapter, config hash) and a fingerprint of every linear of its sparse blocks."""
+    return {
+        "model": plan_model_identity(transformer),
+        "base_weights": base_weights_fingerprint(transformer, self_attention_linears(transformer, "block")),
+    }
+
+
 def _training_setup(transformer: torch.nn.Module, plan: Plan, cfg: FinetuneConfig) -> dict[str, Any]:
     """What a checkpoint's adapter is only valid for: the base model and its weights, the plan, the LoRA's
     shape. (Training hyperparameters may change on ``--resume``: continuing with another lr is allowed.)"""
     return {
-        "model": plan_model_identity(transformer),
-        "base_weights": base_weights_fingerprint(transformer, self_attention_linears(transformer, "block")),
+        **_base_identity(transformer),
         "plan": _plan_hash(plan),
         "rank": cfg.rank,
         "targets": cfg.targets,
@@ -1084,11 +1091,7 @@ def _recording_source(transformer: torch.nn.Module, cfg: FinetuneConfig) -> dict
         "guidance_scale": cfg.guidance_scale,
         "extra_call_kwargs": json.loads(json.dumps(cfg.extra_call_kwargs, sort_keys=True, default=_describe)),
     }
-    return {
-        "model": plan_model_identity(transformer),
-        "base_weights": base_weights_fingerprint(transformer, self_attention_linears(transformer, "block")),
-        "call": call,
-    }
+    return {**_base_identity(transformer), "call": call}
 
 
 def _source_differences(
@@ -1572,17 +1575,13 @@ def _refuse_other_base(folder: Path, transformer: torch.nn.Module) -> None:
     """``--plan DIR`` where DIR holds an adapter trained on other base weights of this architecture: its plan
     was made for those weights too (the config hash cannot tell), so refuse rather than train on it."""
     from .cli_args import InputError
-    from .plan import base_weights_differences
+    from .plan import folder_base_differences
 
-    try:
-        recorded = json.loads((folder / META_NAME).read_text())["model"]["base_weights"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # a plan folder without an adapter card
-    diffs = base_weights_differences(recorded, transformer)
+    diffs, n = folder_base_differences(folder, transformer) or ([], 0)  # no card: a plain plan folder
     if diffs:
         raise InputError(
             f"--plan {folder}: its adapter was trained on other base weights than this model's ({len(diffs)} of "
-            f"{len(recorded)} adapted layers differ, e.g. {diffs[0]}); pass {folder / PLAN_NAME} to train "
+            f"{n} adapted layers differ, e.g. {diffs[0]}); pass {folder / PLAN_NAME} to train "
             "on its plan anyway, or search a plan for this model (sparsediff search)"
         )
 

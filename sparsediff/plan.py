@@ -218,6 +218,18 @@ def base_weights_differences(
     return diffs
 
 
+def folder_base_differences(
+    folder: str | os.PathLike, model: torch.nn.Module
+) -> tuple[list[str], int] | None:
+    """(differing layers, adapted layers) between the base weights a plan folder's adapter card
+    (:data:`ADAPTER_META_FILE`) records and ``model``'s; None without a card that records them."""
+    try:
+        recorded = json.loads((Path(folder) / ADAPTER_META_FILE).read_text())["model"]["base_weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return base_weights_differences(recorded, model), len(recorded)
+
+
 def adapter_layers(transformer: Any) -> list[Any]:
     """The peft LoRA layers of ``transformer`` that hold the :data:`ADAPTER_NAME` adapter (their ``scaling``
     dict has its entry); empty without it."""
