@@ -53,7 +53,10 @@ def main() -> None:
             norms = torch.stack([g.pow(2).mean() for g in gs])
             total = sum(gs)
             ratio = float(total.pow(2).mean() / norms.sum())
-            cos = [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(gs, gs[1:])]
+            cos = [
+                float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+                for a, b in zip(gs, gs[1:])
+            ]
             print(f"scale {c} {name}: {len(gs)} sparse steps, guided MSE {float(norms.mean()):.3e}, "
                   f"coherence {ratio:.2f}, cos(next) " + " ".join(f"{x:.2f}" for x in cos), flush=True)  # fmt: skip
 

@@ -50,7 +50,10 @@ def main() -> None:
             errs.append(float((generate(p, s) - ref[p, s]).pow(2).mean()))
         pooled = 10 * math.log10(len(errs) / sum(errs))
         per_video = [round(10 * math.log10(1 / e), 2) for e in errs]
-        print(json.dumps({"noise_mse": mse, "pooled_psnr": round(pooled, 2), "per_video": per_video}), flush=True)
+        print(
+            json.dumps({"noise_mse": mse, "pooled_psnr": round(pooled, 2), "per_video": per_video}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
