@@ -156,6 +156,15 @@ class FinetuneConfig:
             (default): shuffled, except in step order when the plan has cross-step heads (their state comes
             from the earlier steps of the same generation) or the adapter runs in every step
             (``adapter_steps="all"``).
+        renoise: fraction (0 to 1) of the training samples made *anew* from a recorded one: the step's input
+            latents are replaced by ``(1 - sigma) * x0 + sigma * noise`` -- the generation's own final
+            latents ``x0``, the step's noise level ``sigma``, fresh Gaussian noise -- and labelled online by
+            the dense model (adapter off). Every such sample is a new noise seed of a recorded prompt for the
+            cost of one dense call, instead of a whole recorded generation: the adapter's limit on the
+            embedded model is generalisation over noise seeds (BENCHMARKS.md, "Finetune diagnostics").
+            Needs a flow-matching scheduler (noisy latents on that path; checked on the recording) and
+            recordings that hold each call's ``sigma`` and the final latents (:func:`record_teacher` stores
+            them), and the shuffled order. 0 (default): recorded samples only.
     """
 
     steps: int = 200
@@ -178,6 +187,7 @@ class FinetuneConfig:
     step_loss: str = "log"
     lr_schedule: str = "cosine"
     order: str = "auto"
+    renoise: float = 0.0
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -204,6 +214,8 @@ class FinetuneConfig:
                 raise FinetuneInputError(
                     f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
+        if not (isinstance(self.renoise, (int, float)) and 0.0 <= self.renoise <= 1.0):
+            raise FinetuneInputError(f"renoise must be a fraction in [0, 1], got {self.renoise!r}")
         if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
             raise FinetuneInputError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
         for name in ("frames", "height", "width"):
@@ -221,7 +233,9 @@ class RecordedCall:
 
     ``args``/``kwargs`` are the call's positional / keyword arguments (tensors on the CPU); ``step`` /
     ``num_steps`` the denoising step and step count, ``branch`` the CFG branch (diffusers' cache-context
-    name, or the call's index within its step); ``target`` the dense output ``[B, ...]``.
+    name, or the call's index within its step); ``target`` the dense output ``[B, ...]``. With a
+    flow-matching scheduler also ``sigma``, the noise level of the call's input latents, and on a generation's
+    last call ``clean``, the generation's final latents (what ``renoise`` re-noises); None otherwise.
     """
 
     args: tuple
@@ -230,6 +244,8 @@ class RecordedCall:
     num_steps: int | None
     branch: str | int
     target: torch.Tensor
+    sigma: float | None = None
+    clean: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -239,12 +255,21 @@ class RecordedCall:
             "num_steps": self.num_steps,
             "branch": self.branch,
             "target": self.target,
+            "sigma": self.sigma,
+            "clean": self.clean,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RecordedCall:
         return cls(
-            tuple(d["args"]), dict(d["kwargs"]), int(d["step"]), d["num_steps"], d["branch"], d["target"]
+            tuple(d["args"]),
+            dict(d["kwargs"]),
+            int(d["step"]),
+            d["num_steps"],
+            d["branch"],
+            d["target"],
+            d.get("sigma"),
+            d.get("clean"),
         )
 
 
@@ -300,6 +325,53 @@ def _pipeline_kwargs(pipe: Any, cfg: FinetuneConfig) -> dict[str, Any]:
     return out
 
 
+def flow_scheduler(pipe: Any) -> Any | None:
+    """The pipeline's scheduler when it is a flow-matching one (noisy latents ``(1 - sigma) x0 + sigma
+    noise``, its ``sigmas`` indexed by step), else None."""
+    sched = getattr(pipe, "scheduler", None)
+    if sched is None or getattr(sched, "sigmas", None) is None:
+        return None
+    conf = getattr(sched, "config", None) or {}
+    if (
+        "FlowMatch" in type(sched).__name__
+        or conf.get("prediction_type") == "flow_prediction"
+        or conf.get("use_flow_sigmas")
+    ):
+        return sched
+    return None
+
+
+def _scheduler_sigma(sched: Any) -> float | None:
+    """The noise level of the step the scheduler is at (its ``step_index``; before the first ``step()``
+    its ``begin_index``, else 0)."""
+    idx = getattr(sched, "step_index", None)
+    if idx is None:
+        idx = getattr(sched, "begin_index", None) or 0
+    sigmas = sched.sigmas
+    return float(sigmas[idx]) if 0 <= idx < len(sigmas) else None
+
+
+def _final_latents_callback(pipe: Any, call_kwargs: Mapping[str, Any], box: dict) -> dict[str, Any]:
+    """Pipeline call arguments that keep the latents after every step in ``box["latents"]`` (the final ones
+    at the end), through diffusers' ``callback_on_step_end``; none when the pipeline has no such callback or
+    the call already sets one."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    if "callback_on_step_end" not in params or call_kwargs.get("callback_on_step_end") is not None:
+        return {}
+
+    def on_step_end(_pipe: Any, _i: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(kw.get("latents"), torch.Tensor):
+            box["latents"] = kw["latents"].detach().float().cpu()
+        return {}
+
+    out: dict[str, Any] = {"callback_on_step_end": on_step_end}
+    if "callback_on_step_end_tensor_inputs" in params:
+        out["callback_on_step_end_tensor_inputs"] = ["latents"]
+    return out
+
+
 def record_teacher(
     pipe: Any,
     prompts: Sequence[str],
@@ -325,6 +397,10 @@ def record_teacher(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     transformer = pipe.transformer
     call_kwargs = _pipeline_kwargs(pipe, cfg)
+    sched = flow_scheduler(pipe)
+    final: dict[str, torch.Tensor] = {}
+    if sched is not None:
+        call_kwargs = {**call_kwargs, **_final_latents_callback(pipe, call_kwargs, final)}
     generations: list[list[RecordedCall]] = []
     handle = enable_sparse_attention(
         transformer, plan or Plan.dense(), **(dict(sparse_options or {}) if plan is not None else {})
@@ -342,6 +418,7 @@ def record_teacher(
                 num_steps,
                 state.branch_key,
                 _prediction(output).detach().float().cpu(),
+                _scheduler_sigma(sched) if sched is not None else None,
             )
         )
 
@@ -351,10 +428,13 @@ def record_teacher(
             device = getattr(pipe, "device", torch.device("cpu"))
             gen = torch.Generator(device=device).manual_seed(int(seed))
             calls = []
+            final.clear()
             with torch.no_grad():
                 pipe(prompt=prompt, generator=gen, **call_kwargs)
             if not calls:
                 raise RuntimeError(f"{type(pipe).__name__} made no transformer call for {prompt!r}")
+            if "latents" in final:
+                calls[-1].clean = final["latents"]
             generations.append(calls)
             if progress:
                 logger.info(
@@ -536,6 +616,85 @@ def replay_call(
         with transformer.cache_context(call.branch, step_index=call.step, num_inference_steps=call.num_steps):
             return _prediction(transformer(*args, **kwargs))
     return _prediction(transformer(*args, **kwargs))
+
+
+def _hidden_states(call: RecordedCall) -> torch.Tensor:
+    hs = call.kwargs.get("hidden_states")
+    if hs is None and call.args and isinstance(call.args[0], torch.Tensor):
+        hs = call.args[0]
+    if not isinstance(hs, torch.Tensor):
+        raise FinetuneInputError("renoise: the transformer call has no hidden_states tensor to re-noise")
+    return hs
+
+
+def _latent_layout(hs: torch.Tensor, clean: torch.Tensor) -> tuple[int, int | None]:
+    """How the final latents ``clean [B, ...]`` sit in a call's hidden states: (batch repeat -- 2 where the
+    pipeline batches its CFG branches --, channel count when the latents are the first channels of more (the
+    coordinate or conditioning channels some models concatenate), else None for the whole tensor)."""
+    b = clean.shape[0]
+    if b and hs.shape[0] % b == 0:
+        if hs.shape[1:] == clean.shape[1:]:
+            return hs.shape[0] // b, None
+        if hs.dim() == clean.dim() and hs.shape[2:] == clean.shape[2:] and hs.shape[1] > clean.shape[1]:
+            return hs.shape[0] // b, clean.shape[1]
+    raise FinetuneInputError(
+        f"renoise: the transformer's input {tuple(hs.shape)} does not hold the pipeline's latents "
+        f"{tuple(clean.shape)} (the same shape, or as its first channels): use renoise 0"
+    )
+
+
+def latent_input(call: RecordedCall, clean: torch.Tensor) -> torch.Tensor:
+    """The noisy latents of a recorded call's input (the part :func:`renoise_call` replaces), float32."""
+    hs = _hidden_states(call)
+    _, ch = _latent_layout(hs, clean)
+    return (hs if ch is None else hs[:, :ch]).float()
+
+
+def renoise_call(call: RecordedCall, clean: torch.Tensor, noise: torch.Tensor) -> RecordedCall:
+    """A copy of ``call`` whose input latents are ``(1 - sigma) * clean + sigma * noise`` at the call's
+    noise level (other input channels -- coordinates, conditioning latents -- and arguments as recorded);
+    its target is still the recorded one: label it (:func:`label_with_dense`) before training on it."""
+    if call.sigma is None:
+        raise FinetuneInputError("renoise: the recorded call has no noise level (sigma)")
+    hs = _hidden_states(call)
+    rep, ch = _latent_layout(hs, clean)
+    x = (1.0 - call.sigma) * clean.float() + call.sigma * noise.float()
+    x = x.repeat(rep, *([1] * (x.dim() - 1))).to(hs.dtype)
+    if ch is None:
+        new = x
+    else:
+        new = hs.clone()
+        new[:, :ch] = x
+    if "hidden_states" in call.kwargs:
+        return replace(call, kwargs={**call.kwargs, "hidden_states": new})
+    return replace(call, args=(new, *call.args[1:]))
+
+
+def check_renoisable(generation: Sequence[RecordedCall]) -> torch.Tensor:
+    """The generation's final latents, after checking that it can be re-noised: every call has its noise
+    level, the last call the final latents, and the inputs lie on the flow-matching path -- at the call
+    whose ``sigma`` is nearest 0.5, ``(x - (1 - sigma) x0) / sigma`` has a standard deviation near 1 (noise),
+    as it has on the embedded model's generations (0.95-0.99). Raises :class:`FinetuneInputError`."""
+    clean = generation[-1].clean if generation else None
+    if clean is None or any(c.sigma is None for c in generation):
+        raise FinetuneInputError(
+            "renoise needs recordings that hold each call's noise level and the final latents (recorded by "
+            "this version with a flow-matching scheduler); re-record them (--overwrite) or use renoise 0"
+        )
+    mid = [c for c in generation if 0.1 < c.sigma < 0.95]
+    if mid:
+        call = min(mid, key=lambda c: abs(c.sigma - 0.5))
+        x = latent_input(call, clean)
+        rep, _ = _latent_layout(_hidden_states(call), clean)
+        x0 = clean.float().repeat(rep, *([1] * (clean.dim() - 1)))
+        std = float(((x - (1.0 - call.sigma) * x0) / call.sigma).std())
+        if not 0.5 <= std <= 1.5:
+            raise FinetuneInputError(
+                f"renoise: the recorded inputs are not (1 - sigma) x0 + sigma noise (at sigma {call.sigma:.3f} "
+                f"the implied noise has std {std:.2f}, not ~1): this pipeline's latents do not follow the "
+                "flow-matching path; use renoise 0"
+            )
+    return clean
 
 
 def _sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -945,6 +1104,13 @@ def train_adapter(
     groups = _update_groups(len(first_steps), sparse)
     gated = dict(sparse_options or {}).get("adapter_steps", "sparse") == "sparse"
     cross = _has_cross_step(plan)
+    if cfg.renoise and (cfg.order == "steps" or cross or not gated):
+        raise FinetuneInputError(
+            "renoise makes samples out of single denoising steps: it needs the shuffled order (no cross-step "
+            "heads in the plan, the gated adapter); use renoise 0"
+        )
+    if cfg.renoise:
+        check_renoisable(load(0))
     if cfg.order == "shuffled" and (cross or not gated):
         raise FinetuneInputError(
             "order 'shuffled' replays steps out of order: not for a plan with cross-step heads "
@@ -955,14 +1121,32 @@ def train_adapter(
     stop = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
     local = cfg.batch // world
 
-    def updates() -> Iterable[list[tuple[list[list[RecordedCall]], list[int]]]]:
-        """This process's work of every optimizer step from ``start``: (steps, denoising-step indices)."""
+    def fresh(steps: list[list[RecordedCall]], k: int, gen: Sequence[RecordedCall], position: int) -> bool:
+        """With probability ``cfg.renoise`` (seeded by the sample's position: the same in every process and
+        on resume) replace step ``k``'s calls by re-noised copies; True if it did (they need labels)."""
+        rng = random.Random(cfg.seed * 1_000_003 + position)
+        if rng.random() >= cfg.renoise:
+            return False
+        clean = check_renoisable(gen)
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+        steps[k] = [renoise_call(c, clean, noise) for c in steps[k]]
+        return True
+
+    def updates() -> Iterable[list[tuple[list[list[RecordedCall]], list[int], bool]]]:
+        """This process's work of every optimizer step from ``start``: (steps, denoising-step indices, whether
+        they were re-noised and need the dense model's labels)."""
         if shuffled:
             samples = [(g, k) for g in range(len(generations)) for k in sorted(sparse)]
             seq = _order(len(samples), cfg.seed, stop * cfg.batch)
             for s in range(start, stop):
-                chosen = seq[s * cfg.batch : (s + 1) * cfg.batch][rank * local : (rank + 1) * local]
-                yield [(_steps_of([load(samples[i][0])]), [samples[i][1]]) for i in chosen]
+                lo = s * cfg.batch + rank * local
+                work = []
+                for position, i in enumerate(seq[lo : lo + local], start=lo):
+                    gen = load(samples[i][0])
+                    steps = _steps_of([gen])
+                    made = cfg.renoise > 0 and fresh(steps, samples[i][1], gen, position)
+                    work.append((steps, [samples[i][1]], made))
+                yield work
             return
         per_pass = len(groups)
         order = _order(len(generations), cfg.seed, math.ceil(stop / per_pass) * cfg.batch)
@@ -974,7 +1158,7 @@ def train_adapter(
             for group in groups[first:]:
                 if s >= stop:
                     break
-                yield [(steps, group)]
+                yield [(steps, group, False)]
                 s += 1
 
     handle = enable_sparse_attention(transformer, plan, **dict(sparse_options or {}))
@@ -983,9 +1167,16 @@ def train_adapter(
     try:
         transformer.train(False)
         for work in updates():
+            made = [c for steps, group, new in work if new for k in group for c in steps[k]]
+            if made:  # the re-noised samples' targets: the dense model (no sparse attention, adapter off)
+                handle.disable()
+                try:
+                    label_with_dense(transformer, made, device)
+                finally:
+                    handle = enable_sparse_attention(transformer, plan, **dict(sparse_options or {}))
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
-            for steps, group in work:
+            for steps, group, _ in work:
                 for k in group:
                     if k in warm:
                         with torch.no_grad():
@@ -1216,6 +1407,11 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
     lines.append(
         f"- objective: {c.get('loss', 'branch')} prediction, step loss {c.get('step_loss', 'mse')}, order "
         f"{meta.get('order', c.get('order', 'steps'))}, lr schedule {c.get('lr_schedule', 'constant')}"
+        + (
+            f", {c['renoise']:.0%} of the samples re-noised (fresh noise, dense labels)"
+            if c.get("renoise")
+            else ""
+        )
     )
     if meta.get("student_generations"):
         lines.append(
@@ -1301,6 +1497,17 @@ def finetune(
         raise FinetuneInputError(f"the transformer already has an adapter named {ADAPTER_NAME!r}")
     if cfg.loss == "guided":  # the scale the loss combines the branches with is the one recorded with
         cfg = replace(cfg, guidance_scale=guidance_for_loss(cfg, pipe))
+    if cfg.renoise:
+        if flow_scheduler(pipe) is None:
+            raise FinetuneInputError(
+                f"renoise needs a flow-matching scheduler (noisy latents (1 - sigma) x0 + sigma noise); "
+                f"{type(getattr(pipe, 'scheduler', None)).__name__} is not one: use renoise 0"
+            )
+        if cfg.order == "steps" or _has_cross_step(plan):
+            raise FinetuneInputError(
+                "renoise makes samples out of single denoising steps: it needs the shuffled order (no "
+                "cross-step heads in the plan); use renoise 0"
+            )
     rank, world = _dist()
     teacher = out / "teacher"
     teacher.mkdir(parents=True, exist_ok=True)
@@ -1315,6 +1522,8 @@ def finetune(
     stored = json.loads(timing.read_text()) if resume and timing.is_file() else {}  # --overwrite: anew
     if resume:
         _check_resume(out, stored, transformer, source, paths, jobs, _training_setup(transformer, plan, cfg))
+    if cfg.renoise and resume and paths[0].is_file():  # an earlier version's recordings: no noise levels
+        check_renoisable(load_recording(paths[0]))
     _barrier(world)
     if rank == 0:
         files = {**(stored.get("jobs") or {}), **{p.name: [j[1], j[2]] for p, j in zip(paths, jobs)}}
@@ -1552,6 +1761,16 @@ def build_parser():
         "relative improvement (log), or the plain squared error (mse) (default: log)",
     )
     p.add_argument(
+        "--renoise",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the training samples made anew from a recorded step: its latents re-noised with "
+        "fresh noise at the step's noise level ((1 - sigma) x0 + sigma noise, x0 the generation's final "
+        "latents) and labelled by the dense model -- new noise seeds for one dense call each; flow-matching "
+        "pipelines, shuffled order (default: 0)",
+    )
+    p.add_argument(
         "--order",
         choices=ORDERS,
         default="auto",
@@ -1646,6 +1865,7 @@ def main(argv: list[str] | None = None) -> int:
             step_loss=args.step_loss,
             order=args.order,
             lr_schedule=args.lr_schedule,
+            renoise=args.renoise,
         )
         apply_threads(args.threads)
         loaded = load_pipeline(args.pipeline, args.model, allow_random=False, command=prog)

@@ -10,6 +10,7 @@ exactly; fusing works with sparse attention on. The tiny Wan pipeline checks ``p
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -20,10 +21,13 @@ from sparsediff.finetune import (
     ADAPTER_NAME,
     FinetuneConfig,
     FinetuneInputError,
+    check_renoisable,
     finetune,
     heldout_error,
+    latent_input,
     load_recording,
     record_teacher,
+    renoise_call,
     replay_call,
     self_attention_linears,
     train_adapter,
@@ -84,6 +88,86 @@ def test_recording_holds_every_call_with_step_and_branch(recorded):
     assert calls[0].target.shape[0] == hs.shape[0] and calls[0].target.shape[2:] == hs.shape[2:]
     # the two generations differ (different prompts, seeds)
     assert not torch.equal(train[0][0].target, train[1][0].target)
+
+
+def test_recording_holds_each_calls_noise_level_and_the_final_latents(pipe, recorded):
+    train, _ = recorded
+    calls = train[0]
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(CFG["num_inference_steps"])
+    assert [c.sigma for c in calls] == pytest.approx([float(sched.sigmas[c.step]) for c in calls])
+    assert all(c.clean is None for c in calls[:-1])
+    # the final latents are what the pipeline returns as latents for the same prompt and seed ...
+    kw = {k: CFG[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
+    with torch.no_grad():
+        latents = pipe(
+            prompt=PROMPTS[0], num_frames=CFG["frames"], generator=torch.Generator().manual_seed(0),
+            output_type="latent", **kw,
+        ).frames  # fmt: skip
+    torch.testing.assert_close(calls[-1].clean, latents.float())
+    # ... and the last Euler step from the last call's input with its recorded sigma and the guided
+    # prediction lands on them (sigma and latents belong together)
+    cond, uncond = (c.target for c in sorted(calls[-2:], key=lambda c: c.branch != "cond"))
+    guided = uncond + CFG["guidance_scale"] * (cond - uncond)
+    x_last = latent_input(calls[-1], calls[-1].clean)
+    torch.testing.assert_close(x_last - calls[-1].sigma * guided, calls[-1].clean, atol=1e-5, rtol=1e-4)
+    assert check_renoisable(calls) is calls[-1].clean
+
+
+def test_renoise_call_replaces_only_the_latents_and_bad_recordings_are_refused(recorded):
+    train, _ = recorded
+    gen = train[0]
+    clean = gen[-1].clean
+    call = gen[2]  # step 1, cond
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
+    new = renoise_call(call, clean, noise)
+    hs, new_hs = call.kwargs["hidden_states"], new.kwargs["hidden_states"]
+    c = clean.shape[1]
+    torch.testing.assert_close(new_hs[:, :c], (1 - call.sigma) * clean + call.sigma * noise)
+    assert torch.equal(new_hs[:, c:], hs[:, c:])  # the coordinate channels as recorded
+    assert not torch.allclose(new_hs[:, :c], hs[:, :c])
+    assert new.kwargs["encoder_hidden_states"] is call.kwargs["encoder_hidden_states"]
+    assert (new.step, new.branch, new.sigma) == (call.step, call.branch, call.sigma)
+    assert call.kwargs["hidden_states"] is hs  # the recording is untouched
+
+    with pytest.raises(FinetuneInputError, match="final latents"):
+        check_renoisable([dataclasses.replace(x, clean=None) for x in gen])
+    with pytest.raises(FinetuneInputError, match="final latents"):
+        check_renoisable([dataclasses.replace(x, sigma=None) for x in gen])
+    # inputs that are not on the flow-matching path (here: scaled latents) are refused
+    scaled = [
+        dataclasses.replace(x, kwargs={**x.kwargs, "hidden_states": x.kwargs["hidden_states"] * 4})
+        for x in gen
+    ]
+    with pytest.raises(FinetuneInputError, match="flow-matching path"):
+        check_renoisable(scaled)
+    with pytest.raises(FinetuneInputError, match="does not hold"):
+        renoise_call(call, clean[:, :, :2], noise[:, :, :2])
+
+
+def test_renoised_samples_are_labelled_by_the_dense_model(pipe, recorded):
+    """With every sample re-noised the recorded targets are never trained on: recorded targets replaced by
+    noise (which alone teach nothing: the negative control below) still give an adapter that lowers the
+    held-out error -- its labels came from the dense model, on new noise."""
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    train, held = recorded
+    noisy = [[copy.copy(c) for c in g] for g in train]
+    gen = torch.Generator().manual_seed(3)
+    for g in noisy:
+        for c in g:
+            c.target = torch.randn(c.target.shape, generator=gen) * c.target.std()
+    t = _fresh(pipe)
+    before = _sparse_error(t, plan, held)
+    cfg = FinetuneConfig(steps=16, renoise=1.0, **CFG)
+    train_adapter(t, plan, noisy, cfg, progress=False, sparse_options=SPARSE)
+    after = _sparse_error(t, plan, held)
+    assert after < 0.9 * before, (before, after)
+    assert all(c.target.shape == n.target.shape for c, n in zip(train[0], noisy[0]))
+    with pytest.raises(FinetuneInputError, match="shuffled order"):
+        train_adapter(
+            _fresh(pipe), plan, train, FinetuneConfig(steps=2, renoise=0.5, order="steps", **CFG),
+            progress=False, sparse_options=SPARSE,
+        )  # fmt: skip
 
 
 def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, recorded):
@@ -480,6 +564,22 @@ def test_bad_inputs_fail_before_any_work(pipe, plan, tmp_path):
         FinetuneConfig(steps=0)
     with pytest.raises(FinetuneInputError, match="rank"):
         FinetuneConfig(rank=0)
+    with pytest.raises(FinetuneInputError, match="renoise"):
+        FinetuneConfig(renoise=1.5)
+    with pytest.raises(FinetuneInputError, match="shuffled order"):
+        finetune(
+            pipe, plan, PROMPTS, tmp_path / "r", FinetuneConfig(steps=1, renoise=0.5, order="steps", **CFG)
+        )
+    from diffusers import DDIMScheduler
+
+    flow = pipe.scheduler
+    pipe.scheduler = DDIMScheduler()
+    try:
+        with pytest.raises(FinetuneInputError, match="flow-matching scheduler"):
+            finetune(pipe, plan, PROMPTS, tmp_path / "r", FinetuneConfig(steps=1, renoise=0.5, **CFG))
+    finally:
+        pipe.scheduler = flow
+    assert not (tmp_path / "r").exists()
     out = tmp_path / "exists"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
