@@ -1109,8 +1109,9 @@ def train_adapter(
             "renoise makes samples out of single denoising steps: it needs the shuffled order (no cross-step "
             "heads in the plan, the gated adapter); use renoise 0"
         )
-    if cfg.renoise:
-        check_renoisable(load(0))
+    if cfg.renoise:  # every generation, before the first step (memory-mapped: reads two calls of each)
+        for i in range(len(generations)):
+            check_renoisable(load(i))
     if cfg.order == "shuffled" and (cross or not gated):
         raise FinetuneInputError(
             "order 'shuffled' replays steps out of order: not for a plan with cross-step heads "

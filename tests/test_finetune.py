@@ -163,6 +163,12 @@ def test_renoised_samples_are_labelled_by_the_dense_model(pipe, recorded):
     after = _sparse_error(t, plan, held)
     assert after < 0.9 * before, (before, after)
     assert all(c.target.shape == n.target.shape for c, n in zip(train[0], noisy[0]))
+    old = [[dataclasses.replace(c, sigma=None) for c in g] for g in train]  # an earlier version's recordings
+    with pytest.raises(FinetuneInputError, match="final latents"):
+        train_adapter(
+            _fresh(pipe), plan, old, FinetuneConfig(steps=2, renoise=0.5, **CFG),
+            progress=False, sparse_options=SPARSE,
+        )  # fmt: skip
     with pytest.raises(FinetuneInputError, match="shuffled order"):
         train_adapter(
             _fresh(pipe), plan, train, FinetuneConfig(steps=2, renoise=0.5, order="steps", **CFG),
