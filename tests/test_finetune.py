@@ -831,3 +831,35 @@ def test_recording_source_describes_call_arguments_by_content_not_address():
     t = torch.arange(6.0).reshape(2, 3)
     assert _describe(t) == _describe(t.clone()) != _describe(t + 1)
     assert _describe(t).startswith("Tensor(2, 3):torch.float32:")
+
+
+@pytest.mark.parametrize("name", ["ltx", "flux", "cogvideox"])
+def test_renoise_on_other_pipelines_packed_batched_or_not_flow(name):
+    """LTX packs its latents and batches its CFG branches in one call, Flux packs them: the recorded final
+    latents are found in the transformer's input and re-noised into every batch half; CogVideoX's DDIM
+    scheduler records no noise levels and is refused."""
+    from tiny_pipelines import build
+
+    from sparsediff.finetune import flow_scheduler
+
+    tiny = build(name)
+    kw = dict(tiny.kwargs)
+    prompt = kw.pop("prompt", "a cat")
+    kw.pop("output_type", None)
+    cfg = FinetuneConfig(steps=1, num_inference_steps=kw.pop("num_inference_steps", 4), extra_call_kwargs=kw)
+    (gen,) = record_teacher(tiny.pipe, [prompt], [0], cfg, progress=False)
+    if name == "cogvideox":
+        assert flow_scheduler(tiny.pipe) is None and all(c.sigma is None for c in gen)
+        with pytest.raises(FinetuneInputError, match="noise level"):
+            check_renoisable(gen)
+        return
+    clean = check_renoisable(gen)
+    call = gen[-1]
+    assert call.sigma is not None and 0 < call.sigma < 1
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    hs = renoise_call(call, clean, noise).kwargs["hidden_states"]
+    want = (1 - call.sigma) * clean + call.sigma * noise
+    halves = hs.shape[0] // clean.shape[0]
+    assert halves == (2 if name == "ltx" else 1)
+    for h in hs.split(clean.shape[0]):
+        torch.testing.assert_close(h.float(), want)
