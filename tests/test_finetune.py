@@ -68,6 +68,16 @@ def _fresh(pipe):
     return copy.deepcopy(pipe.transformer)
 
 
+def _noise_targets(train):
+    """Copies of the recorded generations whose targets are Gaussian noise of the targets' scale."""
+    noisy = [[copy.copy(c) for c in g] for g in train]
+    gen = torch.Generator().manual_seed(3)
+    for g in noisy:
+        for c in g:
+            c.target = torch.randn(c.target.shape, generator=gen) * c.target.std()
+    return noisy
+
+
 def _sparse_error(t, plan, held) -> float:
     h = enable_sparse_attention(t, plan, **SPARSE)
     try:
@@ -151,11 +161,7 @@ def test_renoised_samples_are_labelled_by_the_dense_model(pipe, recorded):
     held-out error -- its labels came from the dense model, on new noise."""
     plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
     train, held = recorded
-    noisy = [[copy.copy(c) for c in g] for g in train]
-    gen = torch.Generator().manual_seed(3)
-    for g in noisy:
-        for c in g:
-            c.target = torch.randn(c.target.shape, generator=gen) * c.target.std()
+    noisy = _noise_targets(train)
     t = _fresh(pipe)
     before = _sparse_error(t, plan, held)
     cfg = FinetuneConfig(steps=16, renoise=1.0, **CFG)
@@ -202,11 +208,7 @@ def test_adapter_lowers_heldout_sparse_error_and_noise_teacher_does_not(pipe, re
     assert after < 0.9 * before, (before, after)
 
     # negative control: the same training against noise targets does not lower the error
-    noisy = [[copy.copy(c) for c in g] for g in train]
-    gen = torch.Generator().manual_seed(3)
-    for g in noisy:
-        for c in g:
-            c.target = torch.randn(c.target.shape, generator=gen) * c.target.std()
+    noisy = _noise_targets(train)
     t2 = _fresh(pipe)
     train_adapter(t2, plan, noisy, cfg, progress=False, sparse_options=SPARSE)
     assert _sparse_error(t2, plan, held) > 0.95 * before
