@@ -66,12 +66,18 @@ logger = logging.getLogger("sparsediff.finetune")
 
 __all__ = [
     "ADAPTER_NAME",
+    "DataGenerations",
+    "EmbeddedClips",
     "FinetuneConfig",
     "FinetuneInputError",
     "RecordedCall",
     "adapter_files",
     "finetune",
+    "LatentData",
+    "capture_calls",
     "heldout_error",
+    "load_adapter_state",
+    "load_data",
     "load_recording",
     "record_teacher",
     "replay_call",
@@ -697,6 +703,246 @@ def check_renoisable(generation: Sequence[RecordedCall]) -> torch.Tensor:
     return clean
 
 
+# ------------------------------------------------------------------------------------------ clean data
+
+#: clip ``i`` of :class:`EmbeddedClips` is drawn from the generator seed ``DATA_SEED_BASE + i``
+DATA_SEED_BASE = 1_000_000
+#: the data source ``--data`` names for the embedded model's procedural clips
+EMBEDDED_DATA = "embedded"
+#: the captions whose captured conditioning :class:`DataGenerations` keeps (the text encoder is the slow part)
+_CONDITIONING_CACHE = 64
+
+
+class EmbeddedClips:
+    """The embedded model's own training distribution as clean samples: procedural clips of coloured shapes
+    (:mod:`sparsediff.embedded.data`, distractors as in its training), clip ``i`` drawn from the seed
+    ``DATA_SEED_BASE + i`` and drawn again (same generator) while its caption is one of ``exclude`` -- the
+    held-out prompts stay held out. ``data[i] -> (caption, video [1, 3, F, H, W] in [-1, 1])``: the embedded
+    pipeline runs in pixel space, so a clip is a clean latent."""
+
+    def __init__(self, count: int, frames: int, height: int, width: int, exclude: Iterable[str] = ()) -> None:
+        if not isinstance(count, int) or count < 1:
+            raise FinetuneInputError(f"data samples must be an integer >= 1, got {count!r}")
+        self.count, self.frames, self.height, self.width = count, frames, height, width
+        self.exclude = {" ".join(e.split()) for e in exclude}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
+        from .embedded.data import sample_batch
+
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        gen = torch.Generator().manual_seed(DATA_SEED_BASE + i)
+        for _ in range(1000):
+            batch = sample_batch(1, self.frames, self.height, self.width, gen)
+            if batch.captions[0] not in self.exclude:
+                return batch.captions[0], batch.video.float()
+        raise FinetuneInputError("every embedded clip drawn has a held-out caption")
+
+    def describe(self) -> str:
+        return (
+            f"{EMBEDDED_DATA}: {self.count} procedural clips {self.frames}x{self.height}x{self.width} "
+            f"(seeds {DATA_SEED_BASE}+i), {len(self.exclude)} held-out captions excluded"
+        )
+
+
+class LatentData:
+    """Clean samples from a file written with ``torch.save({"captions": [str, ...], "latents": Tensor[N,
+    ...]})``: the latents in the pipeline's own latent format (what it returns with ``output_type="latent"``,
+    e.g. your videos through ``pipe.vae.encode`` and the pipeline's latent normalisation). Samples whose
+    caption is one of ``exclude`` are left out."""
+
+    def __init__(self, path: str | os.PathLike, exclude: Iterable[str] = ()) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FinetuneInputError(f"--data {path}: no such file (or use --data {EMBEDDED_DATA})")
+        try:
+            d = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a corrupt or foreign file: say which
+            raise FinetuneInputError(f"--data {path}: not a torch.save file ({type(e).__name__}: {e})") from e
+        caps, lat = (d.get("captions"), d.get("latents")) if isinstance(d, Mapping) else (None, None)
+        if not (isinstance(caps, (list, tuple)) and all(isinstance(c, str) for c in caps)):
+            raise FinetuneInputError(
+                f"--data {path}: needs a dict with 'captions' (a list of strings) and 'latents'"
+            )
+        if not (isinstance(lat, torch.Tensor) and lat.dim() >= 2 and lat.shape[0] == len(caps)):
+            raise FinetuneInputError(
+                f"--data {path}: 'latents' must be a tensor [N, ...] with one sample per caption "
+                f"({len(caps)} captions, latents {getattr(lat, 'shape', type(lat).__name__)})"
+            )
+        if not lat.is_floating_point() or not bool(torch.isfinite(lat).all()):
+            raise FinetuneInputError(f"--data {path}: 'latents' must be finite floating-point values")
+        held = {" ".join(e.split()) for e in exclude}
+        self.captions, self.latents = list(caps), lat
+        self.keep = [i for i, c in enumerate(caps) if " ".join(c.split()) not in held]
+        if not self.keep:
+            raise FinetuneInputError(f"--data {path}: every caption is a held-out prompt")
+        if len(self.keep) < len(caps):
+            logger.warning(
+                "--data %s: %d samples with held-out captions left out", path, len(caps) - len(self.keep)
+            )
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
+        k = self.keep[i]
+        return self.captions[k], self.latents[k : k + 1].float()
+
+    def describe(self) -> str:
+        return f"{self.path.name}: {len(self.keep)} samples {tuple(self.latents.shape[1:])}"
+
+
+def load_data(spec: str, cfg: FinetuneConfig, count: int | None, exclude: Iterable[str] = ()) -> Any:
+    """The clean-data source ``--data`` names: ``"embedded"`` (:class:`EmbeddedClips`, ``count`` of them at
+    the config's size, default 1000) or a file (:class:`LatentData`)."""
+    if spec == EMBEDDED_DATA:
+        if None in (cfg.frames, cfg.height, cfg.width):
+            raise FinetuneInputError(f"--data {EMBEDDED_DATA} needs --frames, --height and --width")
+        return EmbeddedClips(1000 if count is None else count, cfg.frames, cfg.height, cfg.width, exclude)
+    data = LatentData(spec, exclude)
+    if count is not None:
+        raise FinetuneInputError(
+            f"--data-samples is for --data {EMBEDDED_DATA}; a file's samples are its own"
+        )
+    return data
+
+
+class _Captured(Exception):
+    """Raised from the stand-in forward once the calls :func:`capture_calls` wants are recorded."""
+
+
+def capture_calls(pipe: Any, prompt: str, cfg: FinetuneConfig, like: Sequence[RecordedCall]) -> list[tuple]:
+    """The arguments ``(args, kwargs)`` of the pipeline's first ``len(like)`` transformer calls for
+    ``prompt`` -- its own conditioning of the prompt and of its negative prompt -- without running the
+    transformer: for the duration its ``forward`` is a stand-in that records the call and returns zeros
+    shaped like the recorded ``like[k]``'s prediction, and the pipeline is stopped at the next call."""
+    transformer = pipe.transformer
+    seen: list[tuple] = []
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        if len(seen) == len(like):
+            raise _Captured
+        seen.append((_to_cpu(args), _to_cpu(kwargs)))
+        out = torch.zeros_like(like[len(seen) - 1].target).to(transformer.device)
+        if kwargs.get("return_dict", True) is False:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+    had = "forward" in transformer.__dict__
+    old = transformer.__dict__.get("forward")
+    bar = getattr(pipe, "_progress_bar_config", None)
+    transformer.forward = stand_in
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(**{**(bar or {}), "disable": True})
+    try:
+        device = getattr(pipe, "device", torch.device("cpu"))
+        with torch.no_grad():
+            pipe(
+                prompt=prompt,
+                generator=torch.Generator(device=device).manual_seed(0),
+                **_pipeline_kwargs(pipe, cfg),
+            )
+    except _Captured:
+        pass
+    finally:
+        if had:
+            transformer.forward = old
+        else:
+            del transformer.forward
+        if bar is None:
+            pipe.__dict__.pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = bar
+    if len(seen) != len(like):
+        raise FinetuneInputError(
+            f"{type(pipe).__name__} made {len(seen)} transformer calls in its first step for {prompt!r}, the "
+            f"recorded template {len(like)}"
+        )
+    return seen
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+class DataGenerations(Sequence):
+    """Clean data as training "generations": sample ``i`` is the recorded ``template`` generation's calls
+    (their steps, CFG branches, noise levels and timesteps) with the pipeline's own conditioning of the
+    sample's caption (:func:`capture_calls`) and the sample's latents re-noised at each call's noise level
+    (the template's final latents replaced by the sample's). Their targets are the template's, never trained
+    on: :func:`train_adapter` with ``renoise=1`` re-noises every sample afresh and labels it with the dense
+    model. What varies between the template's steps (the latents, the timestep) comes from the template;
+    everything else (text embeddings, pooled projections, masks, ids) from the captured calls."""
+
+    def __init__(self, pipe: Any, template: Sequence[RecordedCall], data: Any, cfg: FinetuneConfig) -> None:
+        self.pipe, self.data, self.cfg = pipe, data, cfg
+        self.template = list(template)
+        self.clean = check_renoisable(self.template)
+        steps = _steps_of([self.template])
+        self.first = steps[0]
+        self.step_args: set[int] = set()
+        self.step_kwargs: set[str] = set()
+        for calls in steps[1:]:
+            if len(calls) != len(self.first):
+                raise FinetuneInputError("the template generation's steps make different numbers of calls")
+            for call, ref in zip(calls, self.first):
+                self.step_args |= {
+                    p for p, v in enumerate(call.args) if p >= len(ref.args) or not _same(v, ref.args[p])
+                }
+                self.step_kwargs |= {k for k, v in call.kwargs.items() if not _same(v, ref.kwargs.get(k))}
+        self._cache: dict[str, list[tuple]] = {}
+        self.shape = tuple(self.clean.shape)
+        if len(data):  # a sample of another size or model fails here, before any training
+            self[0]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _conditioning(self, caption: str) -> list[tuple]:
+        if caption not in self._cache:
+            if len(self._cache) >= _CONDITIONING_CACHE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[caption] = capture_calls(self.pipe, caption, self.cfg, self.first)
+        return self._cache[caption]
+
+    def __getitem__(self, i: int) -> list[RecordedCall]:  # type: ignore[override]
+        caption, x0 = self.data[i]
+        if tuple(x0.shape) != self.shape:
+            raise FinetuneInputError(
+                f"data sample {i} ({caption!r}) has latents {tuple(x0.shape)}; the pipeline's are {self.shape} "
+                "at this size"
+            )
+        captured = self._conditioning(caption)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(DATA_SEED_BASE + i))
+        out = []
+        for n, call in enumerate(self.template):
+            args, kwargs = captured[n % len(self.first)]
+            args = tuple(call.args[p] if p in self.step_args else v for p, v in enumerate(args))
+            kwargs = {**kwargs, **{k: v for k, v in call.kwargs.items() if k in self.step_kwargs}}
+            out.append(renoise_call(replace(call, args=args, kwargs=kwargs, clean=None), x0, noise))
+        out[-1].clean = x0
+        return out
+
+    def describe(self) -> str:
+        return self.data.describe() if hasattr(self.data, "describe") else f"{len(self.data)} samples"
+
+
 def _sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample ``[B]``."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
@@ -859,6 +1105,39 @@ adapter_files = plan_folder_files
 # ------------------------------------------------------------------------------------------- training
 
 
+def load_adapter_state(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter weights of a finetune folder (its ``pytorch_lora_weights.safetensors``), keyed as peft's
+    state dict without the adapter name -- what ``train_adapter(init=...)`` starts from."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHT_NAME
+    if not path.is_file():
+        raise FinetuneInputError(f"--init {folder}: no adapter ({WEIGHT_NAME}) there")
+    try:
+        state = load_file(os.fspath(path))
+    except Exception as e:
+        raise FinetuneInputError(f"--init {folder}: unreadable adapter ({type(e).__name__}: {e})") from e
+    pre = f"{PREFIX}."
+    return {k[len(pre) :] if k.startswith(pre) else k: v for k, v in state.items()}
+
+
+def _set_adapter_state(transformer: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` into the ``"sparsediff"`` adapter; refuses a state of another LoRA shape or layers."""
+    from peft.utils import set_peft_model_state_dict
+
+    try:
+        res = set_peft_model_state_dict(transformer, dict(state), adapter_name=ADAPTER_NAME)
+    except RuntimeError as e:  # shape mismatch: another rank
+        raise FinetuneInputError(f"the initial adapter does not fit this LoRA (another --rank?): {e}") from e
+    unexpected = list(getattr(res, "unexpected_keys", None) or [])
+    missing = [k for k in getattr(res, "missing_keys", None) or [] if "lora_" in k and ADAPTER_NAME in k]
+    if unexpected or missing:
+        raise FinetuneInputError(
+            f"the initial adapter adapts other layers than this LoRA (another --targets or model?): "
+            f"{len(unexpected)} unexpected, {len(missing)} missing LoRA weights, e.g. {(unexpected + missing)[0]}"
+        )
+
+
 def _dist() -> tuple[int, int]:
     """(rank, world size): several processes only under ``accelerate launch``."""
     from .loading import distributed
@@ -902,15 +1181,17 @@ def _plan_errors(
     fit: Sequence[Path],
     guidance: float | None,
     sparse_options: Mapping[str, Any] | None,
-) -> tuple[float, float | None, float]:
+) -> tuple[float, float | None, float | None]:
     """With the plan enabled: (per-call MSE on the held-out recordings, their guided MSE or None, per-call MSE
-    on the ``fit`` training recordings) -- the card's before / after numbers."""
+    on the ``fit`` training recordings or None without them) -- the card's before / after numbers."""
     from .api import sparse_attention_enabled
 
     device = transformer.device
     with sparse_attention_enabled(transformer, plan, **dict(sparse_options or {})):
         branch, guided = _heldout_errors(transformer, (load_recording(p) for p in held), device, guidance)
-        fit_err, _ = _heldout_errors(transformer, (load_recording(p) for p in fit), device, None)
+        fit_err = (
+            _heldout_errors(transformer, (load_recording(p) for p in fit), device, None)[0] if fit else None
+        )
     return branch, guided, fit_err
 
 
@@ -1045,6 +1326,7 @@ def train_adapter(
     on_step: Callable[[int, float], None] | None = None,
     sparse_options: Mapping[str, Any] | None = None,
     stop_at: int | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA on ``transformer`` so that with ``plan``'s sparse attention it predicts what the
     recorded dense generations predicted.
@@ -1062,6 +1344,9 @@ def train_adapter(
             ``backend="reference"``).
         stop_at: stop after this many optimizer steps (a phase of a longer run: the learning-rate
             schedule still spans ``cfg.steps``); default ``cfg.steps``.
+        init: the adapter's starting weights (peft state dict without the adapter name, as
+            :func:`load_adapter_state` reads a finetune folder) instead of LoRA's own initialisation;
+            a checkpoint being resumed overrides it.
 
     Returns: ``{"steps", "losses", "wall_s", "processes", "order"}`` (the order it used); the adapter stays on ``transformer`` (active).
     """
@@ -1075,6 +1360,8 @@ def train_adapter(
     if resume and checkpoint is not None:
         _check_checkpoint(Path(checkpoint), transformer, setup)
     params = _add_adapter(transformer, cfg)
+    if init is not None:
+        _set_adapter_state(transformer, init)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, losses, wall_before = 0, [], 0.0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
@@ -1108,6 +1395,11 @@ def train_adapter(
         raise FinetuneInputError(
             "renoise makes samples out of single denoising steps: it needs the shuffled order (no cross-step "
             "heads in the plan, the gated adapter); use renoise 0"
+        )
+    if isinstance(generations, DataGenerations) and cfg.renoise != 1:
+        raise FinetuneInputError(
+            "data samples have no dense targets of their own (a template's): train them with renoise=1, "
+            "which labels every sample with the dense model"
         )
     if cfg.renoise:  # every generation, before the first step (memory-mapped: reads two calls of each)
         for i in range(len(generations)):
@@ -1402,7 +1694,12 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
         ),
         f"- training: {meta['steps']} steps, batch {meta['config']['batch']}, lr {meta['config']['lr']},"
         f" {meta['processes']} process(es), {meta['wall_s']:.0f} s wall (+ {meta['record_s']:.0f} s recording"
-        f" the teacher), {meta['train_generations']} training generations",
+        f" the teacher), "
+        + (
+            f"{meta['data_samples']} data samples"
+            if meta.get("data")
+            else f"{meta['train_generations']} training generations"
+        ),
     ]
     c = meta["config"]
     lines.append(
@@ -1414,6 +1711,13 @@ def _write_card(out: Path, meta: Mapping[str, Any]) -> None:
             else ""
         )
     )
+    if meta.get("data"):
+        lines.append(
+            f"- data: {meta['data']}, each sample re-noised at a denoising step's noise level and labelled by the "
+            "dense model (one recorded generation as the call template)"
+        )
+    if meta.get("init_adapter"):
+        lines.append(f"- started from the adapter of `{meta['init_adapter']}`")
     if meta.get("student_generations"):
         lines.append(
             f"- on-policy: {meta['config']['on_policy_rounds']} round(s), {meta['student_generations']} student "
@@ -1470,9 +1774,21 @@ def finetune(
     progress: bool = True,
     heldout_prompts: Sequence[str] | None = None,
     sparse_options: Mapping[str, Any] | None = None,
+    data: Any = None,
+    data_samples: int | None = None,
+    init_adapter: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Record the dense teacher, train the adapter, write ``out`` (adapter, plan, card). Returns the card's
     data (also in ``out/finetune.json``).
+
+    ``data``: train on clean data instead of the recorded generations -- ``"embedded"`` (the embedded model's
+    procedural clips, ``data_samples`` of them, default 1000), the path of a ``{"captions", "latents"}``
+    file (:class:`LatentData`), or any object with ``len()`` and ``[i] -> (caption, latents [1, ...])``. Every
+    training sample is then a data sample re-noised afresh at a denoising step's noise level and labelled by
+    the dense model (:class:`DataGenerations`; a flow-matching pipeline); the prompts' first generation is
+    recorded only as the template of the pipeline's calls, and captions equal to a held-out prompt are left
+    out. ``init_adapter``: a finetune folder whose adapter the training starts from (same base weights,
+    rank, alpha and targets), e.g. to continue the shipped adapter on new data.
 
     ``out`` must not exist unless ``resume`` (continue: the recorded teacher and checkpoint are reused; refused
     with :class:`FinetuneInputError`, before any work, when they were made with another base model or weights,
@@ -1509,11 +1825,41 @@ def finetune(
                 "renoise makes samples out of single denoising steps: it needs the shuffled order (no "
                 "cross-step heads in the plan); use renoise 0"
             )
+    held_prompts = list(heldout_prompts or prompts)
+    if data is not None:
+        if flow_scheduler(pipe) is None:
+            raise FinetuneInputError(
+                f"--data needs a flow-matching scheduler (noisy latents (1 - sigma) x0 + sigma noise); "
+                f"{type(getattr(pipe, 'scheduler', None)).__name__} is not one"
+            )
+        if cfg.on_policy_rounds:
+            raise FinetuneInputError(
+                "--data trains on data samples only: on-policy rounds need recorded "
+                "training generations; use --on-policy-rounds 0"
+            )
+        if cfg.renoise not in (0, 1):
+            raise FinetuneInputError("--data re-noises every sample: drop --renoise (or give 1)")
+        if cfg.order == "steps" or _has_cross_step(plan):
+            raise FinetuneInputError(
+                "--data makes samples out of single denoising steps: it needs the shuffled order (no "
+                "cross-step heads in the plan)"
+            )
+        if isinstance(data, (str, os.PathLike)):
+            data = load_data(os.fspath(data), cfg, data_samples, held_prompts)
+        elif data_samples is not None:
+            raise FinetuneInputError("data_samples is for the named data sources")
+        if len(data) < 1:
+            raise FinetuneInputError("--data holds no samples")
+    init_state = None
+    if init_adapter is not None:
+        init_state = _check_init(Path(init_adapter), transformer, cfg)
     rank, world = _dist()
     teacher = out / "teacher"
     teacher.mkdir(parents=True, exist_ok=True)
-    jobs = [("train", p, cfg.seed + s) for s in range(cfg.seeds_per_prompt) for p in prompts]
-    held_prompts = list(heldout_prompts or prompts)
+    if data is None:
+        jobs = [("train", p, cfg.seed + s) for s in range(cfg.seeds_per_prompt) for p in prompts]
+    else:  # one generation: the template of the pipeline's calls
+        jobs = [("train", prompts[0], cfg.seed)]
     jobs += [
         ("heldout", held_prompts[i % len(held_prompts)], cfg.seed + 10_000 + i) for i in range(cfg.heldout)
     ]
@@ -1562,7 +1908,7 @@ def finetune(
     before = before_guided = before_psnr = None
     # the same per-call error on a few training generations: far lower after than the held-out one means
     # the adapter fits its training generations, and more prompts / seeds are the lever
-    fit = train[:: max(1, len(train) // FIT_GENERATIONS)][:FIT_GENERATIONS] if held else []
+    fit = train[:: max(1, len(train) // FIT_GENERATIONS)][:FIT_GENERATIONS] if held and data is None else []
     fit_before = fit_after = None
     if held:
         before, before_guided, fit_before = _plan_errors(
@@ -1572,18 +1918,23 @@ def finetune(
     rounds = cfg.on_policy_rounds
     train_jobs = [(i, j) for i, j in enumerate(jobs) if j[0] == "train"]
     student_s, gens = 0.0, list(train)
+    train_cfg = cfg
+    if data is not None:
+        gens = DataGenerations(pipe, load_recording(train[0]), data, cfg)
+        train_cfg = replace(cfg, renoise=1.0)
     for r in range(rounds + 1):
         # phase r trains up to this step on the teacher's and rounds 1..r students' generations
         result = train_adapter(
             transformer,
             plan,
             gens,
-            cfg,
+            train_cfg,
             checkpoint=out / "checkpoint.pt",
             resume=resume or r > 0,
             progress=progress,
             sparse_options=sparse_options,
             stop_at=cfg.steps * (r + 1) // (rounds + 1),
+            init=init_state,
         )
         if r == rounds:
             break
@@ -1630,8 +1981,11 @@ def finetune(
         "wall_s": result["wall_s"],
         "record_s": record_s,
         "student_record_s": student_s if rounds else None,
-        "train_generations": len(train),
-        "student_generations": len(gens) - len(train),
+        "train_generations": len(train) if data is None else 0,
+        "data": gens.describe() if data is not None else None,
+        "data_samples": len(gens) if data is not None else None,
+        "init_adapter": os.fspath(init_adapter) if init_adapter is not None else None,
+        "student_generations": len(gens) - len(train) if data is None else 0,
         "heldout_generations": len(held),
         "heldout_mse_before": before,
         "heldout_mse_after": after,
@@ -1652,6 +2006,44 @@ def finetune(
         _write_card(out, meta)
     _barrier(world)
     return meta
+
+
+def _check_init(folder: Path, transformer: torch.nn.Module, cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """The adapter weights of ``--init FOLDER`` after checking, before any work, that they were trained on
+    this base model's weights with this LoRA's rank, alpha and targets."""
+    from .plan import folder_base_differences
+
+    if not folder.is_dir():
+        raise FinetuneInputError(f"--init {folder}: not a folder (a finetune output folder)")
+    meta_path = folder / META_NAME
+    try:
+        meta = json.loads(meta_path.read_text())
+        conf = meta["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FinetuneInputError(
+            f"--init {folder}: no readable {META_NAME} (a finetune output folder?)"
+        ) from e
+    diffs, n = folder_base_differences(folder, transformer) or ([], 0)
+    if diffs:
+        raise FinetuneInputError(
+            f"--init {folder}: its adapter was trained on other base weights ({len(diffs)} of {n} adapted "
+            f"layers differ, e.g. {diffs[0]})"
+        )
+    model = meta.get("model") or {}
+    mine = plan_model_identity(transformer)
+    if any(model.get(k) != mine[k] for k in ("class", "config_hash") if k in model):
+        raise FinetuneInputError(
+            f"--init {folder}: its adapter is for another model ({model.get('class')}, config "
+            f"{model.get('config_hash')}; this one {mine['class']}, config {mine['config_hash']})"
+        )
+    want = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets}
+    other = {k: conf.get(k) for k in want if conf.get(k) != want[k]}
+    if other:
+        raise FinetuneInputError(
+            f"--init {folder}: its adapter has {other}, this run { ({k: want[k] for k in other}) }: pass the same "
+            "--rank and --targets"
+        )
+    return load_adapter_state(folder)
 
 
 def plan_model_identity(transformer: torch.nn.Module) -> dict[str, Any]:
@@ -1786,6 +2178,27 @@ def build_parser():
         help="linear warm-up over the first 5 percent of the steps, then cosine decay to 0.1x --lr (cosine), or "
         "--lr throughout (constant) (default: cosine)",
     )
+    p.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="train on clean data instead of recorded generations: 'embedded' (the embedded model's "
+        "procedural clips) or a torch.save file {'captions': [...], 'latents': Tensor[N, ...]} in the "
+        "pipeline's latent format; every sample is re-noised at a denoising step's noise level and labelled "
+        "by the dense model (flow-matching pipelines); the first prompt is recorded once as the call template, "
+        "held-out captions are left out",
+    )
+    p.add_argument(
+        "--data-samples",
+        type=positive_int,
+        metavar="N",
+        help="how many clips --data embedded draws (default: 1000)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="DIR",
+        help="start from the adapter of this finetune folder (same base weights, --rank and --targets) "
+        "instead of a new one, e.g. to continue the shipped adapter on --data",
+    )
     add_threads_arg(p)
     add_output_args(p, out_help="output folder (adapter, plan, card, recorded teacher, checkpoint)")
     return p
@@ -1847,6 +2260,12 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--out {out} is a file")
         if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
             raise InputError(f"--out {out} exists and is not empty: pass --resume to continue or --overwrite")
+        if args.data_samples is not None and args.data != EMBEDDED_DATA:
+            raise InputError(f"--data-samples is for --data {EMBEDDED_DATA}")
+        if args.data not in (None, EMBEDDED_DATA) and not Path(args.data).is_file():
+            raise InputError(f"--data {args.data}: no such file (or --data {EMBEDDED_DATA})")
+        if args.init is not None and not (Path(args.init) / WEIGHT_NAME).is_file():
+            raise InputError(f"--init {args.init}: no adapter ({WEIGHT_NAME}) there")
         cfg = FinetuneConfig(
             steps=args.steps,
             rank=args.rank,
@@ -1892,6 +2311,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             heldout_prompts=held,
+            data=args.data,
+            data_samples=args.data_samples,
+            init_adapter=args.init,
         )
     except FinetuneInputError as e:
         return fail(prog, e)

@@ -689,6 +689,13 @@ def _env():
         (["--plan", "nonexistent_plan.json"], "nonexistent_plan.json"),
         (["--plan", "FLUX"], None),  # written below: a plan for another model
         (["--plan", "OTHER_BASE"], None),  # written below: an adapter folder trained on other base weights
+        (["--data", "missing.pt"], "--data missing.pt: no such file"),
+        (["--data-samples", "5"], "--data-samples is for --data embedded"),
+        (["--init", "nowhere"], "--init nowhere: no adapter"),
+        (["--data", "embedded", "--on-policy-rounds", "1"], "on-policy rounds need recorded"),
+        (["--data", "embedded", "--renoise", "0.5"], "drop --renoise"),
+        (["--init", "SHIPPED", "--rank", "4"], "pass the same --rank"),
+        (["--data", "CORRUPT"], "not a torch.save file"),
     ],
 )
 def test_cli_bad_input_exits_2_before_any_work(tmp_path, capsys, extra, match, plan):
@@ -718,6 +725,13 @@ def test_cli_bad_input_exits_2_before_any_work(tmp_path, capsys, extra, match, p
             ["--plan", str(folder)],
             f"other base weights than this model's (1 of 16 adapted layers differ, e.g. {layer}",
         )
+    if "SHIPPED" in extra:
+        from sparsediff.embedded import WEIGHTS_DIR
+
+        extra = [f"{WEIGHTS_DIR}/sparse_plan_lora" if a == "SHIPPED" else a for a in extra]
+    if "CORRUPT" in extra:
+        (tmp_path / "corrupt.pt").write_bytes(b"\x00 not a tensor file")
+        extra = [str(tmp_path / "corrupt.pt") if a == "CORRUPT" else a for a in extra]
     out = tmp_path / "out"
     argv = ["finetune", "--prompts", str(prompts), "--out", str(out), *SMALL, *extra]
     if "--prompts" in extra:
@@ -865,3 +879,208 @@ def test_renoise_on_other_pipelines_packed_batched_or_not_flow(name):
     assert halves == (2 if name == "ltx" else 1)
     for h in hs.split(clean.shape[0]):
         torch.testing.assert_close(h.float(), want)
+
+
+# ------------------------------------------------------------------------------- --data, --init
+
+
+class _Listed:
+    """Clean samples from a list of (caption, latents): the ``data`` protocol in its plainest form."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _assert_data_sample(pipe, template, gen, caption, x0, cfg):
+    """``gen`` holds the pipeline's own calls for ``caption`` (what ``record_teacher`` records for it, but the
+    latents and the timestep) at the template's steps, noise levels and timesteps, on x0's flow path."""
+    (ref,) = record_teacher(pipe, [caption], [5], cfg, progress=False)
+    assert len(gen) == len(template) == len(ref)
+    for g, t, r in zip(gen, template, ref):
+        assert (g.step, g.branch, g.sigma) == (t.step, t.branch, t.sigma)
+        assert set(g.kwargs) == set(r.kwargs)
+        for k, v in g.kwargs.items():
+            if k == "timestep":
+                assert torch.equal(v, t.kwargs[k])
+            elif k != "hidden_states":
+                assert _same_value(v, r.kwargs[k]), k
+    assert torch.equal(gen[-1].clean, x0)
+    torch.testing.assert_close(check_renoisable(gen), x0)  # inputs on x0's flow path
+    assert not torch.equal(latent_input(gen[1], x0), latent_input(template[1], template[-1].clean))
+
+
+def _same_value(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_data_samples_get_the_pipelines_conditioning_of_their_caption_without_running_it(pipe, recorded):
+    from sparsediff.finetune import DataGenerations, EmbeddedClips
+
+    cfg = FinetuneConfig(steps=1, **CFG)
+    template = recorded[0][0]
+    data = EmbeddedClips(3, 8, 32, 32, exclude=HELD)
+    ran, forward = [], pipe.transformer.__dict__.get("forward")
+    hook = pipe.transformer.blocks[0].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        gens = DataGenerations(pipe, template, data, cfg)
+        samples = [gens[i] for i in range(3)]
+    finally:
+        hook.remove()
+    assert not ran, "capturing the conditioning ran the transformer"
+    assert pipe.transformer.__dict__.get("forward") is forward  # the stand-in forward is gone
+    assert gens.step_kwargs == {"hidden_states", "timestep"}
+    captions = [data[i][0] for i in range(3)]
+    assert len(set(captions)) > 1
+    for i in (0, 2):
+        _assert_data_sample(pipe, template, samples[i], captions[i], data[i][1], cfg)
+    # held-out captions are drawn again; the draw is seeded by the sample's index
+    again = EmbeddedClips(3, 8, 32, 32, exclude=[captions[0]])
+    assert again[0][0] != captions[0] and again[1][0] == data[1][0]
+    assert torch.equal(EmbeddedClips(3, 8, 32, 32)[1][1], data[1][1])
+    with pytest.raises(FinetuneInputError, match="latents"):  # another size than the pipeline's
+        DataGenerations(pipe, template, EmbeddedClips(2, 8, 16, 16), cfg)
+
+
+def test_data_training_is_labelled_by_the_dense_model(pipe, recorded):
+    """Trained on data samples only, whose template's recorded targets were replaced by noise, the adapter
+    lowers the held-out error: every sample's target came from the dense model on the re-noised data."""
+    from sparsediff.finetune import DataGenerations, EmbeddedClips
+
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    train, held = recorded
+    (template,) = _noise_targets(train[:1])
+    cfg = FinetuneConfig(steps=16, **CFG)
+    gens = DataGenerations(pipe, template, EmbeddedClips(8, 8, 32, 32, exclude=HELD), cfg)
+    t = _fresh(pipe)
+    before = _sparse_error(t, plan, held)
+    train_adapter(t, plan, gens, dataclasses.replace(cfg, renoise=1.0), progress=False, sparse_options=SPARSE)
+    after = _sparse_error(t, plan, held)
+    assert after < 0.9 * before, (before, after)
+    with pytest.raises(FinetuneInputError, match="renoise=1"):  # the template's targets are never trained on
+        train_adapter(_fresh(pipe), plan, gens, cfg, progress=False, sparse_options=SPARSE)
+
+
+def test_init_adapter_starts_from_a_folder_and_refuses_another_shape(pipe, recorded, tmp_path):
+    from sparsediff.finetune import _check_init, load_adapter_state, save_adapter
+
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    train, held = recorded
+    cfg = FinetuneConfig(steps=4, **CFG)
+    t = _fresh(pipe)
+    train_adapter(t, plan, train, cfg, progress=False, sparse_options=SPARSE)
+    trained = _sparse_error(t, plan, held)
+    save_adapter(t, tmp_path)
+    state = load_adapter_state(tmp_path)
+    assert state and all(k.startswith("blocks.") for k in state)
+    t2 = _fresh(pipe)  # zero learning rate: the initial adapter is the result
+    train_adapter(
+        t2, plan, train, dataclasses.replace(cfg, steps=1, lr=1e-30), init=state,
+        progress=False, sparse_options=SPARSE,
+    )  # fmt: skip
+    assert _sparse_error(t2, plan, held) == pytest.approx(trained, rel=1e-6)
+    with pytest.raises(FinetuneInputError, match="rank"):
+        train_adapter(
+            _fresh(pipe), plan, train, dataclasses.replace(cfg, rank=2), init=state,
+            progress=False, sparse_options=SPARSE,
+        )  # fmt: skip
+    with pytest.raises(FinetuneInputError, match="other layers"):
+        train_adapter(
+            _fresh(pipe), plan, train, dataclasses.replace(cfg, targets="qkv"), init=state,
+            progress=False, sparse_options=SPARSE,
+        )  # fmt: skip
+    from sparsediff.embedded import WEIGHTS_DIR
+
+    shipped = f"{WEIGHTS_DIR}/sparse_plan_lora"
+    assert _check_init(__import__("pathlib").Path(shipped), pipe.transformer, FinetuneConfig(rank=8))
+    with pytest.raises(FinetuneInputError, match="--rank"):
+        _check_init(__import__("pathlib").Path(shipped), pipe.transformer, FinetuneConfig(rank=4))
+
+
+def test_latent_data_file_is_checked(tmp_path):
+    from sparsediff.finetune import LatentData, load_data
+
+    good = tmp_path / "d.pt"
+    torch.save({"captions": ["a", "b b", "c"], "latents": torch.randn(3, 2, 4, 4)}, good)
+    data = LatentData(good, exclude=["b  b"])
+    assert len(data) == 2 and data[1][0] == "c" and data[1][1].shape == (1, 2, 4, 4)
+    for bad, match in [
+        (b"not a torch file", "not a torch.save file"),
+        ({"captions": ["a"], "latents": torch.randn(2, 3)}, "one sample per caption"),
+        ({"latents": torch.randn(2, 3)}, "captions"),
+        ({"captions": ["a"], "latents": torch.tensor([[float("nan")]])}, "finite"),
+        ({"captions": ["a"], "latents": torch.randn(1, 3)}, "held-out"),
+    ]:
+        path = tmp_path / "bad.pt"
+        if isinstance(bad, bytes):
+            path.write_bytes(bad)
+        else:
+            torch.save(bad, path)
+        with pytest.raises(FinetuneInputError, match=match):
+            LatentData(path, exclude=["a"] if match == "held-out" else ())
+    with pytest.raises(FinetuneInputError, match="no such file"):
+        load_data(str(tmp_path / "missing.pt"), FinetuneConfig(), None)
+    with pytest.raises(FinetuneInputError, match="--frames"):
+        load_data("embedded", FinetuneConfig(), None)
+    with pytest.raises(FinetuneInputError, match="--data-samples"):
+        load_data(str(good), FinetuneConfig(), 5)
+
+
+@pytest.mark.parametrize("name", ["ltx", "flux"])
+def test_data_samples_on_packed_and_batched_pipelines(name):
+    """LTX batches its CFG branches in one call and packs its latents with masks and sizes beside them; Flux
+    packs them with ids, pooled projections and a guidance input: a data sample gets what the pipeline hands
+    its transformer for the sample's caption, at the template's steps."""
+    from tiny_pipelines import build
+
+    from sparsediff.finetune import DataGenerations
+
+    tiny = build(name)
+    kw = dict(tiny.kwargs)
+    prompt = kw.pop("prompt", "a cat")
+    kw.pop("output_type", None)
+    cfg = FinetuneConfig(steps=1, num_inference_steps=kw.pop("num_inference_steps", 4), extra_call_kwargs=kw)
+    (template,) = record_teacher(tiny.pipe, [prompt], [0], cfg, progress=False)
+    clean = template[-1].clean
+    x0 = torch.randn(clean.shape, generator=torch.Generator().manual_seed(4))
+    gens = DataGenerations(tiny.pipe, template, _Listed([("a dog on a red boat", x0)]), cfg)
+    _assert_data_sample(tiny.pipe, template, gens[0], "a dog on a red boat", x0, cfg)
+
+
+def test_finetune_on_data_records_one_template_and_writes_the_card(pipe, tmp_path):
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=2, heldout=1, **CFG)
+    try:
+        meta = finetune(
+            pipe, plan, PROMPTS, out, cfg, progress=False, heldout_prompts=HELD, data="embedded",
+            data_samples=3, sparse_options=SPARSE,
+        )  # fmt: skip
+    finally:
+        if ADAPTER_NAME in (getattr(pipe.transformer, "peft_config", None) or {}):
+            pipe.transformer.delete_adapters(ADAPTER_NAME)
+    assert sorted(p.name for p in (out / "teacher").glob("*-*.pt")) == [
+        "heldout-0001.pt",
+        "output-heldout-0001.pt",
+        "train-0000.pt",
+    ]
+    assert meta["data_samples"] == 3 and meta["train_generations"] == 0 and meta["student_generations"] == 0
+    assert "1 held-out captions excluded" in meta["data"] and meta["config"]["renoise"] == 0
+    assert meta["heldout_mse_after"] != meta["heldout_mse_before"]
+    assert "3 data samples" in (out / "README.md").read_text()
+    with pytest.raises(FinetuneInputError, match="data_samples"):
+        finetune(pipe, plan, PROMPTS, tmp_path / "b", cfg, data=_Listed([]), data_samples=3)
+    with pytest.raises(FinetuneInputError, match="no samples"):
+        finetune(pipe, plan, PROMPTS, tmp_path / "b", cfg, data=_Listed([]))
+    assert not (tmp_path / "b").exists()
