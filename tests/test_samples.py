@@ -40,3 +40,18 @@ def test_compare_plans_writes_report_and_refuses_overwrite(cp, tmp_path, monkeyp
     assert cp.main(argv) == 2  # existing outputs are not overwritten silently
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "report.md").read_bytes() == before
+
+
+def test_demo_prompts_file_is_the_demos_and_held_out_of_the_finetune_prompts():
+    """README's and BENCHMARKS' finetune commands hold the demo's prompts out by this file: it must list exactly
+    the demo's default prompts, none of which is a training prompt."""
+    from pathlib import Path
+
+    from sparsediff.cli_args import read_prompts_file
+    from sparsediff.demo import DEFAULT_PROMPTS
+
+    root = Path(__file__).resolve().parents[1] / "samples"
+    demo = read_prompts_file(str(root / "prompts_demo.txt"))
+    assert demo == list(DEFAULT_PROMPTS)
+    train = read_prompts_file(str(root / "prompts_finetune.txt"))
+    assert len(train) == 48 and not set(demo) & set(train)
