@@ -1401,7 +1401,9 @@ def train_adapter(
             "data samples have no dense targets of their own (a template's): train them with renoise=1, "
             "which labels every sample with the dense model"
         )
-    if cfg.renoise:  # every generation, before the first step (memory-mapped: reads two calls of each)
+    # every recorded generation, before the first step (memory-mapped: reads two calls of each); data samples are
+    # made on the flow path of their clean latents and checked for shape as they are built
+    if cfg.renoise and not isinstance(generations, DataGenerations):
         for i in range(len(generations)):
             check_renoisable(load(i))
     if cfg.order == "shuffled" and (cross or not gated):

@@ -849,14 +849,10 @@ def test_recording_source_describes_call_arguments_by_content_not_address():
     assert _describe(t).startswith("Tensor(2, 3):torch.float32:")
 
 
-@pytest.mark.parametrize("name", ["ltx", "flux", "cogvideox"])
-def test_renoise_on_other_pipelines_packed_batched_or_not_flow(name):
-    """LTX packs its latents and batches its CFG branches in one call, Flux packs them: the recorded final
-    latents are found in the transformer's input and re-noised into every batch half; CogVideoX's DDIM
-    scheduler records no noise levels and is refused."""
+def _tiny_recording(name):
+    """A tiny diffusers pipeline of ``tests/tiny_pipelines.py``, a config for its own call arguments, and one
+    recorded dense generation of its prompt."""
     from tiny_pipelines import build
-
-    from sparsediff.finetune import flow_scheduler
 
     tiny = build(name)
     kw = dict(tiny.kwargs)
@@ -864,6 +860,17 @@ def test_renoise_on_other_pipelines_packed_batched_or_not_flow(name):
     kw.pop("output_type", None)
     cfg = FinetuneConfig(steps=1, num_inference_steps=kw.pop("num_inference_steps", 4), extra_call_kwargs=kw)
     (gen,) = record_teacher(tiny.pipe, [prompt], [0], cfg, progress=False)
+    return tiny, cfg, gen
+
+
+@pytest.mark.parametrize("name", ["ltx", "flux", "cogvideox"])
+def test_renoise_on_other_pipelines_packed_batched_or_not_flow(name):
+    """LTX packs its latents and batches its CFG branches in one call, Flux packs them: the recorded final
+    latents are found in the transformer's input and re-noised into every batch half; CogVideoX's DDIM
+    scheduler records no noise levels and is refused."""
+    from sparsediff.finetune import flow_scheduler
+
+    tiny, cfg, gen = _tiny_recording(name)
     if name == "cogvideox":
         assert flow_scheduler(tiny.pipe) is None and all(c.sigma is None for c in gen)
         with pytest.raises(FinetuneInputError, match="noise level"):
@@ -1042,16 +1049,9 @@ def test_data_samples_on_packed_and_batched_pipelines(name):
     """LTX batches its CFG branches in one call and packs its latents with masks and sizes beside them; Flux
     packs them with ids, pooled projections and a guidance input: a data sample gets what the pipeline hands
     its transformer for the sample's caption, at the template's steps."""
-    from tiny_pipelines import build
-
     from sparsediff.finetune import DataGenerations
 
-    tiny = build(name)
-    kw = dict(tiny.kwargs)
-    prompt = kw.pop("prompt", "a cat")
-    kw.pop("output_type", None)
-    cfg = FinetuneConfig(steps=1, num_inference_steps=kw.pop("num_inference_steps", 4), extra_call_kwargs=kw)
-    (template,) = record_teacher(tiny.pipe, [prompt], [0], cfg, progress=False)
+    tiny, cfg, template = _tiny_recording(name)
     clean = template[-1].clean
     x0 = torch.randn(clean.shape, generator=torch.Generator().manual_seed(4))
     gens = DataGenerations(tiny.pipe, template, _Listed([("a dog on a red boat", x0)]), cfg)
