@@ -1265,6 +1265,55 @@ def _has_cached_remainder(plan: Plan) -> bool:
     return any(s.remainder == "cached" for s in _plan_specs(plan))
 
 
+def _remainder_sources(
+    transformer: torch.nn.Module, plan: Plan, steps: Sequence[Sequence[RecordedCall]], device: torch.device
+) -> tuple[list[list[int]], set[int]]:
+    """For a plan with ``remainder="cached"`` heads: (for each denoising step, the index into ``steps`` of the
+    earlier steps a replay of that step alone must run first, without gradients, so that the cached heads hold
+    what they hold at that step in a generation -- the steps their stored remainders were refreshed at; the
+    steps whose calls are exact -- every cached head refreshed there, i.e. ran its dense pass, and the plan has
+    no other sparse head).
+
+    Found by replaying ``steps`` (one generation) in order through the enabled plan and reading which step
+    every layer's stored remainders come from before and after each step: the hooks' own refresh rule,
+    whatever the plan's warm-up, dense layers and refresh intervals. One refresh step: replaying it alone
+    refreshes every group there, as the generation did. Several (heads with different intervals): every step
+    from the oldest one on."""
+    from .attention import CACHED_REMAINDER_SLOT
+    from .hooks import get_state
+
+    state = get_state(transformer)
+
+    def stored() -> list[int]:
+        return [
+            int(entry[2])
+            for layer in state.layers
+            for st in layer.states.values()
+            for entry in st.family_states.get(CACHED_REMAINDER_SLOT, {}).values()
+            if entry[2] is not None
+        ]
+
+    only_cached = all(s.pattern == "dense" or s.remainder == "cached" for s in _plan_specs(plan))
+    state.end_generation()
+    live: list[set[int]] = []
+    exact: set[int] = set()
+    with torch.no_grad():
+        for k, calls in enumerate(steps):
+            live.append(set(stored()))
+            for call in calls:
+                replay_call(transformer, call, device)
+            after = stored()
+            if only_cached and after and all(s == calls[0].step for s in after):
+                exact.add(k)
+    state.end_generation()
+    by_step = {calls[0].step: k for k, calls in enumerate(steps)}
+    sources: list[list[int]] = []
+    for k, found in enumerate(live):
+        idx = sorted(by_step[s] for s in found if s in by_step)
+        sources.append(idx if len(idx) <= 1 else list(range(idx[0], k)))
+    return sources, exact
+
+
 def _sparse_calls(handle: Any) -> int:
     return sum(r["sparse_calls"] for r in handle.report().values())
 
@@ -1351,6 +1400,7 @@ def train_adapter(
     Returns: ``{"steps", "losses", "wall_s", "processes", "order"}`` (the order it used); the adapter stays on ``transformer`` (active).
     """
     from .api import enable_sparse_attention
+    from .hooks import get_state
 
     rank, world = _dist()
     if cfg.batch % world:
@@ -1412,19 +1462,23 @@ def train_adapter(
             "(their state comes from the earlier steps) nor with adapter_steps='all'; use order 'steps'"
         )
     shuffled = cfg.order == "shuffled" or (cfg.order == "auto" and gated and not cross)
+    cached_remainder = _has_cached_remainder(plan)
+    sources: list[list[int]] | None = None
     warm = set(range(len(first_steps))) - sparse if gated else set()
     stop = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
     local = cfg.batch // world
 
     def fresh(steps: list[list[RecordedCall]], k: int, gen: Sequence[RecordedCall], position: int) -> bool:
         """With probability ``cfg.renoise`` (seeded by the sample's position: the same in every process and
-        on resume) replace step ``k``'s calls by re-noised copies; True if it did (they need labels)."""
+        on resume) replace step ``k``'s calls by re-noised copies (and those of the steps its cached remainder
+        comes from, with the same noise: one flow path); True if it did (step ``k`` needs labels)."""
         rng = random.Random(cfg.seed * 1_000_003 + position)
         if rng.random() >= cfg.renoise:
             return False
         clean = check_renoisable(gen)
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
-        steps[k] = [renoise_call(c, clean, noise) for c in steps[k]]
+        for j in [k, *(sources[k] if sources is not None else ())]:
+            steps[j] = [renoise_call(c, clean, noise) for c in steps[j]]
         return True
 
     def updates() -> Iterable[list[tuple[list[list[RecordedCall]], list[int], bool]]]:
@@ -1457,6 +1511,12 @@ def train_adapter(
                 s += 1
 
     handle = enable_sparse_attention(transformer, plan, **dict(sparse_options or {}))
+    # remainder="cached" heads: a shuffled sample replays the steps its remainder was refreshed at first
+    # (step order replays every step anyway)
+    exact: set[int] = set()
+    if cached_remainder:
+        found, exact = _remainder_sources(transformer, plan, first_steps, device)
+        sources = found if shuffled else None
     t0, step = time.perf_counter(), start
     bar = _progress(stop, start, enabled=progress and rank == 0)
     try:
@@ -1472,13 +1532,21 @@ def train_adapter(
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             for steps, group, _ in work:
+                if sources is not None:  # a fresh generation up to the sample's cached remainder
+                    get_state(transformer).end_generation()
+                    with torch.no_grad():
+                        for j in sources[group[0]]:
+                            for call in steps[j]:
+                                replay_call(transformer, call, device)
                 for k in group:
                     if k in warm:
                         with torch.no_grad():
                             for call in steps[k]:
                                 replay_call(transformer, call, device)
                         continue
-                    objective = cfg.step_loss if k in sparse else "mse"
+                    # plain squared error where the step is exact (warm-up; every cached remainder refreshing):
+                    # its error is the adapter's alone, and the log of a float-noise error would blow it up
+                    objective = cfg.step_loss if k in sparse and k not in exact else "mse"
                     mse = _step_backward(transformer, steps[k], objective, guidance, cfg.batch, device)
                     if k == group[-1]:
                         total += mse
@@ -1806,12 +1874,6 @@ def finetune(
         raise FinetuneInputError(f"{out} exists: pass --resume to continue or --overwrite to start over")
     transformer = pipe.transformer
     plan.validate_for(transformer)
-    if _has_cached_remainder(plan):
-        raise FinetuneInputError(
-            'the plan has remainder="cached" heads: their remainder comes from earlier denoising steps, which '
-            'a replayed training call does not run; train on plan.with_remainder("none") and add the '
-            "remainder back at inference"
-        )
     if getattr(transformer, "peft_config", None) and ADAPTER_NAME in transformer.peft_config:
         raise FinetuneInputError(f"the transformer already has an adapter named {ADAPTER_NAME!r}")
     if cfg.loss == "guided":  # the scale the loss combines the branches with is the one recorded with
