@@ -103,6 +103,8 @@ STEP_LOSSES = ("log", "mse")
 LR_SCHEDULES = ("cosine", "constant")
 #: what ``--order`` may name
 ORDERS = ("auto", "shuffled", "steps")
+#: how on-policy student generations are labelled (:attr:`FinetuneConfig.on_policy_labels`)
+ON_POLICY_LABELS = ("dense", "anchored")
 #: diffusers' cache-context names of the two classifier-free-guidance branches
 COND, UNCOND = "cond", "uncond"
 
@@ -138,6 +140,16 @@ class FinetuneConfig:
             dense model's prediction for the same inputs (adapter off), and the following phases train on the
             teacher's and the students' generations together. The student then learns the dense prediction on
             the states its own sparse trajectory visits, not only on the dense trajectory's. 0: teacher only.
+        on_policy_labels: the targets of the student generations' calls. ``"dense"`` (default): the dense
+            model's prediction at the student's state -- from a state that has drifted off the teacher's
+            trajectory it continues the drift. ``"anchored"``: that prediction plus ``delta / sigma``, with
+            ``delta`` the student's latents minus the teacher's at the same step of the same (prompt, seed)
+            and ``sigma`` the step's noise level: an Euler step of a flow-matching sampler then shrinks the
+            drift by ``sigma_next / sigma`` on top of what the dense model does, so the drift is gone at
+            ``sigma = 0`` -- the student learns to steer back to the dense generation it is measured against,
+            where the plan's error persists from step to step (BENCHMARKS.md, "why a small per-call error
+            costs so much PSNR"). Needs recordings with noise levels (flow-matching schedulers) whose
+            prediction is the sampler's velocity (checked on the teacher's steps).
         loss: what is compared with the dense prediction. ``"branch"``: each transformer call's prediction
             (every CFG branch on its own). ``"guided"``: in every denoising step that has both CFG branches,
             the guided prediction the sampler steps with, ``uncond + g * (cond - uncond)`` (``g`` =
@@ -194,6 +206,7 @@ class FinetuneConfig:
     lr_schedule: str = "cosine"
     order: str = "auto"
     renoise: float = 0.0
+    on_policy_labels: str = "dense"
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -215,6 +228,7 @@ class FinetuneConfig:
             ("step_loss", STEP_LOSSES),
             ("lr_schedule", LR_SCHEDULES),
             ("order", ORDERS),
+            ("on_policy_labels", ON_POLICY_LABELS),
         ):
             if getattr(self, name) not in choices:
                 raise FinetuneInputError(
@@ -534,6 +548,81 @@ def label_with_dense(
     finally:
         for m, v in zip(layers, saved):
             m.scaling[ADAPTER_NAME] = v
+
+
+def _latents_of(call: RecordedCall) -> torch.Tensor:
+    """The part of a call's input that its prediction is the velocity of, float32: the whole input, or its
+    first channels where the model concatenates coordinate / conditioning channels (``_latent_layout``'s
+    rule, with the prediction's shape as the reference)."""
+    hs = _hidden_states(call).float()
+    t = call.target
+    if hs.shape == t.shape:
+        return hs
+    if (
+        hs.dim() == t.dim()
+        and hs.shape[0] == t.shape[0]
+        and hs.shape[2:] == t.shape[2:]
+        and hs.shape[1] > t.shape[1]
+    ):
+        return hs[:, : t.shape[1]]
+    raise FinetuneInputError(
+        f"anchored labels: the transformer's input {tuple(hs.shape)} does not hold its prediction's "
+        f"{tuple(t.shape)} latents (the same shape, or as its first channels); use on_policy_labels='dense'"
+    )
+
+
+def _velocity_sign(generation: Sequence[RecordedCall]) -> float:
+    """+1 when the recorded predictions are the velocity a flow-matching Euler sampler steps with,
+    ``x_next = x + (sigma_next - sigma) * prediction`` (per branch, CFG combined or not: the cosine of the
+    branches' mean with the step taken is what is checked), -1 when the pipeline negates them; raises when the
+    steps do not follow the predictions either way."""
+    steps = _steps_of([generation])
+    cos = []
+    for now, nxt in zip(steps, steps[1:]):
+        a, b = now[0], nxt[0]
+        if a.sigma is None or b.sigma is None or a.sigma == b.sigma:
+            continue
+        x0, x1 = _latents_of(a), _latents_of(b)
+        pred = torch.stack([c.target.float() for c in now]).mean(0)
+        if x0.shape != x1.shape or pred.shape != x0.shape:
+            continue
+        move = ((x1 - x0) / (b.sigma - a.sigma)).flatten()
+        cos.append(float(torch.nn.functional.cosine_similarity(move, pred.flatten(), dim=0)))
+    if not cos:
+        raise FinetuneInputError(
+            "anchored labels: the recording has no consecutive steps with noise levels and predictions shaped "
+            "like the latents (flow-matching schedulers only); use on_policy_labels='dense'"
+        )
+    mean = sum(cos) / len(cos)
+    if abs(mean) < 0.5:
+        raise FinetuneInputError(
+            f"anchored labels: the sampler's steps do not follow the recorded predictions (cosine {mean:.2f}): "
+            "not a flow-matching Euler sampler on the transformer's output; use on_policy_labels='dense'"
+        )
+    return 1.0 if mean > 0 else -1.0
+
+
+def anchor_labels(student: Sequence[RecordedCall], teacher: Sequence[RecordedCall]) -> None:
+    """Add ``sign * (x_student - x_teacher) / sigma`` to every target of ``student`` (already labelled by the
+    dense model, :func:`label_with_dense`), ``teacher`` being the dense generation of the same prompt and
+    seed (:attr:`FinetuneConfig.on_policy_labels` ``"anchored"``): a flow-matching Euler step with the new
+    target shrinks the student's drift from the teacher's trajectory by ``sigma_next / sigma`` on top of what
+    the dense prediction does. ``sign`` is the pipeline's (:func:`_velocity_sign`)."""
+    if len(student) != len(teacher):
+        raise FinetuneInputError(
+            f"anchored labels: the student generation has {len(student)} calls, the teacher's {len(teacher)}"
+        )
+    sign = _velocity_sign(teacher)
+    for s, t in zip(student, teacher):
+        if (s.step, s.branch) != (t.step, t.branch):
+            raise FinetuneInputError(
+                f"anchored labels: call (step {s.step}, branch {s.branch!r}) of the student generation meets "
+                f"(step {t.step}, branch {t.branch!r}) of the teacher's: not the same schedule"
+            )
+        if s.sigma is None or not s.sigma > 0:
+            raise FinetuneInputError("anchored labels: the recorded call has no positive noise level (sigma)")
+        delta = _latents_of(s) - _latents_of(t)
+        s.target = s.target.float() + sign * delta / float(s.sigma)
 
 
 def save_recording(generation: Sequence[RecordedCall], path: str | os.PathLike) -> None:
@@ -1889,6 +1978,16 @@ def finetune(
                 "renoise makes samples out of single denoising steps: it needs the shuffled order (no "
                 "cross-step heads in the plan); use renoise 0"
             )
+    if cfg.on_policy_labels == "anchored":
+        if not cfg.on_policy_rounds:
+            raise FinetuneInputError(
+                "anchored labels are the targets of on-policy student generations: give on-policy rounds (>= 1)"
+            )
+        if flow_scheduler(pipe) is None:
+            raise FinetuneInputError(
+                f"anchored labels steer a flow-matching sampler back to the teacher's trajectory; "
+                f"{type(getattr(pipe, 'scheduler', None)).__name__} is not one: use on_policy_labels 'dense'"
+            )
     held_prompts = list(heldout_prompts or prompts)
     if data is not None:
         if flow_scheduler(pipe) is None:
@@ -1933,12 +2032,19 @@ def finetune(
     stored = json.loads(timing.read_text()) if resume and timing.is_file() else {}  # --overwrite: anew
     if resume:
         _check_resume(out, stored, transformer, source, paths, jobs, _training_setup(transformer, plan, cfg))
+    labelled = stored.get("student_labels", "dense")  # the labels of the student generations already there
+    if resume and cfg.on_policy_rounds and labelled != cfg.on_policy_labels and any(teacher.glob("student*.pt")):
+        raise FinetuneInputError(
+            f"--resume: the student generations in {teacher} carry {labelled!r} labels, not "
+            f"{cfg.on_policy_labels!r}; resume with --on-policy-labels {labelled} or start over (--overwrite)"
+        )
     if cfg.renoise and resume and paths[0].is_file():  # an earlier version's recordings: no noise levels
         check_renoisable(load_recording(paths[0]))
     _barrier(world)
     if rank == 0:
         files = {**(stored.get("jobs") or {}), **{p.name: [j[1], j[2]] for p, j in zip(paths, jobs)}}
-        timing.write_text(json.dumps({**stored, "source": source, "jobs": files}))
+        labels = {"student_labels": cfg.on_policy_labels} if cfg.on_policy_rounds else {}
+        timing.write_text(json.dumps({**stored, "source": source, "jobs": files, **labels}))
     t0 = time.perf_counter()
     finals = [pth.with_name(f"output-{pth.name}") for pth in paths]  # dense held-out outputs (decoded)
     todo = [i for i, pth in enumerate(paths) if not (resume and pth.is_file()) and i % world == rank]
@@ -1958,6 +2064,8 @@ def finetune(
         timing.write_text(json.dumps({**stored, "record_s": record_s}))
     train = [p for p, j in zip(paths, jobs) if j[0] == "train"]
     held = [p for p, j in zip(paths, jobs) if j[0] == "heldout"]
+    if cfg.on_policy_labels == "anchored":  # the sampler steps with the recorded predictions: before training
+        _velocity_sign(load_recording(train[0]))
     # the held-out error of the guided prediction too, whenever the pipeline guides (whatever the loss)
     try:
         held_guidance = guidance_for_loss(replace(cfg, loss="guided"), pipe, load_recording(train[0]))
@@ -2011,6 +2119,8 @@ def finetune(
                 pipe, [prompt], [seed], cfg, progress=progress, plan=plan, sparse_options=sparse_options
             )
             label_with_dense(transformer, gen, transformer.device)
+            if cfg.on_policy_labels == "anchored":
+                anchor_labels(gen, load_recording(train[n]))
             save_recording(gen, student[n])
         _barrier(world)
         student_s += time.perf_counter() - t1
@@ -2198,6 +2308,14 @@ def build_parser():
         "teacher and student generations (default 0: teacher only)",
     )
     p.add_argument(
+        "--on-policy-labels",
+        choices=ON_POLICY_LABELS,
+        default="dense",
+        help="targets of the student generations: dense = the dense model's prediction at the student's state; "
+        "anchored = that plus the student's drift from the teacher's generation (same prompt and seed) divided by "
+        "the noise level, so the student learns to steer back to it (flow-matching samplers)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue a run in --out (recording and checkpoint); refused when they were made with another base "
@@ -2345,6 +2463,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             targets=args.targets,
             on_policy_rounds=args.on_policy_rounds,
+            on_policy_labels=args.on_policy_labels,
             loss=args.loss,
             step_loss=args.step_loss,
             order=args.order,

@@ -21,9 +21,11 @@ from sparsediff.finetune import (
     ADAPTER_NAME,
     FinetuneConfig,
     FinetuneInputError,
+    anchor_labels,
     check_renoisable,
     finetune,
     heldout_error,
+    label_with_dense,
     latent_input,
     load_recording,
     record_teacher,
@@ -292,6 +294,97 @@ def test_on_policy_round_labels_the_students_trajectory_with_the_dense_model(pip
     assert again["steps"] == 4 and (out / "teacher" / "student1-0001.pt").stat().st_mtime_ns == stamp
     with pytest.raises(FinetuneInputError, match="on_policy_rounds"):
         FinetuneConfig(steps=2, on_policy_rounds=2)
+
+
+def _drifted_student(pipe, teacher_gen, prompt, seed):
+    """The tiny plan's generation of ``prompt``/``seed`` (the teacher's), labelled by the dense model."""
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    (student,) = record_teacher(
+        pipe,
+        [prompt],
+        [seed],
+        FinetuneConfig(steps=1, **CFG),
+        progress=False,
+        plan=plan,
+        sparse_options=SPARSE,
+    )
+    label_with_dense(pipe.transformer, student)
+    return student
+
+
+def test_anchored_labels_add_the_drift_from_the_teacher_over_sigma(pipe, recorded):
+    """on_policy_labels="anchored": each student call's target is the dense prediction plus (student latents -
+    teacher latents) / sigma at that step, so an Euler step shrinks the drift by sigma_next / sigma; recordings
+    whose steps do not follow their predictions, negated predictions and other schedules are handled."""
+    teacher = recorded[0][0]  # PROMPTS[0], seed 0
+    student = _drifted_student(pipe, teacher, PROMPTS[0], 0)
+    dense = [c.target.clone() for c in student]
+    anchored = [dataclasses.replace(c) for c in student]
+    anchor_labels(anchored, teacher)
+    ch = teacher[-1].clean.shape[1]  # the latents are the first channels of the embedded model's input
+    drift = 0.0
+    for a, d, t in zip(anchored, dense, teacher):
+        delta = a.kwargs["hidden_states"][:, :ch].float() - t.kwargs["hidden_states"][:, :ch].float()
+        torch.testing.assert_close(a.target, d + delta / a.sigma, rtol=1e-6, atol=1e-6)
+        drift = max(drift, float(delta.abs().max()))
+    assert torch.equal(anchored[0].target, dense[0])  # the first call: the same latents, nothing to steer
+    assert drift > 1e-2, "the student never left the teacher's trajectory: the test proves nothing"
+    # the sampler steps with the recorded prediction (sign +1); a pipeline that negates it gets -delta / sigma
+    flipped_teacher = [dataclasses.replace(c, target=-c.target) for c in teacher]
+    flipped = [dataclasses.replace(c, target=-d) for c, d in zip(student, dense)]
+    anchor_labels(flipped, flipped_teacher)
+    for f, a, d in zip(flipped, anchored, dense):
+        torch.testing.assert_close(f.target, -d - (a.target - d), rtol=1e-6, atol=1e-6)
+    noise = torch.Generator().manual_seed(0)
+    unrelated = [dataclasses.replace(c, target=torch.randn(c.target.shape, generator=noise)) for c in teacher]
+    with pytest.raises(FinetuneInputError, match="do not follow"):
+        anchor_labels([dataclasses.replace(c) for c in student], unrelated)
+    with pytest.raises(FinetuneInputError, match="calls"):
+        anchor_labels([dataclasses.replace(c) for c in student[:-2]], teacher)
+
+
+def test_finetune_with_anchored_labels_and_its_resume(pipe, tmp_path):
+    """finetune(on_policy_labels="anchored") labels the student generations so; a resume with other labels is
+    refused before any work; without on-policy rounds or with a non-flow scheduler it is refused up front."""
+    plan = Plan.uniform("tile", window=(1, 1, 1), tile=(4, 4, 4), dense_steps=1)
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=2, heldout=0, on_policy_rounds=1, on_policy_labels="anchored", **CFG)
+    p = load_embedded_pipeline()
+    finetune(p, plan, PROMPTS[:1], out, cfg, progress=False, sparse_options=SPARSE)
+    teacher = load_recording(out / "teacher" / "train-0000.pt")
+    student = load_recording(out / "teacher" / "student1-0000.pt")
+    ch = teacher[-1].clean.shape[1]
+    dense = _fresh(pipe)
+    call, twin = student[-1], teacher[-1]
+    with torch.no_grad():
+        want = replay_call(dense, call)
+    delta = call.kwargs["hidden_states"][:, :ch].float() - twin.kwargs["hidden_states"][:, :ch].float()
+    assert float(delta.abs().max()) > 1e-2
+    torch.testing.assert_close(call.target, want + delta / call.sigma, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FinetuneInputError, match="anchored"):
+        finetune(
+            load_embedded_pipeline(),
+            plan,
+            PROMPTS[:1],
+            out,
+            dataclasses.replace(cfg, on_policy_labels="dense"),
+            resume=True,
+            progress=False,
+            sparse_options=SPARSE,
+        )
+    q = load_embedded_pipeline()
+    with pytest.raises(FinetuneInputError, match="on-policy rounds"):
+        finetune(
+            q, plan, PROMPTS, tmp_path / "a", dataclasses.replace(cfg, on_policy_rounds=0), progress=False
+        )
+    from diffusers import DDIMScheduler
+
+    q.scheduler = DDIMScheduler()
+    with pytest.raises(FinetuneInputError, match="flow-matching"):
+        finetune(q, plan, PROMPTS, tmp_path / "b", cfg, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(FinetuneInputError, match="on_policy_labels"):
+        FinetuneConfig(on_policy_labels="teacher")
 
 
 def test_guided_error_is_the_error_of_the_prediction_the_sampler_steps_with():
