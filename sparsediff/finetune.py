@@ -105,6 +105,11 @@ LR_SCHEDULES = ("cosine", "constant")
 ORDERS = ("auto", "shuffled", "steps")
 #: how on-policy student generations are labelled (:attr:`FinetuneConfig.on_policy_labels`)
 ON_POLICY_LABELS = ("dense", "anchored")
+#: anchored labels pull with ``delta / max(sigma, ANCHOR_MIN_SIGMA)``: below this noise level the pull stays that of
+#: this level instead of growing as ``1 / sigma`` (on the embedded model the full pull asked the last step,
+#: sigma 0.009, for corrections of rms 5.6 -- ~80x the plan's error there -- that no adapter can predict from
+#: the state, and the last steps hardly move the output: making them dense changed no PSNR)
+ANCHOR_MIN_SIGMA = 0.5
 #: diffusers' cache-context names of the two classifier-free-guidance branches
 COND, UNCOND = "cond", "uncond"
 
@@ -142,11 +147,12 @@ class FinetuneConfig:
             the states its own sparse trajectory visits, not only on the dense trajectory's. 0: teacher only.
         on_policy_labels: the targets of the student generations' calls. ``"dense"`` (default): the dense
             model's prediction at the student's state -- from a state that has drifted off the teacher's
-            trajectory it continues the drift. ``"anchored"``: that prediction plus ``delta / sigma``, with
-            ``delta`` the student's latents minus the teacher's at the same step of the same (prompt, seed)
-            and ``sigma`` the step's noise level: an Euler step of a flow-matching sampler then shrinks the
-            drift by ``sigma_next / sigma`` on top of what the dense model does, so the drift is gone at
-            ``sigma = 0`` -- the student learns to steer back to the dense generation it is measured against,
+            trajectory it continues the drift. ``"anchored"``: that prediction plus ``delta / max(sigma,
+            ANCHOR_MIN_SIGMA)``, with ``delta`` the student's latents minus the teacher's at the same step of
+            the same (prompt, seed) and ``sigma`` the step's noise level: an Euler step of a flow-matching
+            sampler then shrinks the drift by ``sigma_next / sigma`` (down to ``ANCHOR_MIN_SIGMA``; by
+            ``1 - (sigma - sigma_next) / ANCHOR_MIN_SIGMA`` below) on top of what the dense model does -- the
+            student learns to steer back to the dense generation it is measured against,
             where the plan's error persists from step to step (BENCHMARKS.md, "why a small per-call error
             costs so much PSNR"). Needs recordings with noise levels (flow-matching schedulers) whose
             prediction is the sampler's velocity (checked on the teacher's steps).
@@ -602,12 +608,15 @@ def _velocity_sign(generation: Sequence[RecordedCall]) -> float:
     return 1.0 if mean > 0 else -1.0
 
 
-def anchor_labels(student: Sequence[RecordedCall], teacher: Sequence[RecordedCall]) -> None:
-    """Add ``sign * (x_student - x_teacher) / sigma`` to every target of ``student`` (already labelled by the
-    dense model, :func:`label_with_dense`), ``teacher`` being the dense generation of the same prompt and
-    seed (:attr:`FinetuneConfig.on_policy_labels` ``"anchored"``): a flow-matching Euler step with the new
-    target shrinks the student's drift from the teacher's trajectory by ``sigma_next / sigma`` on top of what
-    the dense prediction does. ``sign`` is the pipeline's (:func:`_velocity_sign`)."""
+def anchor_labels(
+    student: Sequence[RecordedCall], teacher: Sequence[RecordedCall], min_sigma: float = ANCHOR_MIN_SIGMA
+) -> None:
+    """Add ``sign * (x_student - x_teacher) / max(sigma, min_sigma)`` to every target of ``student`` (already
+    labelled by the dense model, :func:`label_with_dense`), ``teacher`` being the dense generation of the same
+    prompt and seed (:attr:`FinetuneConfig.on_policy_labels` ``"anchored"``): a flow-matching Euler step with
+    the new target shrinks the student's drift from the teacher's trajectory by ``sigma_next / sigma`` (above
+    ``min_sigma``) on top of what the dense prediction does. ``sign`` is the pipeline's
+    (:func:`_velocity_sign`)."""
     if len(student) != len(teacher):
         raise FinetuneInputError(
             f"anchored labels: the student generation has {len(student)} calls, the teacher's {len(teacher)}"
@@ -622,7 +631,7 @@ def anchor_labels(student: Sequence[RecordedCall], teacher: Sequence[RecordedCal
         if s.sigma is None or not s.sigma > 0:
             raise FinetuneInputError("anchored labels: the recorded call has no positive noise level (sigma)")
         delta = _latents_of(s) - _latents_of(t)
-        s.target = s.target.float() + sign * delta / float(s.sigma)
+        s.target = s.target.float() + sign * delta / max(float(s.sigma), min_sigma)
 
 
 def save_recording(generation: Sequence[RecordedCall], path: str | os.PathLike) -> None:
@@ -2033,7 +2042,12 @@ def finetune(
     if resume:
         _check_resume(out, stored, transformer, source, paths, jobs, _training_setup(transformer, plan, cfg))
     labelled = stored.get("student_labels", "dense")  # the labels of the student generations already there
-    if resume and cfg.on_policy_rounds and labelled != cfg.on_policy_labels and any(teacher.glob("student*.pt")):
+    if (
+        resume
+        and cfg.on_policy_rounds
+        and labelled != cfg.on_policy_labels
+        and any(teacher.glob("student*.pt"))
+    ):
         raise FinetuneInputError(
             f"--resume: the student generations in {teacher} carry {labelled!r} labels, not "
             f"{cfg.on_policy_labels!r}; resume with --on-policy-labels {labelled} or start over (--overwrite)"
