@@ -558,23 +558,11 @@ def label_with_dense(
 
 def _latents_of(call: RecordedCall) -> torch.Tensor:
     """The part of a call's input that its prediction is the velocity of, float32: the whole input, or its
-    first channels where the model concatenates coordinate / conditioning channels (``_latent_layout``'s
-    rule, with the prediction's shape as the reference)."""
-    hs = _hidden_states(call).float()
-    t = call.target
-    if hs.shape == t.shape:
-        return hs
-    if (
-        hs.dim() == t.dim()
-        and hs.shape[0] == t.shape[0]
-        and hs.shape[2:] == t.shape[2:]
-        and hs.shape[1] > t.shape[1]
-    ):
-        return hs[:, : t.shape[1]]
-    raise FinetuneInputError(
-        f"anchored labels: the transformer's input {tuple(hs.shape)} does not hold its prediction's "
-        f"{tuple(t.shape)} latents (the same shape, or as its first channels); use on_policy_labels='dense'"
-    )
+    first channels where the model concatenates coordinate / conditioning channels (:func:`_latent_layout`
+    with the prediction as the reference)."""
+    hs = _hidden_states(call)
+    _, ch = _latent_layout(hs, call.target, what="anchored labels", fallback="on_policy_labels 'dense'")
+    return (hs if ch is None else hs[:, :ch]).float()
 
 
 def _velocity_sign(generation: Sequence[RecordedCall]) -> float:
@@ -731,7 +719,9 @@ def _hidden_states(call: RecordedCall) -> torch.Tensor:
     return hs
 
 
-def _latent_layout(hs: torch.Tensor, clean: torch.Tensor) -> tuple[int, int | None]:
+def _latent_layout(
+    hs: torch.Tensor, clean: torch.Tensor, what: str = "renoise", fallback: str = "renoise 0"
+) -> tuple[int, int | None]:
     """How the final latents ``clean [B, ...]`` sit in a call's hidden states: (batch repeat -- 2 where the
     pipeline batches its CFG branches --, channel count when the latents are the first channels of more (the
     coordinate or conditioning channels some models concatenate), else None for the whole tensor)."""
@@ -742,8 +732,8 @@ def _latent_layout(hs: torch.Tensor, clean: torch.Tensor) -> tuple[int, int | No
         if hs.dim() == clean.dim() and hs.shape[2:] == clean.shape[2:] and hs.shape[1] > clean.shape[1]:
             return hs.shape[0] // b, clean.shape[1]
     raise FinetuneInputError(
-        f"renoise: the transformer's input {tuple(hs.shape)} does not hold the pipeline's latents "
-        f"{tuple(clean.shape)} (the same shape, or as its first channels): use renoise 0"
+        f"{what}: the transformer's input {tuple(hs.shape)} does not hold the pipeline's latents "
+        f"{tuple(clean.shape)} (the same shape, or as its first channels): use {fallback}"
     )
 
 
