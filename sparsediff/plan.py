@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -314,6 +314,24 @@ def _spec_from_dict(s: Any, where: str) -> HeadSpec:
 
 
 # ---------------------------------------------------------------------- layout (de)serialisation
+def _layer_selection(layers: Iterable[int], plan_layers: Sequence[Any] | None) -> frozenset[int]:
+    """``layers`` checked against a per-head plan's ``plan_layers``: the set of block indices to edit."""
+    if plan_layers is None:
+        raise ValueError(
+            "layers= needs a per-head plan (Plan.layers); a uniform plan has one spec for every layer"
+        )
+    if isinstance(layers, (str, bytes)):
+        raise ValueError(f"layers must be layer indices, got {layers!r}")
+    chosen = list(layers)
+    if not chosen:
+        raise ValueError("layers is empty: name at least one layer (or pass layers=None for every layer)")
+    n = len(plan_layers)
+    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers {bad}: not layer indices of this plan (0..{n - 1})")
+    return frozenset(chosen)
+
+
 def layout_to_dict(layout: TokenLayout) -> dict[str, Any]:
     return {
         "segments": [
@@ -523,16 +541,25 @@ class Plan:
         kept["edited"] = [*list(search.get("edited", [])), how]
         return replace(plan, meta={**dict(self.meta), "search": kept})
 
-    def with_remainder(self, remainder: str, refresh: int | None = None) -> Plan:
+    def with_remainder(
+        self, remainder: str, refresh: int | None = None, *, layers: Iterable[int] | None = None
+    ) -> Plan:
         """A copy whose heads of the families with a ``remainder`` parameter (``radial``, ``tile``,
         ``reordered``, ``topp``, user families registered with ``remainder=True``) get ``remainder`` --
         ``"none"``, ``"pooled"`` or ``"cached"`` (:mod:`sparsediff.patterns.remainder`) -- and, with
         ``refresh``, ``remainder_refresh``. ``"cached"`` applies to the static heads among them only (a
-        dynamic mask cannot keep a stored remainder); every other head is left as it is."""
+        dynamic mask cannot keep a stored remainder); every other head is left as it is.
+
+        ``layers`` (transformer block indices) edits only those layers' heads and leaves the others as they
+        are, e.g. ``plan.with_remainder("cached", 5, layers=[0])``: the stored remainder's exact passes then
+        cost only those layers (measured on the embedded model: layer 0 alone keeps about half of the
+        remainder's PSNR gain for about a third of its cost, ``BENCHMARKS.md``). It needs a per-head plan
+        (``Plan.layers``); a layer index out of range or an empty list raises :class:`ValueError`."""
         from .patterns.registry import REMAINDER_REFRESH_PARAM, REMAINDERS, get_family
 
         if remainder not in REMAINDERS:
             raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+        chosen = None if layers is None else _layer_selection(layers, self.layers)
 
         def upd(s: HeadSpec) -> HeadSpec:
             if not get_family(s.pattern).remainder or (remainder == "cached" and not s.is_static):
@@ -543,6 +570,13 @@ class Plan:
                 out = HeadSpec(out.pattern, items + ((REMAINDER_REFRESH_PARAM, int(refresh)),))
             return out
 
+        if chosen is not None:
+            assert self.layers is not None  # _layer_selection refused a uniform plan
+            edited = tuple(
+                tuple(upd(s) for s in layer) if i in chosen else layer for i, layer in enumerate(self.layers)
+            )
+            how = f"with_remainder({remainder!r}, layers={sorted(chosen)})"
+            return self._edited(replace(self, layers=edited), how)
         layers = None if self.layers is None else tuple(tuple(upd(s) for s in layer) for layer in self.layers)
         return self._edited(
             replace(self, default=upd(self.default), layers=layers), f"with_remainder({remainder!r})"

@@ -299,3 +299,55 @@ def test_pipeline_warm_up_seeds_and_steps_merge(monkeypatch):
     assert seen == per_step  # 2 layers x 2 CFG branches per step
     assert _rel(cached, dense) > 1e-6 and _rel(cached, plain) > 1e-6
     assert _rel(cached, dense) < _rel(plain, dense)
+
+
+def test_remainder_on_chosen_layers_only():
+    """``with_remainder(..., layers=[1])`` on the tiny Wan pipeline: only layer 1's heads store and merge a
+    remainder (layer 0 runs its blocks alone), so the output differs from the plain plan and from the
+    remainder on every layer. Bad layer selections are refused."""
+    tiny = build("wan")
+    transformer = tiny.pipe.transformer
+    n_layers, heads = len(transformer.blocks), transformer.config.num_attention_heads
+    tile = HeadSpec.make("tile", window=(1, 1, 1))
+    plain_plan = Plan.per_head(transformer, [[tile] * heads] * n_layers)
+    partial_plan = plain_plan.with_remainder("cached", 2, layers=[1])
+    assert [s.remainder for s in partial_plan.layers[0]] == ["none"] * heads
+    cached_1 = [(s.remainder, s.get("remainder_refresh")) for s in partial_plan.layers[1]]
+    assert cached_1 == [("cached", 2)] * heads
+    assert Plan.from_dict(partial_plan.to_dict()) == partial_plan
+    for bad in ([], [n_layers], [-1], ["0"], "0", [True]):
+        with pytest.raises(ValueError, match="layer"):
+            plain_plan.with_remainder("cached", 2, layers=bad)
+    with pytest.raises(ValueError, match="per-head plan"):
+        Plan.uniform("tile").with_remainder("cached", layers=[0])
+
+    stored = {}
+    real = sd_attention.sparse_attention
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        stored[id(a[5])] = len(a[5].family_state(CACHED_REMAINDER_SLOT))
+        return out
+
+    kw = {**SPARSE_KW, "dense_steps": 1}
+    steps = dict(num_inference_steps=4)
+    dense = tiny(**steps)
+    outs, holding = {}, {}
+    for name, plan in [
+        ("plain", plain_plan),
+        ("partial", partial_plan),
+        ("every", plain_plan.with_remainder("cached", 2)),
+    ]:
+        stored.clear()
+        sd_attention.sparse_attention = spy
+        try:
+            with api.sparse_attention_enabled(tiny.pipe, plan, **kw):
+                outs[name] = tiny(**steps)
+        finally:
+            sd_attention.sparse_attention = real
+        holding[name] = sum(n > 0 for n in stored.values())  # layer states (one per CFG branch) storing
+    # a remainder: none; layer 1's; every layer's
+    assert holding["plain"] == 0 and holding["partial"] > 0
+    assert holding["every"] == n_layers * holding["partial"]
+    assert _rel(outs["partial"], outs["plain"]) > 1e-6 and _rel(outs["partial"], outs["every"]) > 1e-6
+    assert _rel(outs["every"], dense) < _rel(outs["plain"], dense)

@@ -305,3 +305,26 @@ def test_remainder_cached_is_given_to_the_chosen_static_heads_and_priced(tmp_pat
     ), plan.summary()
     assert any(s.remainder == "cached" for s in heads)
     assert "predicted" in text and plan.meta["search"]["price"]["num_steps"] > 0
+
+
+def test_remainder_layers_give_the_cached_remainder_to_those_layers_only(tmp_path, prompts, capsys):
+    out = tmp_path / "plan.json"
+    args = ("--prompts", prompts, "--density", "0.5", "--candidates", "tile", "--dense-layers", "")
+    for bad, needle in [
+        (("--remainder-layers", "1"), "--remainder cached only"),
+        (("--remainder", "cached", "--remainder-layers", "one"), "comma list of layer indices"),
+        (("--remainder", "cached", "--remainder-layers", ","), "comma list of layer indices"),
+        (("--remainder", "cached", "--remainder-layers", "0,2"), "the model has 2 self-attention layers"),
+    ]:
+        _error(capsys, _search(*args, *bad, "--out", str(out)), needle)
+    assert not out.exists()
+    rc = _search(*args, "--remainder", "cached", "--remainder-layers", "1", "--out", str(out))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    plan = Plan.load(out)
+    assert plan.schedule.dense_layers == () and len(plan.layers) == 2
+    assert all(s.pattern == "tile" for row in plan.layers for s in row), plan.summary()
+    assert [s.remainder for s in plan.layers[0]] == ["none"] * len(plan.layers[0])
+    assert [s.remainder for s in plan.layers[1]] == ["cached"] * len(plan.layers[1])
+    # the price is the edited plan's: the refresh passes of layer 1 only
+    assert plan.meta["search"]["price"]["num_steps"] > 0 and "predicted" in text

@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="with --remainder cached: steps between the exact passes (default 5)",
     )
+    ap.add_argument(
+        "--remainder-layers",
+        metavar="I,J,...",
+        default=None,
+        help="with --remainder cached: only these self-attention layers get the stored remainder (their "
+        "exact passes are all it costs; default every layer)",
+    )
     budget = ap.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--target-error", type=float, metavar="E", help="mean relative error budget over all heads"
@@ -214,6 +221,18 @@ def _parse_schedule(
     return ds, dl
 
 
+def _parse_remainder_layers(text: str, remainder: str) -> tuple[int, ...]:
+    if remainder != "cached":
+        raise SearchInputError(f"--remainder-layers {text!r}: with --remainder cached only")
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SearchInputError(f"--remainder-layers: {text!r} is not a comma list of layer indices") from None
+    if not layers or min(layers) < 0:
+        raise SearchInputError(f"--remainder-layers: {text!r} is not a comma list of layer indices >= 0")
+    return layers
+
+
 _FAMILIES = ("dense", "radial", "tile", "reordered", "cluster", "topp", "lse_cache", "skip")
 
 
@@ -234,6 +253,8 @@ def _check_inputs(args) -> dict[str, Any]:
         raise SearchInputError(
             f"--remainder-refresh {args.remainder_refresh}: an int >= 1, with --remainder cached only"
         )
+    if args.remainder_layers is not None:
+        args.remainder_layers = _parse_remainder_layers(args.remainder_layers, args.remainder)
     psteps = _parse_steps(args.profile_steps)
     args.dense_steps, args.dense_layers = _parse_schedule(args.dense_steps, args.dense_layers)
     fams = [x.strip() for x in args.candidates.split(",")] if args.candidates else None
@@ -345,7 +366,7 @@ def _make_plan(args, stats, transformer, adapter, device: str, steps: int):
         schedule=schedule, min_tokens=int(fs["min_tokens"]),
     )  # fmt: skip
     if args.remainder == "cached":
-        plan = plan.with_remainder("cached", args.remainder_refresh)
+        plan = plan.with_remainder("cached", args.remainder_refresh, layers=args.remainder_layers)
     plan, _, lines = price_searched_plan(
         plan, stats, transformer, num_steps=steps, device=device, block_size=args.block_size,
         guard=not args.keep_slow_layers,
@@ -369,6 +390,11 @@ def _run(args) -> int:
         enable_context_parallel(pipe, args.cp, world)
     steps = int(args.steps or kw.get("num_inference_steps") or 50)
     n_layers = len(adapter.attention_modules(transformer))
+    if args.remainder_layers is not None and max(args.remainder_layers) >= n_layers:
+        raise SearchInputError(
+            f"--remainder-layers {','.join(map(str, args.remainder_layers))}: the model has {n_layers} "
+            f"self-attention layers (0..{n_layers - 1})"
+        )
     stats = _profile(args, inp, pipe, kw, steps, n_layers, rank, world, state)
     if stats is None:
         finish_processes(state)  # not the main process: its statistics are in the main process's merge
