@@ -315,6 +315,7 @@ def test_remainder_on_chosen_layers_only():
     cached_1 = [(s.remainder, s.get("remainder_refresh")) for s in partial_plan.layers[1]]
     assert cached_1 == [("cached", 2)] * heads
     assert Plan.from_dict(partial_plan.to_dict()) == partial_plan
+    assert partial_plan.with_remainder("none") == plain_plan  # refresh dropped with the remainder
     for bad in ([], [n_layers], [-1], ["0"], "0", [True]):
         with pytest.raises(ValueError, match="layer"):
             plain_plan.with_remainder("cached", 2, layers=bad)

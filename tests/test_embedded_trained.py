@@ -147,3 +147,36 @@ def test_psnr_floor_catches_broken_attention(pipe, monkeypatch, broken):
     monkeypatch.setattr(reference, "forward_blocks", bad)
     dense, sparse, _, _ = _sparse_vs_dense(pipe, "a yellow diamond moving left", 11, min_tokens=0)
     assert video_metrics(sparse, dense).psnr < PSNR_FLOOR
+
+
+def test_shipped_cached_plan_is_the_searched_plan_plus_a_stored_remainder_in_layers_0_and_1(pipe):
+    """``weights/sparse_plan_cached.json``: the shipped searched plan's masks with the cached remainder
+    (exact every 5 steps) in layers 0 and 1 only, priced by the search. At the demo size it runs sparse,
+    and it is closer to dense than the same masks without the remainder."""
+    from sparsediff.embedded import shipped_plan_path
+    from sparsediff.plan import Plan
+
+    plain = Plan.load(shipped_plan_path())
+    cached = Plan.load(os.path.join(WEIGHTS_DIR, "sparse_plan_cached.json"))
+    cached.validate_for(pipe.transformer)
+    assert cached.with_remainder("none").layers == plain.layers
+    assert cached.schedule == plain.schedule
+    assert [{(s.remainder, s.get("remainder_refresh")) for s in row} for row in cached.layers] == [
+        {("cached", 5)},
+        {("cached", 5)},
+        {("none", 5)},
+        {("none", 5)},
+    ]
+    predicted = cached.meta["search"]["predicted_step_speedup"]
+    assert 1.0 < predicted < plain.meta["search"]["predicted_step_speedup"]  # the exact passes cost
+
+    prompt, seed, steps = "a cyan square moving up quickly", 5, 6  # 3 dense warm-up steps, 3 sparse
+    dense = _generate(pipe, prompt, seed, steps, DEMO_SIZE)
+    out = {}
+    for name, plan in (("plain", plain), ("cached", cached)):
+        with enable_sparse_attention(pipe, plan, backend="reference") as handle:
+            out[name] = _generate(pipe, prompt, seed, steps, DEMO_SIZE)
+            dens = handle.densities()["transformer"]
+        assert set(dens) == {0, 1, 2, 3} and all(0 < d < 0.5 for d in dens.values()), dens
+    assert np.abs(out["cached"] - dense).max() > 1e-3 and np.abs(out["cached"] - out["plain"]).max() > 1e-3
+    assert video_metrics(out["cached"], dense).psnr > video_metrics(out["plain"], dense).psnr

@@ -28,6 +28,7 @@ from .registry import (
     PARAM_CHECKS,
     PATTERN_PARAMS,
     REMAINDER_PARAM,
+    REMAINDER_REFRESH_PARAM,
     builtin_patterns,
     check_params,
     get_family,
@@ -139,11 +140,14 @@ class HeadSpec:
         return str(self.get(REMAINDER_PARAM))
 
     def with_remainder(self, remainder: str) -> HeadSpec:
-        """The same spec with ``remainder`` set (``"none"`` removes the parameter: the spec a plan written
-        before the parameter existed holds). ``ValueError`` for a family without the parameter."""
+        """The same spec with ``remainder`` set (``"none"`` removes the parameter, and the
+        ``remainder_refresh`` that only a stored remainder uses: the spec a plan written before the
+        parameters existed holds, equal to the spec the remainder was added to). ``ValueError`` for a family
+        without the parameter."""
         if not get_family(self.pattern).remainder:
             raise ValueError(f"pattern {self.pattern!r} has no {REMAINDER_PARAM!r} parameter")
-        items = tuple((k, v) for k, v in self.params if k != REMAINDER_PARAM)
+        drop = (REMAINDER_PARAM, REMAINDER_REFRESH_PARAM) if remainder == "none" else (REMAINDER_PARAM,)
+        items = tuple((k, v) for k, v in self.params if k not in drop)
         if remainder != "none":
             items += ((REMAINDER_PARAM, remainder),)
         return HeadSpec(self.pattern, items)
