@@ -350,3 +350,57 @@ def test_results_json_is_strict_and_scatter_clips_off_scale_points(tmp_path):
     assert lo < 22.0 and 25.0 < hi < 40.0  # the 126 dB and inf points do not squash the scale
     assert any("off scale" in t for t in captured["texts"])
     assert (tmp_path / "qs.png").stat().st_size > 0
+
+
+def test_remainder_keys_edit_a_plan_file_on_chosen_layers(pipe, tmp_path):
+    """``PLAN.json,remainder=cached,remainder_refresh=R,remainder_layers=[...]``: the plan file edited by
+    ``Plan.with_remainder`` (the file itself untouched); checked before generating."""
+    from sparsediff.specs import DenseSchedule
+
+    tile = HeadSpec.make("tile", tile=(1, 4, 4), window=(1, 1, 1))
+    path = tmp_path / "tile.json"
+    plain = Plan.per_head(pipe.transformer, [[tile] * 2] * 2, schedule=DenseSchedule(1, ()), min_tokens=0)
+    plain.save(path)
+    on_1 = cmp.parse_variant(f"{path},remainder=cached,remainder_refresh=2,remainder_layers=[1],label=on1")
+    assert on_1.remainder == ("cached", 2, (1,)) and on_1.plan == str(path) and on_1.overrides == {}
+    edited = on_1.target()
+    assert [s.remainder for s in edited.layers[0]] == ["none"] * 2
+    assert [(s.remainder, s.get("remainder_refresh")) for s in edited.layers[1]] == [("cached", 2)] * 2
+    assert cmp.parse_variant(f"{path},remainder=cached,remainder_layers=0").target().layers[0][
+        0
+    ].remainder == ("cached")
+    for bad, needle in [
+        (f"{path},remainder=cached,remainder_layers=[2]", "not layer indices"),
+        (f"{path},remainder_layers=[0]", "need remainder="),
+        (f"{path},remainder=cached,remainder_layers=x", "list of layer indices"),
+        (f"{path},remainder=cached,remainder_refresh=1.5", "must be an int"),
+        (f"{path},remainder=cachd", "remainder must be one of"),
+        ("tile,remainder=cached", "PATTERN.remainder=cached"),
+        ("remainder=cached", "plan file"),
+    ]:
+        with pytest.raises(cmp.CompareError, match=needle):
+            cmp.parse_variant(bad)
+    res = cmp.compare(
+        pipe,
+        ["a red circle moving left quickly"],
+        seeds=[0],
+        plans=[str(path), on_1.spec, f"{path},remainder=cached,remainder_refresh=2,label=every"],
+        out=tmp_path / "cmp",
+        num_frames=4,
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        block_size=16,
+        backend="reference",
+        warmup=0,
+        video_format="gif",
+        progress=False,
+        command="test",
+    )
+    rows = {r["label"]: r for r in res["variants"]}
+    assert list(rows) == ["dense", "tile", "on1", "every"]
+    assert "cached remainder 2/4" in rows["on1"]["plan"] and "cached remainder 4/4" in rows["every"]["plan"]
+    psnr = {k: rows[k]["psnr"] for k in ("tile", "on1", "every")}
+    assert all(math.isfinite(p) for p in psnr.values()) and len(set(psnr.values())) == 3, psnr
+    assert 0 < rows["on1"]["mean_density"] < 1
+    assert Plan.load(path) == plain  # the file is not edited

@@ -22,6 +22,8 @@ Plans (``--plans``, each one variant; see :func:`parse_variant`)::
     dense                        every head dense (a sanity check: must equal the baseline, PSNR = inf)
     radial,dense_steps=0,block_size=32,radial.decay=0.5,label=r-fast
                                  any of the above plus SparseAttentionConfig overrides
+    plan.json,remainder=cached,remainder_refresh=5,remainder_layers=[0, 1]
+                                 a plan file with Plan.with_remainder applied (the file is not edited)
 
 Outputs in ``--out`` (existing ones are never replaced without ``--overwrite``): ``videos/``, ``strips/``,
 ``report.html`` (self-contained), ``report.md``, ``results.json`` (strict JSON: non-finite numbers as

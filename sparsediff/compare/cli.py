@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dense vs sparse attention on the same prompts and seeds: metrics, timings, videos, report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Plans: default | PATTERN | plan.json | dense, each optionally followed by "
-        ",key=value SparseAttentionConfig overrides (PATTERN.PARAM=value, label=NAME).\n"
+        ",key=value SparseAttentionConfig overrides (PATTERN.PARAM=value, label=NAME); a plan file also "
+        "takes remainder=none|pooled|cached, remainder_refresh=R, remainder_layers=[I, ...] "
+        "(Plan.with_remainder).\n"
         "Cache: NAME[:field=value,...], NAME one of "
         + " | ".join(f"{k} ({v})" for k, v in CACHE_CONFIGS.items())
         + ", the fields of that diffusers config, values Python literals; e.g. first_block:threshold=0.15, "

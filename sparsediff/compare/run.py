@@ -341,7 +341,7 @@ def _run_variant(
         cfg = run.base_config.updated(**variant.overrides)
         if cfg.observer is None and run.world == 1:
             cfg = cfg.updated(observer=observe)
-        handle = enable_sparse_attention(run.pipe, variant.plan, config=cfg)
+        handle = enable_sparse_attention(run.pipe, variant.target(), config=cfg)
     cuda = run.settings.device.startswith("cuda")
     try:
         if cached:
@@ -432,7 +432,7 @@ def _preflight_cache(
     with EnabledCache(pipe, cache, steps) as first:
         configs = {n: config_dict(c) for n, c in first.configs.items()}
     for v in variants:
-        h = enable_sparse_attention(pipe, v.plan, config=base_config.updated(**v.overrides))
+        h = enable_sparse_attention(pipe, v.target(), config=base_config.updated(**v.overrides))
         try:
             EnabledCache(pipe, cache, steps).disable()
         finally:

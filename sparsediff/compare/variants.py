@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,30 @@ class Variant:
             :func:`sparsediff.enable_sparse_attention` takes.
         overrides: :class:`~sparsediff.SparseAttentionConfig` fields for this variant.
         spec: the text it was parsed from.
+        remainder: ``None``, or ``(remainder, refresh, layers)`` for
+            :meth:`~sparsediff.Plan.with_remainder` applied to the plan file (``remainder=cached,
+            remainder_refresh=5,remainder_layers=[0, 1]`` in ``--plans``).
     """
 
     label: str
     plan: str | None
     overrides: dict[str, Any] = field(default_factory=dict)
     spec: str = ""
+    remainder: tuple[str, int | None, tuple[int, ...] | None] | None = None
+
+    def target(self) -> Any:
+        """What :func:`sparsediff.enable_sparse_attention` gets: :attr:`plan`, or the plan file loaded and
+        edited by :attr:`remainder`."""
+        if self.remainder is None:
+            return self.plan
+        from ..plan import Plan
+
+        remainder, refresh, layers = self.remainder
+        return Plan.load(self.plan).with_remainder(remainder, refresh, layers=layers)
+
+
+#: ``--plans`` keys that edit the plan file's remainder (:meth:`~sparsediff.Plan.with_remainder`), not config.
+REMAINDER_KEYS = ("remainder", "remainder_refresh", "remainder_layers")
 
 
 def split_top(text: str) -> list[str]:
@@ -92,7 +110,9 @@ def parse_variant(spec: str) -> Variant:
     ``PLAN`` is ``default``, a pattern name or a plan JSON path. ``key`` is a
     :class:`~sparsediff.SparseAttentionConfig` field (``dense_steps=0.25``, ``dense_layers=[0]``,
     ``block_size=32``, ``min_tokens=0``, ``backend=reference``), ``PATTERN.PARAM`` (``radial.decay=0.5``,
-    written into ``pattern_params``) or ``label`` (the variant's name). Values are Python literals (falling
+    written into ``pattern_params``), ``remainder`` / ``remainder_refresh`` / ``remainder_layers`` (a plan
+    file only: :meth:`~sparsediff.Plan.with_remainder` applied when the variant is enabled, see
+    :meth:`Variant.target`) or ``label`` (the variant's name). Values are Python literals (falling
     back to the text). Raises :class:`CompareError` for an unknown pattern, a missing plan file or an
     invalid override.
     """
@@ -126,6 +146,7 @@ def parse_variant(spec: str) -> Variant:
             overrides[key] = literal_value(val)
     if pattern_params:
         overrides["pattern_params"] = pattern_params
+    edit = {k: overrides.pop(k) for k in REMAINDER_KEYS if k in overrides}
     try:
         SparseAttentionConfig().updated(**overrides)
     except (TypeError, ValueError) as e:
@@ -158,9 +179,43 @@ def parse_variant(spec: str) -> Variant:
         except (PlanError, OSError, ValueError) as e:
             raise CompareError(f"--plans {spec!r}: {e}") from None
         base = path.stem
+    remainder = _remainder_edit(spec, plan, edit) if edit else None
     if label is None:
         label = base + ("" if not rest else "+" + ",".join(t for t in rest if not t.startswith("label=")))
-    return Variant(label=label, plan=plan, overrides=overrides, spec=spec)
+    return Variant(label=label, plan=plan, overrides=overrides, spec=spec, remainder=remainder)
+
+
+def _remainder_edit(
+    spec: str, plan: str | None, edit: dict[str, Any]
+) -> tuple[str, int | None, tuple[int, ...] | None]:
+    """``remainder=...,remainder_refresh=...,remainder_layers=[...]`` of a ``--plans`` entry, checked on the
+    plan file it edits (a per-head plan: the layers must exist)."""
+    from ..plan import Plan
+    from ..specs import PATTERN_PARAMS
+
+    if plan is None or plan in PATTERN_PARAMS or Path(plan).is_dir():
+        raise CompareError(
+            f"--plans {spec!r}: {'/'.join(edit)} edit the remainder of a plan file (Plan.with_remainder); for "
+            "a pattern use PATTERN.remainder=cached; a plan folder keeps the plan its adapter was trained for"
+        )
+    if "remainder" not in edit:
+        raise CompareError(f"--plans {spec!r}: {', '.join(edit)} need remainder=none|pooled|cached")
+    refresh, layers = edit.get("remainder_refresh"), edit.get("remainder_layers")
+    if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int)):
+        raise CompareError(f"--plans {spec!r}: remainder_refresh must be an int, got {refresh!r}")
+    if layers is not None:
+        layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if not isinstance(layers, (list, tuple)):
+            raise CompareError(
+                f"--plans {spec!r}: remainder_layers must be a list of layer indices, e.g. [0, 1]"
+            )
+        layers = tuple(layers)
+    out = (str(edit["remainder"]), refresh, layers)
+    try:
+        Plan.load(plan).with_remainder(*out[:2], layers=out[2])
+    except ValueError as e:
+        raise CompareError(f"--plans {spec!r}: {e}") from None
+    return out
 
 
 def unique_labels(variants: Sequence[Variant]) -> list[Variant]:
@@ -173,7 +228,7 @@ def unique_labels(variants: Sequence[Variant]) -> list[Variant]:
                 f"two --plans entries share the name {label!r}; give one a label=NAME ({v.spec!r})"
             )
         seen.add(label)
-        out.append(Variant(label, v.plan, v.overrides, v.spec))
+        out.append(replace(v, label=label))
     return out
 
 
@@ -223,7 +278,7 @@ def preflight_plans(pipe: Any, variants: Sequence[Variant], base_config: Any) ->
     summaries = {}
     for v in variants:
         try:
-            h = enable_sparse_attention(pipe, v.plan, config=base_config.updated(**v.overrides))
+            h = enable_sparse_attention(pipe, v.target(), config=base_config.updated(**v.overrides))
         except (PlanError, UnsupportedModelError, ValueError, TypeError, FileNotFoundError) as e:
             raise CompareError(f"--plans {v.spec!r} cannot run on this pipeline: {e}") from None
         summaries[v.label] = "; ".join(f"{n}: {p.summary()}" for n, p in h.plans.items())
