@@ -21,6 +21,18 @@ from sparsediff.plan import HeadSpec, Plan
 
 SIZE = ["--frames", "4", "--height", "16", "--width", "16", "--steps", "2", "--block-size", "16"]
 FAST = ["--warmup", "0", "--no-progress", "--format", "gif", "--backend", "reference"]
+#: ``compare()`` keyword arguments of the in-process runs (4 x 32 x 32 px, reference backend, no warm-up).
+TINY_RUN = dict(
+    num_frames=4,
+    height=32,
+    width=32,
+    block_size=16,
+    backend="reference",
+    warmup=0,
+    video_format="gif",
+    progress=False,
+    command="test",
+)
 
 
 def _cfg(num_layers: int = 2) -> EmbeddedModelConfig:
@@ -56,16 +68,8 @@ def test_all_dense_plan_equals_dense_and_every_output_is_written(pipe, tmp_path)
             "tile,dense_steps=0,dense_layers=[],min_tokens=0,label=tile0",
         ],
         out=out,
-        num_frames=4,
-        height=32,
-        width=32,
         num_inference_steps=2,
-        block_size=16,
-        backend="reference",
-        warmup=0,
-        video_format="gif",
-        progress=False,
-        command="test",
+        **TINY_RUN,
     )
     rows = {r["label"]: r for r in res["variants"]}
     assert list(rows) == ["dense", "dense-plan", "radial+dense_steps=0,dense_layers=[],min_tokens=0", "tile0"]
@@ -386,16 +390,8 @@ def test_remainder_keys_edit_a_plan_file_on_chosen_layers(pipe, tmp_path):
         seeds=[0],
         plans=[str(path), on_1.spec, f"{path},remainder=cached,remainder_refresh=2,label=every"],
         out=tmp_path / "cmp",
-        num_frames=4,
-        height=32,
-        width=32,
         num_inference_steps=3,
-        block_size=16,
-        backend="reference",
-        warmup=0,
-        video_format="gif",
-        progress=False,
-        command="test",
+        **TINY_RUN,
     )
     rows = {r["label"]: r for r in res["variants"]}
     assert list(rows) == ["dense", "tile", "on1", "every"]
